@@ -1,0 +1,41 @@
+"""fastfuse: pre-fuse attention weights of Whisper (and other transformer) checkpoints.
+
+Q, K and V stored as ``[out, in]`` matrices become one ``[in, 3*out]`` tensor, so that
+``x @ W == concat(x @ Wq.T, x @ Wk.T, x @ Wv.T)``, in one parallel pass, bit-exact.
+
+Importing fastfuse does not import numba; the kernels compile (or load from the on-disk cache)
+the first time they run.
+"""
+
+from __future__ import annotations
+
+from .core import execute, fuse, plan, transpose_concat
+from .errors import (
+    DtypeMismatchError,
+    FuseError,
+    KeyConflictError,
+    MalformedFileError,
+    MissingTensorError,
+    SchemeNotDetectedError,
+    ShapeMismatchError,
+)
+from .plan import FusedTensor, Plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "transpose_concat",
+    "plan",
+    "fuse",
+    "execute",
+    "Plan",
+    "FusedTensor",
+    "FuseError",
+    "MissingTensorError",
+    "ShapeMismatchError",
+    "DtypeMismatchError",
+    "MalformedFileError",
+    "SchemeNotDetectedError",
+    "KeyConflictError",
+    "__version__",
+]

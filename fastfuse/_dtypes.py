@@ -1,0 +1,50 @@
+"""Dtype rules: which element types the kernels move and which conversions exist."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._typing import DTypeLike
+from .errors import DtypeMismatchError
+
+__all__ = ["WIDENINGS", "as_dtype", "result_dtype", "check_movable"]
+
+# (source dtype name, destination dtype name) -> kernel conversion mode, besides identity (0).
+WIDENINGS = {("float16", "float32"): 1, ("bfloat16", "float32"): 2}
+
+
+def as_dtype(dtype: DTypeLike) -> np.dtype[Any]:
+    """``np.dtype(dtype)``, also for ``"bfloat16"`` (imports ml_dtypes only when asked)."""
+    if isinstance(dtype, str) and dtype.lower() in ("bfloat16", "bf16"):
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    try:
+        return np.dtype(dtype)
+    except TypeError as exc:
+        raise DtypeMismatchError(f"unknown dtype {dtype!r}: {exc}") from None
+
+
+def result_dtype(source: np.dtype[Any], requested: DTypeLike | None) -> np.dtype[Any]:
+    """The fused dtype for ``source`` parts: ``source`` itself, or ``requested`` if reachable.
+
+    Supported conversions: identity, and float16 / bfloat16 -> float32 (exact widening).
+    Raises DtypeMismatchError for anything else, naming both dtypes.
+    """
+    if requested is None:
+        return source
+    target = as_dtype(requested)
+    if target == source or (source.name, target.name) in WIDENINGS:
+        return target
+    raise DtypeMismatchError(
+        f"cannot fuse {source.name} parts into {target.name}: fastfuse moves bits and only "
+        f"widens float16/bfloat16 to float32; pass dtype=None to keep {source.name}"
+    )
+
+
+def check_movable(dtype: np.dtype[Any], where: str) -> None:
+    """Raise DtypeMismatchError unless the kernels can move ``dtype`` (plain 1/2/4/8 bytes)."""
+    if dtype.itemsize not in (1, 2, 4, 8) or dtype.hasobject or dtype.fields is not None:
+        raise DtypeMismatchError(f"{where}: dtype {dtype} is not a plain 1, 2, 4 or 8-byte element type")

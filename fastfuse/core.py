@@ -1,0 +1,249 @@
+"""Arrays in, fused arrays out: the public in-memory API and the bridge to the kernels.
+
+``transpose_concat`` is the primitive; ``fuse`` plans a checkpoint and ``execute`` runs a plan:
+every part of every fused tensor goes through one parallel kernel call (``run_groups``), which
+is also how ``load`` and ``fuse_file`` fill memory maps.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._dtypes import WIDENINGS as _WIDENINGS
+from ._dtypes import check_movable, result_dtype
+from .errors import DtypeMismatchError, FuseError, ShapeMismatchError
+from .plan import Plan, make_plan
+
+if TYPE_CHECKING:
+    from ._typing import DTypeLike, PathLike, TensorLike
+
+__all__ = ["transpose_concat", "plan", "fuse", "execute", "run_groups"]
+
+Group = tuple[Sequence[np.ndarray], np.ndarray]
+
+
+def plan(
+    tensors: Mapping[str, TensorLike] | PathLike,
+    *,
+    cross_kv: bool = False,
+    logits: bool = False,
+    keep_originals: bool = True,
+    dtype: DTypeLike | None = None,
+    scheme: str = "auto",
+    names: Mapping[str, str] | None = None,
+    overwrite: bool = False,
+) -> Plan:
+    """Validate a checkpoint and describe what fusing it does, computing nothing.
+
+    Args:
+        tensors: name -> array (anything with ``.shape`` and ``.dtype``), or the path of a
+            ``.safetensors`` file, a sharded index or a folder (only headers are read).
+        cross_kv: also fuse decoder cross-attention K and V (``fused.dec.{i}.encoder_attn.kv``).
+        logits: also write the tied output projection ``[d, vocab]`` (``fused.dec.logits``).
+        keep_originals: keep the source tensors beside the fused ones.
+        dtype: output dtype; ``None`` keeps the input's, ``"float32"`` widens f16/bf16.
+        scheme: ``"auto"`` (detect from the keys) or a name from ``fastfuse.rules.SCHEMES``.
+        names: per-group fused key templates, e.g. ``{"encoder_qkv": "enc.{i}.qkv.{kind}"}``.
+        overwrite: allow replacing fused keys the input already holds.
+
+    Raises:
+        FuseError (and subclasses), naming the key, the expected and the found value.
+    """
+    options = dict(cross_kv=cross_kv, logits=logits, keep_originals=keep_originals, dtype=dtype,
+                   scheme=scheme, names=names, overwrite=overwrite)
+    if isinstance(tensors, (str, os.PathLike)):
+        from .files import read_metadata
+
+        return make_plan(read_metadata(tensors), **options)
+    if not isinstance(tensors, Mapping):
+        raise FuseError(f"expected a mapping of name -> array or a path, found {type(tensors).__name__}")
+    return make_plan(tensors, **options)
+
+
+def fuse(
+    tensors: Mapping[str, np.ndarray],
+    *,
+    cross_kv: bool = False,
+    logits: bool = False,
+    keep_originals: bool = True,
+    dtype: DTypeLike | None = None,
+    scheme: str = "auto",
+    names: Mapping[str, str] | None = None,
+    overwrite: bool = False,
+) -> dict[str, np.ndarray]:
+    """Return a new dict: the originals (same array objects, unless dropped) plus fused tensors.
+
+    Options as in :func:`plan`. The input mapping is not modified. All groups are filled by one
+    parallel kernel call; see :func:`transpose_concat` for the layout.
+
+    >>> import numpy as np, fastfuse
+    >>> sd = {f"model.encoder.layers.0.self_attn.{p}_proj.weight": np.eye(2, dtype=np.float32) for p in "qkv"}
+    >>> fastfuse.fuse(sd, keep_originals=False)["fused.enc.0.self_attn.qkv.weight"].shape
+    (2, 6)
+    """
+    fusion = plan(tensors, cross_kv=cross_kv, logits=logits, keep_originals=keep_originals, dtype=dtype,
+                  scheme=scheme, names=names, overwrite=overwrite)
+    fused = execute(fusion, tensors)
+    result = {key: value for key, value in tensors.items() if key not in fusion.dropped and key not in fused}
+    result.update(fused)
+    return result
+
+
+def execute(
+    fusion: Plan,
+    tensors: Mapping[str, np.ndarray],
+    outputs: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """Compute every tensor of ``fusion`` from ``tensors``, in one parallel kernel call.
+
+    ``outputs`` may supply the destination of some or all keys (writable, C-contiguous, the
+    planned shape and dtype, e.g. views of a memory-mapped file); the rest are allocated.
+    Returns key -> fused array.
+    """
+    results: dict[str, np.ndarray] = {}
+    work: list[Group] = []
+    for target in fusion.fused:
+        out = (outputs or {}).get(target.key)
+        if out is None:
+            out = np.empty(target.shape, target.dtype)
+        columns = out.reshape(-1, out.shape[-1]) if out.ndim == 2 else out.reshape(1, -1)
+        start = 0
+        for key, rows in zip(target.sources, target.rows):
+            part = _source_part(tensors, key, rows, target)
+            work.append(([part], columns[:, start : start + rows]))
+            start += rows
+        results[target.key] = out
+    run_groups(work)
+    return results
+
+
+def _source_part(tensors: Mapping[str, np.ndarray], key: str | None, rows: int, target: Any) -> np.ndarray:
+    """The 2-D part a source contributes: a weight as is, a bias as ``[rows, 1]``, or zeros."""
+    if key is None:
+        return np.zeros((rows, 1), target.dtype)
+    array = tensors[key]
+    if not isinstance(array, np.ndarray):
+        raise FuseError(f"{key!r}: expected a numpy array, found {type(array).__name__}; convert it first (e.g. t.numpy())")
+    return array if target.kind == "weight" else array.reshape(rows, 1)
+
+def transpose_concat(
+    parts: Sequence[np.ndarray],
+    out: np.ndarray | None = None,
+    dtype: DTypeLike | None = None,
+) -> np.ndarray:
+    """Fuse ``N >= 1`` parts ``[o_j, in]`` into ``[in, sum(o_j)]``, one parallel pass.
+
+    ``out[r, off_j + c] == parts[j][c, r]`` bit for bit (NaN payloads, -0.0), so
+    ``x @ out == concatenate([x @ p.T for p in parts], axis=-1)``. Parts may be read-only,
+    strided or memory-mapped; any element width of 1, 2, 4 or 8 bytes works (bf16 too).
+
+    Args:
+        parts: 2-D arrays sharing ``in`` (their second axis) and dtype.
+        out: optional C-contiguous writable destination of shape ``[in, sum(o_j)]`` and the
+            result dtype, e.g. a slice of a memory-mapped file; no temporary is made.
+        dtype: result dtype; only float16/bfloat16 -> float32 widening differs from the input.
+
+    Returns:
+        ``out`` (or a new array).
+
+    Raises:
+        ShapeMismatchError, DtypeMismatchError: with the part index, expected and found.
+
+    >>> q, k = np.arange(6.0).reshape(2, 3), np.arange(3.0).reshape(1, 3)
+    >>> transpose_concat([q, k])
+    array([[0., 3., 0.],
+           [1., 4., 1.],
+           [2., 5., 2.]])
+    """
+    arrays = _check_parts(parts)
+    target = result_dtype(arrays[0].dtype, dtype)
+    shape = (arrays[0].shape[1], sum(a.shape[0] for a in arrays))
+    if out is None:
+        out = np.empty(shape, target)
+    else:
+        _check_out(out, shape, target, arrays)
+    run_groups([(arrays, out)])
+    return out
+
+
+def _check_parts(parts: Sequence[np.ndarray]) -> list[np.ndarray]:
+    if isinstance(parts, np.ndarray) or not isinstance(parts, Sequence) or not parts:
+        raise ShapeMismatchError(
+            "transpose_concat needs a non-empty sequence of 2-D arrays, e.g. [q, k, v]; "
+            f"found {type(parts).__name__}"
+        )
+    arrays = []
+    for j, part in enumerate(parts):
+        if not isinstance(part, np.ndarray):
+            raise ShapeMismatchError(f"part {j}: expected a numpy array, found {type(part).__name__}")
+        if part.ndim != 2:
+            raise ShapeMismatchError(f"part {j}: expected 2 dimensions [out, in], found shape {list(part.shape)}")
+        first = arrays[0] if arrays else part
+        if part.shape[1] != first.shape[1]:
+            raise ShapeMismatchError(
+                f"part {j}: expected shape [*, {first.shape[1]}] like part 0, found {list(part.shape)}"
+            )
+        if part.dtype != first.dtype:
+            raise DtypeMismatchError(f"part {j}: expected dtype {first.dtype} like part 0, found {part.dtype}")
+        arrays.append(part)
+    check_movable(arrays[0].dtype, "parts")
+    return arrays
+
+
+
+def _check_out(out: np.ndarray, shape: tuple[int, int], dtype: np.dtype[Any], parts: list[np.ndarray]) -> None:
+    if not isinstance(out, np.ndarray):
+        raise ShapeMismatchError(f"out: expected a numpy array, found {type(out).__name__}")
+    if out.shape != shape or out.dtype != dtype:
+        raise ShapeMismatchError(
+            f"out: expected shape {list(shape)} of {dtype}, found {list(out.shape)} of {out.dtype}"
+        )
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ShapeMismatchError("out: expected a writable C-contiguous array; pass np.ascontiguousarray(out) or a fresh buffer")
+    for j, part in enumerate(parts):
+        if np.may_share_memory(out, part):
+            raise ShapeMismatchError(f"out overlaps part {j}; fastfuse does not fuse in place")
+
+
+@functools.cache
+def _like(itemsize: int) -> np.ndarray:
+    """An empty array of the unsigned integer type of ``itemsize`` bytes: selects a kernel."""
+    return np.empty(0, np.dtype(f"u{itemsize}"))
+
+
+def _address(array: np.ndarray) -> int:
+    return int(array.__array_interface__["data"][0])
+
+
+def run_groups(groups: Sequence[Group]) -> None:
+    """Fill each group's output (``[in, sum(o_j)]``, C-contiguous) from its parts.
+
+    Trusts its input: shapes, dtypes and conversions were validated by the caller. All groups
+    sharing a conversion go through one parallel kernel call.
+    """
+    from . import _kernels as k
+
+    batches: dict[tuple[int, int, int], list[list[int]]] = {}
+    for parts, out in groups:
+        if out.size == 0:
+            continue
+        mode = 0 if parts[0].dtype == out.dtype else _WIDENINGS[(parts[0].dtype.name, out.dtype.name)]
+        key = (parts[0].dtype.itemsize, out.dtype.itemsize, mode)
+        rows = batches.setdefault(key, [])
+        dst = _address(out)
+        for part in parts:
+            rows.append([
+                _address(part), part.strides[0], part.strides[1], part.shape[0], part.shape[1],
+                dst, out.strides[0], k.tile_count(part.shape[0], part.shape[1]),
+            ])
+            dst += part.shape[0] * out.dtype.itemsize
+    for (src_width, dst_width, mode), rows in batches.items():
+        jobs = np.array(rows, dtype=np.int64).reshape(-1, k.JOB_COLUMNS)
+        np.cumsum(jobs[:, k.J_TILE_END], out=jobs[:, k.J_TILE_END])
+        k.transpose_parts(jobs, mode, _like(src_width), _like(dst_width))
+

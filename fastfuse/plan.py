@@ -1,0 +1,290 @@
+"""Planning: key names, shapes and dtypes in; a validated :class:`Plan` out, or a FuseError.
+
+The planner is a pure function of names and metadata (anything with ``.shape`` and ``.dtype``):
+it never touches array data, so it runs on a file's header alone and is testable without
+arrays. Layer counts and ``d`` come from the keys and shapes, never from a table.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import rules
+from ._typing import DTypeLike, TensorLike
+from ._dtypes import check_movable, result_dtype
+from .errors import (
+    DtypeMismatchError,
+    FuseError,
+    KeyConflictError,
+    MissingTensorError,
+    SchemeNotDetectedError,
+    ShapeMismatchError,
+)
+
+__all__ = ["FusedTensor", "Plan", "make_plan"]
+
+LAYOUT = "in_out"  # fused weights are [in, sum(out)], for x @ W (engines' [sum(out), in] is "out_in")
+
+
+@dataclass(frozen=True)
+class FusedTensor:
+    """One tensor the plan writes: ``sources[j]`` (``None`` = zeros) concatenated in order.
+
+    Weights: sources ``[o_j, in]`` -> ``shape == (in, sum(o_j))``. Biases: ``[o_j]`` ->
+    ``(sum(o_j),)``.
+    """
+
+    key: str
+    group: str
+    layer: int | None
+    kind: str
+    sources: tuple[str | None, ...]
+    rows: tuple[int, ...]
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What fusing a checkpoint will do; computing nothing.
+
+    Attributes:
+        scheme: detected or chosen scheme name; ``prefix``: its key prefix (``"model."``).
+        d: model width (``None`` if no square group was planned).
+        layers: layer count per planned group name.
+        fused: every output tensor, in a deterministic order (group, layer, weight, bias).
+        dropped: source keys left out of the result (empty when originals are kept).
+    """
+
+    scheme: str
+    prefix: str
+    d: int | None
+    layers: dict[str, int]
+    fused: tuple[FusedTensor, ...]
+    dropped: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all fused tensors."""
+        return sum(t.nbytes for t in self.fused)
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        return tuple(self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description (used by ``fastfuse inspect --json``)."""
+        dtypes = sorted({t.dtype.name for t in self.fused})
+        return {
+            "scheme": self.scheme,
+            "prefix": self.prefix,
+            "d": self.d,
+            "layers": dict(self.layers),
+            "layout": LAYOUT,
+            "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+            "fused_bytes": self.nbytes,
+            "dropped": sorted(self.dropped),
+            "fused": [
+                {"key": t.key, "group": t.group, "shape": list(t.shape), "dtype": t.dtype.name, "sources": list(t.sources)}
+                for t in self.fused
+            ],
+        }
+
+
+def make_plan(
+    tensors: Mapping[str, TensorLike],
+    *,
+    cross_kv: bool = False,
+    logits: bool = False,
+    keep_originals: bool = True,
+    dtype: DTypeLike | None = None,
+    scheme: str = "auto",
+    names: Mapping[str, str] | None = None,
+    overwrite: bool = False,
+) -> Plan:
+    """Validate ``tensors`` against a scheme and list what to fuse (see ``fastfuse.plan``)."""
+    chosen, prefix = _detect(tensors, scheme)
+    options = {"cross_kv": cross_kv, "logits": logits}
+    unknown = set(names or {}) - {g.name for g in chosen.groups}
+    if unknown:
+        raise FuseError(f"names: unknown group(s) {sorted(unknown)}; {chosen.name} has {[g.name for g in chosen.groups]}")
+    builder = _Builder(tensors, prefix, dtype)
+    layers: dict[str, int] = {}
+    for rule in chosen.groups:
+        if rule.option is not None and not options[rule.option]:
+            continue
+        template = (names or {}).get(rule.name, rule.fused)
+        if rule.per_layer:
+            count = _layer_count(tensors, rule, prefix, required=rule.option is not None)
+            if count:
+                layers[rule.name] = count
+                for i in range(count):
+                    builder.add_group(rule, i, template)
+        else:
+            layers[rule.name] = 1
+            builder.add_group(rule, None, template)
+    fused = tuple(builder.fused)
+    _check_outputs(fused, tensors, overwrite)
+    dropped = frozenset() if keep_originals else frozenset(builder.droppable)
+    return Plan(chosen.name, prefix, builder.d, layers, fused, dropped)
+
+
+def _detect(tensors: Mapping[str, TensorLike], scheme: str) -> tuple[rules.Scheme, str]:
+    """The (scheme, prefix) whose default groups match the most keys."""
+    if scheme == "auto":
+        candidates = rules.SCHEMES
+    else:
+        try:
+            candidates = (rules.scheme_by_name(scheme),)
+        except KeyError:
+            raise SchemeNotDetectedError(
+                f"unknown scheme {scheme!r}; expected 'auto' or one of {[s.name for s in rules.SCHEMES]}"
+            ) from None
+    scores = {}
+    for candidate in candidates:
+        for prefix in candidate.prefixes:
+            patterns = [_regex(g.source, prefix, g.parts) for g in candidate.groups if g.per_layer and g.option is None]
+            hits = sum(1 for key in tensors if any(p.fullmatch(key) for p in patterns))
+            if hits:
+                scores[(candidate, prefix)] = hits
+    if not scores:
+        sample = ", ".join(repr(k) for k in list(tensors)[:3]) or "none"
+        known = "; ".join(f"{s.name} ({s.groups[0].source.format(prefix=s.prefixes[0], i=0, part=s.groups[0].parts[0], kind='weight')})" for s in candidates)
+        raise SchemeNotDetectedError(
+            f"no fusion scheme matches the {len(tensors)} keys (first: {sample}); expected keys like: {known}"
+        )
+    best = max(scores.values())
+    winners = [pair for pair, hits in scores.items() if hits == best]
+    if len(winners) > 1:
+        found = ", ".join(f"{s.name} with prefix {p!r}" for s, p in winners)
+        raise SchemeNotDetectedError(f"ambiguous checkpoint: keys match {found} equally; pass scheme= explicitly")
+    return winners[0]
+
+
+@functools.lru_cache(maxsize=256)
+def _regex(template: str, prefix: str, parts: tuple[str, ...]) -> re.Pattern[str]:
+    """Compile a source template: ``{i}`` captures digits, ``{part}`` and ``{kind}`` alternatives."""
+    pieces = re.split(r"(\{prefix\}|\{i\}|\{part\}|\{kind\})", template)
+    groups = {
+        "{prefix}": re.escape(prefix),
+        "{i}": r"(?P<i>\d+)",
+        "{part}": "(?P<part>" + "|".join(re.escape(p) for p in parts) + ")",
+        "{kind}": "(?P<kind>weight|bias)",
+    }
+    return re.compile("".join(groups.get(piece, re.escape(piece)) for piece in pieces))
+
+
+def _layer_count(tensors: Mapping[str, TensorLike], rule: rules.GroupRule, prefix: str, *, required: bool) -> int:
+    """Layers ``0..n-1`` of a per-layer group, checking indices are canonical and gap-free."""
+    pattern = _regex(rule.source, prefix, rule.parts)
+    indices = set()
+    for key in tensors:
+        match = pattern.fullmatch(key)
+        if match:
+            text = match.group("i")
+            if str(int(text)) != text:
+                raise FuseError(f"{key!r}: layer index {text!r} is not canonical; expected {int(text)!r}")
+            indices.add(int(text))
+    if not indices and required:
+        missing = rule.source.format(prefix=prefix, i=0, part=rule.parts[0], kind="weight")
+        raise MissingTensorError(f"{rule.option}=True but the checkpoint has no {rule.name} group: missing {missing!r}")
+    count = max(indices) + 1 if indices else 0
+    for i in range(count):
+        if i not in indices:
+            missing = rule.source.format(prefix=prefix, i=i, part=rule.parts[0], kind="weight")
+            raise MissingTensorError(f"missing tensor {missing!r}: layers run 0..{count - 1} but layer {i} is absent")
+    return count
+
+
+class _Builder:
+    """Accumulates validated FusedTensors; holds the model-wide ``d`` and the first dtype."""
+
+    def __init__(self, tensors: Mapping[str, TensorLike], prefix: str, dtype: DTypeLike | None) -> None:
+        self.tensors, self.prefix, self.dtype = tensors, prefix, dtype
+        self.d: int | None = None
+        self.d_key = ""
+        self.fused: list[FusedTensor] = []
+        self.droppable: list[str] = []
+
+    def add_group(self, rule: rules.GroupRule, layer: int | None, template: str) -> None:
+        found = [self._find(rule, layer, part) for part in rule.parts]
+        weights = [weight for weight, _ in found]
+        biases = [bias for _, bias in found]
+        shapes = [self._weight_shape(rule, key) for key in weights]
+        present = [key for key in [*weights, *biases] if key is not None]
+        target = self._target_dtype(present)
+        rows = tuple(shape[0] for shape in shapes)
+        for key, shape in zip(weights[1:], shapes[1:]):
+            if shape[1] != shapes[0][1]:
+                raise ShapeMismatchError(
+                    f"{key!r}: expected [*, {shapes[0][1]}] (the input width of {weights[0]!r}), found {list(shape)}"
+                )
+        fields = {"i": layer} if layer is not None else {}
+        name = functools.partial(template.format, **fields)
+        self.fused.append(FusedTensor(name(kind="weight"), rule.name, layer, "weight", tuple(weights), rows, (shapes[0][1], sum(rows)), target))
+        if any(b is not None for b in biases):
+            for key, bias, n in zip(weights, biases, rows):
+                if bias is not None and tuple(self.tensors[bias].shape) != (n,):
+                    raise ShapeMismatchError(
+                        f"{bias!r}: expected shape [{n}] (the rows of {key!r}), found {list(self.tensors[bias].shape)}"
+                    )
+            self.fused.append(FusedTensor(name(kind="bias"), rule.name, layer, "bias", tuple(biases), rows, (sum(rows),), target))
+        if rule.drop_sources:
+            self.droppable.extend(present)
+
+    def _find(self, rule: rules.GroupRule, layer: int | None, part: str) -> tuple[str, str | None]:
+        """The part's weight key (first template present) and its bias key, if present."""
+        for template in rule.sources:
+            key = template.format(prefix=self.prefix, i=layer, part=part, kind="weight")
+            if key in self.tensors:
+                bias = template.format(prefix=self.prefix, i=layer, part=part, kind="bias")
+                return key, (bias if bias in self.tensors else None)
+        where = f" layer {layer}" if layer is not None else ""
+        raise MissingTensorError(f"missing tensor {key!r} of group {rule.name}{where}")
+
+    def _weight_shape(self, rule: rules.GroupRule, key: str) -> tuple[int, int]:
+        shape = tuple(int(n) for n in self.tensors[key].shape)
+        if len(shape) != 2:
+            raise ShapeMismatchError(f"{key!r}: expected 2 dimensions [out, in], found shape {list(shape)}")
+        if rule.square:
+            if self.d is None:
+                self.d, self.d_key = shape[1], key
+            if shape != (self.d, self.d):
+                raise ShapeMismatchError(
+                    f"{key!r}: expected [{self.d}, {self.d}] (d of the model, from {self.d_key!r}), found {list(shape)}"
+                )
+        return (shape[0], shape[1])
+
+    def _target_dtype(self, keys: Iterable[str]) -> np.dtype[Any]:
+        keys = list(keys)
+        dtypes = [np.dtype(self.tensors[k].dtype) for k in keys]
+        for key, dt in zip(keys, dtypes):
+            check_movable(dt, repr(key))
+        if self.dtype is None and any(dt != dtypes[0] for dt in dtypes):
+            found = ", ".join(f"{k!r} is {dt.name}" for k, dt in zip(keys, dtypes))
+            raise DtypeMismatchError(f"parts of one group must share a dtype: {found}; pass dtype= to convert")
+        targets = {result_dtype(dt, self.dtype) for dt in dtypes}
+        return targets.pop()
+
+
+def _check_outputs(fused: tuple[FusedTensor, ...], tensors: Mapping[str, TensorLike], overwrite: bool) -> None:
+    seen: set[str] = set()
+    for t in fused:
+        if t.key in seen:
+            raise KeyConflictError(f"two fused tensors would be called {t.key!r}; check names= (use {{i}} per layer)")
+        seen.add(t.key)
+        if t.key in tensors and not overwrite:
+            raise KeyConflictError(
+                f"the input already holds {t.key!r}, a key fastfuse would write; pass overwrite=True "
+                "(--force) to replace it, or fuse the original checkpoint"
+            )
