@@ -19,6 +19,7 @@ from .errors import (
     SchemeNotDetectedError,
     ShapeMismatchError,
 )
+from .files import fuse_file, load, unfuse, verify
 from .plan import FusedTensor, Plan
 
 __version__ = "0.1.0"
@@ -28,6 +29,10 @@ __all__ = [
     "plan",
     "fuse",
     "execute",
+    "load",
+    "fuse_file",
+    "verify",
+    "unfuse",
     "Plan",
     "FusedTensor",
     "FuseError",

@@ -126,9 +126,7 @@ def _source_part(tensors: Mapping[str, np.ndarray], key: str | None, rows: int, 
     """The 2-D part a source contributes: a weight as is, a bias as ``[rows, 1]``, or zeros."""
     if key is None:
         return np.zeros((rows, 1), target.dtype)
-    array = tensors[key]
-    if not isinstance(array, np.ndarray):
-        raise FuseError(f"{key!r}: expected a numpy array, found {type(array).__name__}; convert it first (e.g. t.numpy())")
+    array = np.asarray(tensors[key])  # the planner checked it is array-like with a numpy dtype
     return array if target.kind == "weight" else array.reshape(rows, 1)
 
 def transpose_concat(

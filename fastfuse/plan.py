@@ -234,9 +234,9 @@ class _Builder:
         self.fused.append(FusedTensor(name(kind="weight"), rule.name, layer, "weight", tuple(weights), rows, (shapes[0][1], sum(rows)), target))
         if any(b is not None for b in biases):
             for key, bias, n in zip(weights, biases, rows):
-                if bias is not None and tuple(self.tensors[bias].shape) != (n,):
+                if bias is not None and tuple(self._meta(bias).shape) != (n,):
                     raise ShapeMismatchError(
-                        f"{bias!r}: expected shape [{n}] (the rows of {key!r}), found {list(self.tensors[bias].shape)}"
+                        f"{bias!r}: expected shape [{n}] (the rows of {key!r}), found {list(self._meta(bias).shape)}"
                     )
             self.fused.append(FusedTensor(name(kind="bias"), rule.name, layer, "bias", tuple(biases), rows, (sum(rows),), target))
         if rule.drop_sources:
@@ -252,8 +252,17 @@ class _Builder:
         where = f" layer {layer}" if layer is not None else ""
         raise MissingTensorError(f"missing tensor {key!r} of group {rule.name}{where}")
 
+    def _meta(self, key: str) -> TensorLike:
+        """The tensor at ``key``, checked to carry a numpy ``shape`` and ``dtype``."""
+        value = self.tensors[key]
+        if not isinstance(getattr(value, "dtype", None), np.dtype) or not isinstance(getattr(value, "shape", None), tuple):
+            raise FuseError(
+                f"{key!r}: expected a numpy array, found {type(value).__name__}; convert it first (e.g. t.numpy())"
+            )
+        return value
+
     def _weight_shape(self, rule: rules.GroupRule, key: str) -> tuple[int, int]:
-        shape = tuple(int(n) for n in self.tensors[key].shape)
+        shape = tuple(int(n) for n in self._meta(key).shape)
         if len(shape) != 2:
             raise ShapeMismatchError(f"{key!r}: expected 2 dimensions [out, in], found shape {list(shape)}")
         if rule.square:
@@ -267,7 +276,7 @@ class _Builder:
 
     def _target_dtype(self, keys: Iterable[str]) -> np.dtype[Any]:
         keys = list(keys)
-        dtypes = [np.dtype(self.tensors[k].dtype) for k in keys]
+        dtypes = [self._meta(k).dtype for k in keys]
         for key, dt in zip(keys, dtypes):
             check_movable(dt, repr(key))
         if self.dtype is None and any(dt != dtypes[0] for dt in dtypes):

@@ -1,0 +1,71 @@
+"""Shared test helpers: independent Whisper-shaped checkpoint factories.
+
+These deliberately do not use ``fastfuse.demo``: the tests must not trust the code under test
+to spell the key names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+
+class Meta:
+    """Shape and dtype only: planning must work without array data."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any = np.float16) -> None:
+        self.shape, self.dtype = shape, np.dtype(dtype)
+
+
+def hf_whisper_shapes(d: int, encoder_layers: int, decoder_layers: int, vocab: int, prefix: str = "model.") -> dict[str, tuple[int, ...]]:
+    """Attention, embedding and norm keys as transformers' WhisperForConditionalGeneration saves them."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for side, layers in (("encoder", encoder_layers), ("decoder", decoder_layers)):
+        blocks = ["self_attn"] + (["encoder_attn"] if side == "decoder" else [])
+        for i in range(layers):
+            for block in blocks:
+                for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                    shapes[f"{prefix}{side}.layers.{i}.{block}.{proj}.weight"] = (d, d)
+                    if proj != "k_proj":  # Whisper's k_proj has no bias
+                        shapes[f"{prefix}{side}.layers.{i}.{block}.{proj}.bias"] = (d,)
+            shapes[f"{prefix}{side}.layers.{i}.fc1.weight"] = (4 * d, d)
+            shapes[f"{prefix}{side}.layers.{i}.final_layer_norm.weight"] = (d,)
+    shapes[f"{prefix}decoder.embed_tokens.weight"] = (vocab, d)
+    shapes[f"{prefix}encoder.embed_positions.weight"] = (16, d)
+    return shapes
+
+
+def openai_whisper_shapes(d: int, layers: int, vocab: int) -> dict[str, tuple[int, ...]]:
+    """Keys of an openai-whisper state dict (``key`` has no bias)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for side in ("encoder", "decoder"):
+        for i in range(layers):
+            for block in ("attn", "cross_attn") if side == "decoder" else ("attn",):
+                for proj in ("query", "key", "value", "out"):
+                    shapes[f"{side}.blocks.{i}.{block}.{proj}.weight"] = (d, d)
+                    if proj != "key":
+                        shapes[f"{side}.blocks.{i}.{block}.{proj}.bias"] = (d,)
+    shapes["decoder.token_embedding.weight"] = (vocab, d)
+    return shapes
+
+
+def random_tensors(shapes: dict[str, tuple[int, ...]], dtype: Any = np.float32, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
+
+
+def metas(shapes: dict[str, tuple[int, ...]], dtype: Any = np.float16) -> dict[str, Meta]:
+    return {k: Meta(s, dtype) for k, s in shapes.items()}
+
+
+@pytest.fixture
+def tiny_hf() -> Callable[..., dict[str, np.ndarray]]:
+    """A factory for a small random HF Whisper checkpoint (d=24, 2+3 layers)."""
+
+    def make(dtype: Any = np.float32, prefix: str = "model.", seed: int = 0) -> dict[str, np.ndarray]:
+        return random_tensors(hf_whisper_shapes(24, 2, 3, 50, prefix), dtype, seed)
+
+    return make
