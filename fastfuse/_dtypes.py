@@ -20,7 +20,8 @@ def as_dtype(dtype: DTypeLike) -> np.dtype[Any]:
     if isinstance(dtype, str) and dtype.lower() in ("bfloat16", "bf16"):
         import ml_dtypes
 
-        return np.dtype(ml_dtypes.bfloat16)
+        bfloat16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+        return bfloat16
     try:
         return np.dtype(dtype)
     except TypeError as exc:

@@ -54,15 +54,14 @@ def plan(
     Raises:
         FuseError (and subclasses), naming the key, the expected and the found value.
     """
-    options = dict(cross_kv=cross_kv, logits=logits, keep_originals=keep_originals, dtype=dtype,
-                   scheme=scheme, names=names, overwrite=overwrite)
     if isinstance(tensors, (str, os.PathLike)):
         from .files import read_metadata
 
-        return make_plan(read_metadata(tensors), **options)
+        tensors = read_metadata(tensors)
     if not isinstance(tensors, Mapping):
         raise FuseError(f"expected a mapping of name -> array or a path, found {type(tensors).__name__}")
-    return make_plan(tensors, **options)
+    return make_plan(tensors, cross_kv=cross_kv, logits=logits, keep_originals=keep_originals, dtype=dtype,
+                     scheme=scheme, names=names, overwrite=overwrite)
 
 
 def fuse(
@@ -175,7 +174,7 @@ def _check_parts(parts: Sequence[np.ndarray]) -> list[np.ndarray]:
             "transpose_concat needs a non-empty sequence of 2-D arrays, e.g. [q, k, v]; "
             f"found {type(parts).__name__}"
         )
-    arrays = []
+    arrays: list[np.ndarray] = []
     for j, part in enumerate(parts):
         if not isinstance(part, np.ndarray):
             raise ShapeMismatchError(f"part {j}: expected a numpy array, found {type(part).__name__}")

@@ -170,7 +170,7 @@ def recorded_plan(metadata: Mapping[str, str], metas: Mapping[str, Any], path: o
     return Plan(metadata.get(f"{META_PREFIX}scheme", "recorded"), "", None, {}, tuple(fused)), dtypes
 
 
-def _check_destination(sources: Iterable[Path], dst: Path) -> None:
+def _check_destination(sources: Iterable[PathLike], dst: Path) -> None:
     for source in sources:
         if dst.exists() and os.path.samefile(source, dst):
             raise FuseError(f"destination {dst} is the source file; write to a new path")

@@ -1,10 +1,10 @@
-"""Safetensors bytes: validate a header, memory-map tensors, write a file atomically.
+"""Safetensors bytes: validate a header, memory-map its tensors, write a file atomically.
 
 This module knows the file format and nothing else (no key names, no fusion). A file is an
 8-byte little-endian header length ``n``, ``n`` bytes of UTF-8 JSON (``{name: {"dtype",
-"shape", "data_offsets"}}`` plus an optional ``__metadata__`` of str -> str), then the data
-section, which the tensors must cover exactly. Every format violation raises
-:class:`~fastfuse.errors.MalformedFileError` naming the file, the tensor and the values found.
+"shape", "data_offsets"}}`` and an optional ``__metadata__`` of str -> str), then the data
+section, which the tensors cover exactly. Every format violation raises MalformedFileError
+naming the file, the tensor and the values found.
 
 >>> prefix, offsets = layout([OutputTensor("b", np.dtype("u1"), (3,)),
 ...                           OutputTensor("a", np.dtype("<f4"), (2,))], {"format": "pt"})
@@ -21,16 +21,15 @@ import json
 import math
 import mmap
 import os
-import secrets
 import stat
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
+from ._typing import DTypeLike, PathLike
 from .errors import DtypeMismatchError, FuseError, MalformedFileError
 
 __all__ = ["DTYPES", "MAX_HEADER_BYTES", "AtomicWriter", "Header", "OutputTensor", "TensorInfo",
@@ -44,13 +43,13 @@ _NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", 
 _ML_DTYPES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 _FIELDS = ["data_offsets", "dtype", "shape"]
 _O_TMPFILE: int = getattr(os, "O_TMPFILE", 0)  # tests set 0 to exercise the named fallback
-_CHUNK = 16 << 20
-PathArg = Union[str, "os.PathLike[str]"]
+_CHUNK = 16 << 20  # largest preadv when copy_file_range is unavailable
+
 
 @functools.cache
 def dtype_of(code: str) -> np.dtype[Any]:
-    """numpy dtype of safetensors dtype ``code`` (KeyError if unknown); imports ml_dtypes only
-    for BF16 and F8."""
+    """numpy dtype of a safetensors dtype code (KeyError if unknown); ml_dtypes is imported
+    only for BF16 and F8."""
     if code in _ML_DTYPES:
         import ml_dtypes
 
@@ -60,8 +59,6 @@ def dtype_of(code: str) -> np.dtype[Any]:
 
 
 class _Dtypes(Mapping[str, "np.dtype[Any]"]):
-    """Read-only mapping code -> dtype; ml_dtypes is imported only when BF16/F8 is looked up."""
-
     def __getitem__(self, code: str) -> np.dtype[Any]:
         return dtype_of(code)
 
@@ -72,10 +69,11 @@ class _Dtypes(Mapping[str, "np.dtype[Any]"]):
         return len(_ITEMSIZE)
 
 
-DTYPES: Mapping[str, np.dtype[Any]] = _Dtypes()  # safetensors dtype code -> numpy dtype
+#: Read-only mapping safetensors dtype code -> numpy dtype (lazy: see :func:`dtype_of`).
+DTYPES: Mapping[str, np.dtype[Any]] = _Dtypes()
 
 
-def dtype_code(dtype: npt.DTypeLike) -> str:
+def dtype_code(dtype: DTypeLike) -> str:
     """Safetensors code of a numpy dtype (``"F32"``...); DtypeMismatchError if not storable."""
     dt = np.dtype(dtype)
     codes = [c for c in _NUMPY if dt == np.dtype(_NUMPY[c])]
@@ -104,7 +102,7 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class Header:
-    """A validated header: ``tensors`` in file order cover ``[data_offset, file_size)`` exactly."""
+    """A validated header: ``tensors`` (file order) cover ``[data_offset, file_size)`` exactly."""
 
     path: str
     tensors: dict[str, TensorInfo]
@@ -118,12 +116,13 @@ class Header:
 
 
 def _open_regular(path: str) -> tuple[int, int]:
-    """Open ``path`` read-only once stat says it is a regular file (a FIFO would block)."""
+    """(fd, size) of ``path`` opened read-only, checked to be a regular file before opening (a
+    FIFO would block) and after (the path may be swapped in between)."""
     try:
         st = os.stat(path)
         if stat.S_ISREG(st.st_mode):
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-            st = os.fstat(fd)  # the path may have been swapped between stat and open
+            st = os.fstat(fd)
             if stat.S_ISREG(st.st_mode):
                 return fd, st.st_size
             os.close(fd)
@@ -132,7 +131,8 @@ def _open_regular(path: str) -> tuple[int, int]:
     except PermissionError:
         raise MalformedFileError(f"{path}: permission denied (cannot read the file)") from None
     except (OSError, ValueError) as e:
-        raise MalformedFileError(f"{path}: cannot open: {getattr(e, 'strerror', None) or e}") from None
+        reason = getattr(e, "strerror", None) or e
+        raise MalformedFileError(f"{path}: cannot open: {reason}") from None
     kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (FIFO, socket or device)"
     raise MalformedFileError(f"{path}: is {kind}; expected a safetensors file")
 
@@ -142,8 +142,8 @@ def _pread(fd: int, n: int, offset: int, path: str) -> bytes:
     while got < n:
         chunk = os.pread(fd, min(n - got, 1 << 30), offset + got)
         if not chunk:
-            raise MalformedFileError(f"{path}: file ended at byte {offset + got}, "
-                                     f"expected {n} bytes from byte {offset}")
+            raise MalformedFileError(f"{path}: file ended at byte {offset + got}, expected {n} "
+                                     f"bytes from byte {offset}")
         parts.append(chunk)
         got += len(chunk)
     return b"".join(parts)
@@ -166,17 +166,16 @@ def _loads(path: str, what: str, raw: bytes) -> Any:
     try:
         return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique)
     except UnicodeDecodeError as e:
-        raise MalformedFileError(f"{path}: {what} is not valid UTF-8 (byte {e.start} of the {what})") from None
+        message = f"is not valid UTF-8 (byte {e.start} of the {what})"
     except _DuplicateKey as e:
-        raise MalformedFileError(f"{path}: {what} has duplicated key {e.args[0]!r} "
-                                 "(the format forbids duplicates)") from None
+        message = f"has duplicated key {e.args[0]!r} (the format forbids duplicates)"
     except json.JSONDecodeError as e:
-        raise MalformedFileError(f"{path}: {what} is not valid JSON: {e.msg} "
-                                 f"at line {e.lineno} column {e.colno}") from None
-    except ValueError as e:  # e.g. an integer with more digits than Python converts
-        raise MalformedFileError(f"{path}: {what} is not valid JSON: {e}") from None
+        message = f"is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+    except ValueError as e:  # e.g. an integer longer than Python converts
+        message = f"is not valid JSON: {e}"
     except RecursionError:
-        raise MalformedFileError(f"{path}: {what} JSON is nested too deeply") from None
+        message = "is not valid JSON: nested too deeply"
+    raise MalformedFileError(f"{path}: {what} {message}")
 
 
 def _show(value: Any) -> str:
@@ -186,18 +185,19 @@ def _show(value: Any) -> str:
 
 def _kind(value: Any) -> str:
     names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
-    return names.get(type(value), "number")
+    return "JSON " + names.get(type(value), "number")
 
 
-def read_header(path: PathArg) -> Header:
+def read_header(path: PathLike) -> Header:
     """Read and validate the header of the safetensors file at ``path``.
 
-    Checks everything the reference reader checks, plus duplicated keys: size, header length
-    (<= MAX_HEADER_BYTES), UTF-8, JSON object, ``__metadata__`` str -> str, each entry exactly
-    ``dtype`` (known), ``shape`` (non-negative ints), ``data_offsets`` ([start, end]), sizes,
-    and that the tensors cover the data section with no overlap, gap or trailing bytes.
-    Leading/trailing JSON whitespace (the writer's padding) is accepted. Raises
-    MalformedFileError (missing path, directory, FIFO and unreadable file included).
+    Checks all the reference reader checks, and duplicated keys: file size, header length
+    (<= MAX_HEADER_BYTES and inside the file), UTF-8, a JSON object, ``__metadata__`` str ->
+    str, entries of exactly ``dtype`` (known), ``shape`` (non-negative ints) and
+    ``data_offsets`` ([start, end]) whose sizes agree, covering the data section with no
+    overlap, gap or trailing byte. JSON whitespace around the header (the writer's padding)
+    is accepted. Raises MalformedFileError, also for a missing path, a directory, a FIFO or
+    an unreadable file.
     """
     p = os.fspath(path)
     fd, size = _open_regular(p)
@@ -217,16 +217,15 @@ def read_header(path: PathArg) -> Header:
         os.close(fd)
     obj = _loads(p, "header", raw)
     if not isinstance(obj, dict):
-        raise MalformedFileError(f"{p}: header is a JSON {_kind(obj)}, expected an object")
+        raise MalformedFileError(f"{p}: header is a {_kind(obj)}, expected an object")
     meta = obj.pop("__metadata__", None)
-    if meta is not None:
-        if not isinstance(meta, dict):
-            raise MalformedFileError(f"{p}: __metadata__ is a JSON {_kind(meta)}, "
-                                     "expected an object of string to string")
-        for key, value in meta.items():
-            if not isinstance(value, str):
-                raise MalformedFileError(f"{p}: __metadata__ key {key!r} holds a JSON "
-                                         f"{_kind(value)} {_show(value)}, expected a string")
+    if meta is not None and not isinstance(meta, dict):
+        raise MalformedFileError(f"{p}: __metadata__ is a {_kind(meta)}, expected an object "
+                                 "of string to string")
+    for key, value in (meta or {}).items():
+        if not isinstance(value, str):
+            raise MalformedFileError(f"{p}: __metadata__ key {key!r} holds a {_kind(value)} "
+                                     f"{_show(value)}, expected a string")
     data_size = size - 8 - n
     tensors = {name: _tensor(p, name, entry, data_size) for name, entry in obj.items()}
     _check_coverage(p, tensors.values(), data_size)
@@ -236,16 +235,17 @@ def read_header(path: PathArg) -> Header:
 def _tensor(path: str, name: str, entry: Any, data_size: int) -> TensorInfo:
     where = f"{path}: tensor {name!r}"
     if not isinstance(entry, dict) or sorted(entry) != _FIELDS:
-        found = sorted(entry) if isinstance(entry, dict) else f"a JSON {_kind(entry)}"
+        found = sorted(entry) if isinstance(entry, dict) else f"a {_kind(entry)}"
         raise MalformedFileError(f"{where} entry has {found}, expected exactly the keys {_FIELDS}")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
         raise MalformedFileError(f"{where} has unsupported dtype {_show(dtype)} "
                                  f"(supported: {', '.join(_ITEMSIZE)})")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise MalformedFileError(f"{where} shape {_show(shape)} is not a list of non-negative integers")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]):
+        raise MalformedFileError(f"{where} shape {_show(shape)} is not a list of non-negative "
+                                 "integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
         raise MalformedFileError(f"{where} data_offsets {_show(offsets)} are not [start, end] "
                                  "integers with 0 <= start <= end")
     start, end = offsets
@@ -253,14 +253,14 @@ def _tensor(path: str, name: str, entry: Any, data_size: int) -> TensorInfo:
         raise MalformedFileError(f"{where} data_offsets [{start}, {end}] run past the end of the "
                                  f"data section ({data_size} bytes; is the file truncated?)")
     need = 0 if 0 in shape else _ITEMSIZE[dtype]
-    for d in shape:  # Python ints, stopped past 2**64: no overflow, no huge products
+    for d in shape:  # Python ints, stopped past 2**64: no overflow and no huge products
         if need > 2**64:
             break
         need *= d
     if need != end - start:
         needs = str(need) if need <= 2**64 else "more than 2**64 (it overflows)"
-        raise MalformedFileError(f"{where} data_offsets [{start}, {end}] hold {end - start} bytes "
-                                 f"but shape {_show(shape)} of {dtype} needs {needs}")
+        raise MalformedFileError(f"{where} data_offsets [{start}, {end}] hold {end - start} "
+                                 f"bytes but shape {_show(shape)} of {dtype} needs {needs}")
     return TensorInfo(name, dtype, tuple(shape), start, end)
 
 
@@ -269,8 +269,8 @@ def _check_coverage(path: str, tensors: Iterable[TensorInfo], data_size: int) ->
     for t in sorted(tensors, key=lambda t: (t.start, t.end)):
         if t.start > end:
             after = f"tensor {prev.name!r} [{prev.start}, {prev.end}]" if prev else "the data section start"
-            raise MalformedFileError(f"{path}: gap of {t.start - end} bytes between {after} and tensor "
-                                     f"{t.name!r} [{t.start}, {t.end}] (the format forbids gaps)")
+            raise MalformedFileError(f"{path}: gap of {t.start - end} bytes between {after} and "
+                                     f"tensor {t.name!r} [{t.start}, {t.end}] (the format forbids gaps)")
         if t.start < end and prev is not None:
             raise MalformedFileError(f"{path}: tensor {t.name!r} data_offsets [{t.start}, {t.end}] "
                                      f"overlap tensor {prev.name!r} [{prev.start}, {prev.end}]")
@@ -281,10 +281,10 @@ def _check_coverage(path: str, tensors: Iterable[TensorInfo], data_size: int) ->
 
 
 def map_tensors(header: Header) -> dict[str, np.ndarray[Any, Any]]:
-    """Read-only zero-copy views of every tensor (header order) over one read-only mmap.
+    """Read-only zero-copy views of every tensor, in header order, over one read-only mmap.
 
-    The map lives as long as any view does. The file must not be truncated while views are
-    alive (SIGBUS); a size change since ``read_header`` is a MalformedFileError.
+    The map lives as long as any view does. A file whose size changed since ``read_header``
+    is a MalformedFileError; one truncated while views are alive kills the process (SIGBUS).
     """
     if not header.tensors:
         return {}
@@ -294,18 +294,20 @@ def map_tensors(header: Header) -> dict[str, np.ndarray[Any, Any]]:
             raise MalformedFileError(f"{header.path}: file is now {size} bytes but was "
                                      f"{header.file_size} when its header was read")
         mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)  # size >= 8: never an empty map
+    except OSError as e:
+        raise MalformedFileError(f"{header.path}: cannot memory-map the file: {e.strerror}") from None
     finally:
         os.close(fd)
     whole, base = np.frombuffer(mm, dtype=np.uint8), header.data_offset
-    return {name: whole[base + t.start: base + t.end].view(dtype_of(t.dtype)).reshape(t.shape)
+    return {name: whole[base + t.start:base + t.end].view(dtype_of(t.dtype)).reshape(t.shape)
             for name, t in header.tensors.items()}
 
 
-def read_index(path: PathArg) -> dict[str, str]:
+def read_index(path: PathLike) -> dict[str, str]:
     """``weight_map`` of a sharded index, shard names resolved to absolute paths in its folder.
 
-    MalformedFileError for bad JSON, a missing ``weight_map`` object, non-string entries, or a
-    shard name that is not a plain file name (absolute, ``..``, path separators).
+    MalformedFileError for bad JSON, a missing ``weight_map`` object, or a shard that is not
+    a plain file name (not a string, absolute, ``..``, path separators).
     """
     p = os.fspath(path)
     fd, size = _open_regular(p)
@@ -330,7 +332,7 @@ def read_index(path: PathArg) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class OutputTensor:
-    """A tensor to write: ``dtype`` is normalised with ``np.dtype``, ``shape`` to ints."""
+    """A tensor to write; ``dtype`` is normalised with ``np.dtype`` and ``shape`` to ints."""
 
     name: str
     dtype: np.dtype[Any]
@@ -347,9 +349,13 @@ class OutputTensor:
 
 def layout(tensors: Sequence[OutputTensor],
            metadata: Mapping[str, str] | None) -> tuple[bytes, dict[str, tuple[int, int]]]:
-    """The file prefix (length + JSON padded with spaces to a multiple of 8) and each tensor's
-    (start, end) in the data section. Order: item size descending, then name, so every tensor
-    is aligned to its item size and there are no gaps. FuseError for bad names or metadata."""
+    """The file prefix (length + compact JSON, ``__metadata__`` first, padded with spaces so
+    the data starts at a multiple of 8) and each tensor's (start, end) in the data section.
+
+    Order: item size descending, then name, so each tensor is aligned to its item size, with
+    no gaps. FuseError for duplicated or reserved names, negative shapes, non-str metadata;
+    DtypeMismatchError for a dtype safetensors cannot store.
+    """
     header: dict[str, Any] = {}
     if metadata is not None:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
@@ -368,7 +374,7 @@ def layout(tensors: Sequence[OutputTensor],
     try:
         raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     except UnicodeEncodeError as e:
-        raise FuseError(f"a tensor name or metadata is not encodable as UTF-8: {e}") from None
+        raise FuseError(f"a tensor name or metadata is not valid UTF-8: {e}") from None
     raw += b" " * (-len(raw) % 8)
     if len(raw) > MAX_HEADER_BYTES:
         raise FuseError(f"header would be {len(raw)} bytes, over the {MAX_HEADER_BYTES} limit")
@@ -376,29 +382,31 @@ def layout(tensors: Sequence[OutputTensor],
 
 
 class AtomicWriter:
-    """Write ``prefix`` + a ``data_size``-byte data section to ``dst`` atomically.
+    """Write ``prefix`` + a ``data_size``-byte data section to ``dst``, all or nothing.
 
     The constructor checks the destination (folder exists and is writable, ``dst`` is not a
-    directory, and does not exist unless ``overwrite``) and creates nothing. ``__enter__``
+    directory and, unless ``overwrite``, does not exist) and creates nothing. ``__enter__``
     creates an unnamed O_TMPFILE in the destination folder (else a hidden
-    ``.{name}.fastfuse-XXXXXXXX.tmp``), reserves its space (disk full is a FuseError now, not a
-    SIGBUS later), writes the prefix and maps the data section. Fill it with :meth:`view`
-    and :meth:`copy_from`. A clean exit flushes, fsyncs and publishes the file with one rename
-    (or, without ``overwrite``, one link, which also refuses a ``dst`` created meanwhile), then
-    fsyncs the folder. An exception (KeyboardInterrupt too) removes the temporary and leaves
-    ``dst`` untouched; so does SIGKILL with O_TMPFILE (the named fallback leaves its temporary).
-    Views are invalid after exit: a view still held keeps the map alive, and writing through it
-    would change the published file.
+    ``.{name}.fastfuse-XXXXXXXX.tmp``), reserves its space (disk full is a FuseError now, not
+    a SIGBUS later), writes the prefix and maps the data section; fill it with :meth:`view`
+    and :meth:`copy_from`. A clean exit flushes, fsyncs and publishes the file with one
+    rename (without ``overwrite``: one link, which also refuses a ``dst`` created meanwhile),
+    then fsyncs the folder. An exception (KeyboardInterrupt too) removes the temporary and
+    leaves ``dst`` untouched; so does SIGKILL with O_TMPFILE (the named fallback leaves its
+    temporary). Views are invalid after exit: one still held keeps the map alive, and
+    writing through it would change the published file.
     """
 
-    def __init__(self, dst: PathArg, prefix: bytes, data_size: int, *, overwrite: bool = False) -> None:
+    def __init__(self, dst: PathLike, prefix: bytes, data_size: int, *,
+                 overwrite: bool = False) -> None:
         if len(prefix) < 8 or int.from_bytes(prefix[:8], "little") != len(prefix) - 8 or data_size < 0:
-            raise ValueError("prefix must be a complete safetensors prefix (see layout()); data_size >= 0")
+            raise ValueError("prefix must be a complete safetensors prefix (see layout()) and "
+                             "data_size >= 0")
         self.dst, self.prefix, self.data_size = os.fspath(dst), bytes(prefix), data_size
         self.overwrite, self.folder = overwrite, os.path.dirname(os.path.abspath(self.dst))
         self._name = os.path.basename(self.dst)
-        self._fd = self._dir = -1
-        self._tmp = ""  # name (in the folder) of a named temporary or of the O_TMPFILE's link
+        self._fd = self._dir = -1  # the temporary file, the destination folder
+        self._tmp = ""  # name in the folder of the named temporary, or of the O_TMPFILE's link
         self._mm: mmap.mmap | None = None
         self._data: np.ndarray[Any, np.dtype[np.uint8]] = np.empty(0, np.uint8)
         self._check()
@@ -416,12 +424,13 @@ class AtomicWriter:
             raise FuseError(f"{dst}: exists; pass --force / overwrite=True to replace it")
 
     def _new_temp(self, fd: int = -1) -> int:
-        """A fresh hidden name in the folder: linked to ``fd`` if given, else a new file's fd."""
-        self._tmp = f".{self._name}.fastfuse-{secrets.token_hex(4)}.tmp"
-        if fd >= 0:  # linkat(AT_SYMLINK_FOLLOW) needs a dir fd: os.link calls link() without one
+        """Take a fresh hidden name in the folder: link it to ``fd``, or create a file there."""
+        self._tmp = f".{self._name}.fastfuse-{os.urandom(4).hex()}.tmp"
+        if fd >= 0:  # a dir fd makes os.link use linkat(AT_SYMLINK_FOLLOW); bare link() fails
             os.link(f"/proc/self/fd/{fd}", self._tmp, dst_dir_fd=self._dir, follow_symlinks=True)
             return fd
-        return os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=self._dir)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        return os.open(self._tmp, flags, 0o644, dir_fd=self._dir)
 
     def __enter__(self) -> AtomicWriter:
         self._check()
@@ -431,7 +440,8 @@ class AtomicWriter:
             try:
                 if not _O_TMPFILE or not os.path.isdir("/proc/self/fd"):
                     raise OSError(errno.EOPNOTSUPP, "no O_TMPFILE")
-                self._fd = os.open(".", _O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644, dir_fd=self._dir)
+                flags = _O_TMPFILE | os.O_RDWR | os.O_CLOEXEC
+                self._fd = os.open(".", flags, 0o644, dir_fd=self._dir)
             except OSError:  # not supported here: a named temporary instead
                 self._fd = self._new_temp()
             os.ftruncate(self._fd, total)
@@ -448,28 +458,30 @@ class AtomicWriter:
         except BaseException as e:
             self._abort()
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise FuseError(f"{self.folder}: not enough space for {self.dst}: it needs {total} "
-                                f"bytes ({e.strerror})") from None
+                raise FuseError(f"{self.folder}: not enough space for {self.dst}: it needs "
+                                f"{total} bytes ({e.strerror})") from None
             if isinstance(e, OSError):
                 raise FuseError(f"{self.dst}: cannot create a temporary file in {self.folder}: "
                                 f"{e.strerror}") from None
             raise
         return self
 
-    def view(self, start: int, end: int, dtype: npt.DTypeLike, shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
+    def view(self, start: int, end: int, dtype: DTypeLike,
+             shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
         """Writable zero-copy view of data bytes ``[start, end)`` as ``dtype`` and ``shape``."""
         dt = np.dtype(dtype)
-        if self._fd < 0 or not 0 <= start <= end <= self.data_size or math.prod(shape) * dt.itemsize != end - start:
-            raise ValueError(f"view [{start}, {end}) as {dt} {shape} does not fit the open data section "
-                             f"of {self.data_size} bytes")
+        if (self._fd < 0 or not 0 <= start <= end <= self.data_size
+                or math.prod(shape) * dt.itemsize != end - start):
+            raise ValueError(f"view [{start}, {end}) as {dt} {shape} does not fit the open data "
+                             f"section of {self.data_size} bytes")
         return self._data[start:end].view(dt).reshape(shape)
 
-    def copy_from(self, src: int | PathArg, src_offset: int, start: int, length: int) -> None:
-        """Copy ``length`` bytes at ``src_offset`` of ``src`` (fd or path) to data byte ``start``,
+    def copy_from(self, src: int | PathLike, src_offset: int, start: int, length: int) -> None:
+        """Copy ``length`` bytes at ``src_offset`` of ``src`` (fd or path) to data byte ``start``
         file to file: copy_file_range, else preadv straight into the map (no buffer)."""
         if self._fd < 0 or min(src_offset, start, length) < 0 or start + length > self.data_size:
-            raise ValueError(f"copy of {length} bytes to data byte {start} does not fit the open data "
-                             f"section of {self.data_size} bytes")
+            raise ValueError(f"copy of {length} bytes to data byte {start} does not fit the open "
+                             f"data section of {self.data_size} bytes")
         if not isinstance(src, int):
             fd = _open_regular(os.fspath(src))[0]
             try:
@@ -479,18 +491,21 @@ class AtomicWriter:
             return
         done, fast, at = 0, hasattr(os, "copy_file_range"), len(self.prefix) + start
         while done < length:
-            if fast:
-                try:
+            try:
+                if fast:
                     n = os.copy_file_range(src, self._fd, length - done, src_offset + done, at + done)
-                except OSError as e:
-                    if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
-                        raise
-                    fast = False
+                else:
+                    assert self._mm is not None  # length > 0, so there is a mapped data section
+                    stop = at + min(length, done + _CHUNK)
+                    with memoryview(self._mm) as whole, whole[at + done:stop] as part:
+                        n = os.preadv(src, [part], src_offset + done)
+            except OSError as e:
+                if fast and e.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL,
+                                        errno.EPERM):
+                    fast = False  # not between these files: copy through the map instead
                     continue
-            else:
-                assert self._mm is not None  # length > 0, so the data section is mapped
-                with memoryview(self._mm) as whole, whole[at + done: at + min(length, done + _CHUNK)] as part:
-                    n = os.preadv(src, [part], src_offset + done)
+                raise FuseError(f"{self.dst}: copying {length} bytes from byte {src_offset} of "
+                                f"the source failed: {e.strerror}") from None
             if n == 0:
                 raise MalformedFileError(f"source ended at byte {src_offset + done} while copying "
                                          f"{length} bytes from byte {src_offset} into {self.dst}")
@@ -498,10 +513,9 @@ class AtomicWriter:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if exc_type is not None:
-            self._abort()
-            return
         try:
+            if exc_type is not None:
+                return
             if self._mm is not None:
                 self._mm.flush()
             self._release_map()
@@ -510,20 +524,17 @@ class AtomicWriter:
                 if not self._tmp:
                     self._new_temp(self._fd)
                 os.replace(self._tmp, self._name, src_dir_fd=self._dir, dst_dir_fd=self._dir)
-            else:
+                self._tmp = ""
+            else:  # a named temporary, now a second name, is unlinked by _abort below
                 source = self._tmp or f"/proc/self/fd/{self._fd}"
-                os.link(source, self._name, src_dir_fd=self._dir, dst_dir_fd=self._dir, follow_symlinks=True)
-                if self._tmp:
-                    os.unlink(self._tmp, dir_fd=self._dir)
-            self._tmp = ""
+                os.link(source, self._name, src_dir_fd=self._dir, dst_dir_fd=self._dir,
+                        follow_symlinks=True)
             with contextlib.suppress(OSError):  # some file systems cannot fsync a folder
                 os.fsync(self._dir)
-        except BaseException as e:
-            if isinstance(e, FileExistsError):
-                e = FuseError(f"{self.dst}: exists; pass --force / overwrite=True to replace it")
-            elif isinstance(e, OSError):
-                e = FuseError(f"{self.dst}: could not write the file: {e.strerror}")
-            raise e from None
+        except FileExistsError:
+            raise FuseError(f"{self.dst}: exists; pass --force / overwrite=True to replace it") from None
+        except OSError as e:
+            raise FuseError(f"{self.dst}: could not write the file: {e.strerror}") from None
         finally:
             self._abort()
 
@@ -531,11 +542,11 @@ class AtomicWriter:
         self._data = np.empty(0, np.uint8)
         mm, self._mm = self._mm, None
         if mm is not None:
-            with contextlib.suppress(BufferError):  # caller still holds views: closes when they die
+            with contextlib.suppress(BufferError):  # views still held: it closes when they die
                 mm.close()
 
     def _abort(self) -> None:
-        """Unmap, remove the named temporary (if any) and close the descriptors."""
+        """Unmap, remove the named temporary (if any) and close both descriptors."""
         self._release_map()
         if self._tmp:
             with contextlib.suppress(OSError):

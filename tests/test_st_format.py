@@ -37,7 +37,17 @@ from fastfuse.st_format import (
     read_index,
 )
 
-ROOT = os.geteuid() == 0
+
+def _permissions_enforced() -> bool:
+    """False for root with CAP_DAC_OVERRIDE, which reads and writes anything."""
+    with tempfile.TemporaryDirectory() as folder:
+        probe = Path(folder) / "probe"
+        probe.write_bytes(b"")
+        probe.chmod(0)
+        return not os.access(probe, os.R_OK)
+
+
+NO_PERMISSIONS = pytest.mark.skipif(not _permissions_enforced(), reason="root ignores permissions")
 REPO = Path(__file__).resolve().parents[1]
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -186,6 +196,15 @@ def test_whitespace_padding_accepted(tmp_path: Path, pad: bytes) -> None:
         assert ref.keys() == ["a"]
 
 
+def test_unpadded_header_gives_unaligned_views(tmp_path: Path) -> None:
+    path = tmp_path / "u.safetensors"
+    values = np.array([1.5, -2.0], "<f4")
+    path.write_bytes(raw_file({"a": entry("F32", [2], 0, 8)}, values.tobytes()))  # 8 + 61 bytes
+    header = read_header(path)
+    assert header.data_offset % 4 != 0
+    assert same(map_tensors(header)["a"], values)
+
+
 def test_empty_and_zero_byte_tensors(tmp_path: Path) -> None:
     path = tmp_path / "e.safetensors"
     path.write_bytes(raw_file(b"{}      "))
@@ -208,6 +227,7 @@ def _hostile() -> Iterator[Any]:
     yield pytest.param(raw_file(b"{}", length=2**40), "header length 1099511627776 exceeds the limit "
                        f"of {MAX_HEADER_BYTES} bytes", True, id="huge-length")
     yield pytest.param(raw_file(b"{}", length=2**64 - 1), "exceeds the limit", True, id="u64-max-length")
+    yield pytest.param(raw_file(b""), "header is not valid JSON: Expecting value", True, id="empty-header")
     yield pytest.param(raw_file(b"{nope"), "header is not valid JSON: .* line 1 column 2", True, id="not-json")
     yield pytest.param(raw_file(b"{}\x00\x00"), "header is not valid JSON: Extra data", True, id="nul-padding")
     yield pytest.param(raw_file(b'{"\xff": 1}'), r"header is not valid UTF-8 \(byte 2 of the header\)",
@@ -329,7 +349,7 @@ def test_fifo_does_not_hang(tmp_path: Path, alarm: None) -> None:
         read_index(fifo)
 
 
-@pytest.mark.skipif(ROOT, reason="root reads any file")
+@NO_PERMISSIONS
 def test_unreadable_file(tmp_path: Path) -> None:
     path = tmp_path / "m.safetensors"
     save_file({"a": np.ones(1, np.float32)}, str(path))
@@ -533,7 +553,7 @@ def test_bad_destinations(tmp_path: Path) -> None:
     assert listing(tmp_path) == ["dir", "file"]
 
 
-@pytest.mark.skipif(ROOT, reason="root ignores permissions")
+@NO_PERMISSIONS
 def test_read_only_folder(tmp_path: Path) -> None:
     folder = tmp_path / "ro"
     folder.mkdir()
@@ -607,6 +627,22 @@ def test_copy_from(tmp_path: Path, mode: str, how: str, monkeypatch: pytest.Monk
         os.close(fd)
     loaded = load_file(str(dst))
     assert all(same(loaded[k], arrays[k]) for k in arrays)
+
+
+def test_copy_from_io_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(bytes(16))
+
+    def broken(*args: Any) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(st_format.os, "copy_file_range", broken)
+    prefix, _ = layout([OutputTensor("a", np.dtype("u1"), (16,))], None)
+    with pytest.raises(FuseError, match=r"out.safetensors: copying 16 bytes from byte 0 of the source "
+                       r"failed: Input/output error"):
+        with AtomicWriter(tmp_path / "out.safetensors", prefix, 16) as w:
+            w.copy_from(src, 0, 0, 16)
+    assert listing(tmp_path) == ["src.bin"]
 
 
 def test_copy_from_short_source(tmp_path: Path, mode: str) -> None:

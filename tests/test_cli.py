@@ -1,0 +1,114 @@
+"""The real ``fastfuse`` command in a subprocess: exit codes, output, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import hf_whisper_shapes, random_tensors
+from safetensors.numpy import save_file
+
+
+def fastfuse(*args: str | Path, check: int | None = 0) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONWARNINGS": "error"}
+    result = subprocess.run([sys.executable, "-m", "fastfuse", *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+    if check is not None:
+        assert result.returncode == check, result.stderr
+    return result
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    path = tmp_path / "whisper.safetensors"
+    save_file(random_tensors(hf_whisper_shapes(16, 2, 2, 30), np.float16), str(path), metadata={"format": "pt"})
+    return path
+
+
+@pytest.mark.parametrize("command", [[], ["fuse"], ["inspect"], ["verify"], ["unfuse"], ["demo"]])
+def test_help_everywhere(command: list[str]) -> None:
+    result = fastfuse(*command, "--help")
+    assert result.stdout.startswith("usage: fastfuse")
+
+
+def test_usage_errors_exit_2() -> None:
+    assert "the following arguments are required" in fastfuse("fuse", check=2).stderr
+    assert "invalid choice" in fastfuse("frobnicate", check=2).stderr
+
+
+def test_fuse_inspect_verify_unfuse(tmp_path: Path, checkpoint: Path) -> None:
+    inspected = json.loads(fastfuse("inspect", checkpoint, "--json", "--cross-kv").stdout)
+    assert inspected["layers"] == {"encoder_qkv": 2, "decoder_qkv": 2, "cross_kv": 2}
+    assert inspected["d"] == 16 and inspected["dtype"] == "float16"
+    fused = tmp_path / "fused.safetensors"
+    out = fastfuse("fuse", checkpoint, fused, "--cross-kv", "--logits").stdout
+    assert "scheme   hf-whisper" in out and f"wrote    {fused}" in out
+    assert "ok: every fused tensor" in fastfuse("verify", fused).stdout
+    dropped = tmp_path / "dropped.safetensors"
+    fastfuse("fuse", checkpoint, dropped, "--drop-originals", "--quiet")
+    result = fastfuse("unfuse", dropped, tmp_path / "back.safetensors", "--json")
+    assert len(json.loads(result.stdout)["rebuilt"]) == 2 * 5 + 2 * 5
+
+
+def test_fuse_json(tmp_path: Path, checkpoint: Path) -> None:
+    result = json.loads(fastfuse("fuse", checkpoint, tmp_path / "f.safetensors", "--json", "--dtype", "float32").stdout)
+    assert result["dtype"] == "float32" and result["destination"].endswith("f.safetensors")
+
+
+def test_existing_destination_without_force(tmp_path: Path, checkpoint: Path) -> None:
+    dst = tmp_path / "dst.safetensors"
+    dst.write_bytes(b"keep")
+    result = fastfuse("fuse", checkpoint, dst, check=1)
+    assert result.stderr.startswith("fastfuse: error: ") and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr and dst.read_bytes() == b"keep"
+    fastfuse("fuse", checkpoint, dst, "--force", "--quiet")
+    assert dst.stat().st_size > 4
+
+
+@pytest.mark.parametrize("bad", ["missing.safetensors", "folder"])
+def test_one_line_errors(tmp_path: Path, bad: str) -> None:
+    (tmp_path / "folder").mkdir()
+    result = fastfuse("inspect", tmp_path / bad, check=1)
+    assert result.stderr.startswith("fastfuse: error: ") and result.stderr.count("\n") == 1
+    assert result.stdout == ""
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    result = fastfuse("inspect", tmp_path / "missing.safetensors", "--debug", check=1)
+    assert "Traceback" in result.stderr
+
+
+def test_verify_mismatch_exits_1_naming_the_key(tmp_path: Path, checkpoint: Path) -> None:
+    from safetensors import safe_open
+
+    fused = tmp_path / "fused.safetensors"
+    fastfuse("fuse", checkpoint, fused, "--quiet")
+    with safe_open(str(fused), framework="numpy") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors["fused.enc.1.self_attn.qkv.bias"][0] += 1
+    save_file(tensors, str(tmp_path / "tampered.safetensors"), metadata=metadata)
+    result = fastfuse("verify", tmp_path / "tampered.safetensors", check=1)
+    assert result.stderr == "fastfuse: error: 'fused.enc.1.self_attn.qkv.bias' differs from its recomputation (1 tensor(s) differ)\n"
+
+
+def test_demo(tmp_path: Path) -> None:
+    out = fastfuse("demo", "--out", tmp_path).stdout
+    assert "verify   ok: bit-exact" in out and "concat(x @ Wq.T, x @ Wk.T, x @ Wv.T): True" in out
+    assert (tmp_path / "whisper-tiny.fused.safetensors").exists()
+
+
+def test_import_does_not_load_numba() -> None:
+    code = "import sys, fastfuse, fastfuse.cli; print('numba' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_main_returns_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    from fastfuse.cli import main
+
+    assert main(["--version"]) == 0
+    assert main(["fuse"]) == 2
+    assert "fastfuse" in capsys.readouterr().out
