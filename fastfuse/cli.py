@@ -49,6 +49,11 @@ def _progress(total: int, label: str, enabled: bool) -> Iterator[Callable[[int],
         yield bar.update
 
 
+def _size_of(path: Path) -> int:
+    """Bytes of a file, or of the .safetensors shards in a folder."""
+    return sum(p.stat().st_size for p in path.glob("*.safetensors")) if path.is_dir() else path.stat().st_size
+
+
 def _print_plan(fusion: Any, stream: Any = None) -> None:
     out = stream or sys.stdout
     layers = ", ".join(f"{name} x{count}" for name, count in fusion.layers.items()) or "none"
@@ -66,12 +71,13 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     options = _options(args) | {"keep_originals": not args.drop_originals}
     total = sum(h.file_size for h in open_checkpoint(args.src).headers)
     with _progress(total, "fuse", not args.quiet and not args.json) as progress:
-        fusion = fuse_file(args.src, args.dst, overwrite_destination=args.force, progress=progress, **options)
+        fusion = fuse_file(args.src, args.dst, overwrite_destination=args.force, max_shard_size=args.max_shard_size,
+                           single_file=args.single_file, progress=progress, **options)
     if args.json:
         print(json.dumps({"destination": str(args.dst), **fusion.to_dict()}))
     elif not args.quiet:
         _print_plan(fusion)
-        print(f"wrote    {args.dst} ({_human(os.path.getsize(args.dst))})")
+        print(f"wrote    {args.dst} ({_human(_size_of(Path(args.dst)))})")
     return 0
 
 
@@ -151,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="destination .safetensors file (written atomically)")
     fusion_options(p)
     p.add_argument("--drop-originals", action="store_true", help="leave out the fused sources")
+    p.add_argument("--max-shard-size", metavar="SIZE",
+                   help="write DST as a folder of shards of at most SIZE (e.g. 5GB); sharded inputs default to their largest shard")
+    p.add_argument("--single-file", action="store_true", help="write a sharded input as one file")
     p.add_argument("--force", action="store_true", help="replace an existing destination")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(run=_cmd_fuse)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -121,11 +121,21 @@ def load(path: PathLike, **options: Any) -> dict[str, np.ndarray]:
 
     Returns:
         key -> array. Originals are read-only views of a memory map (valid as long as you hold
-        them); fused tensors are new arrays filled by one parallel kernel pass.
+        them); fused tensors are new arrays filled by one parallel kernel pass. A file written
+        by ``fastfuse fuse`` (it records ``fastfuse.fused`` in its metadata) is returned as
+        stored, fused tensors included, all zero-copy; options are refused for it, since its
+        fusion was chosen when it was written (``fastfuse verify`` checks it).
     """
     checkpoint = open_checkpoint(path)
-    fusion = make_plan(checkpoint.metas(), **options)
     arrays = checkpoint.arrays()
+    if f"{META_PREFIX}fused" in checkpoint.metadata:
+        if options:
+            raise FuseError(
+                f"{checkpoint.path} was already fused by fastfuse; load it without options "
+                f"(got {sorted(options)}) or load the original checkpoint"
+            )
+        return arrays
+    fusion = make_plan(checkpoint.metas(), **options)
     fused = execute(fusion, arrays)
     result = {key: value for key, value in arrays.items() if key not in fusion.dropped and key not in fused}
     result.update(fused)
@@ -192,52 +202,142 @@ def _write(
         fill(writer, offsets)
 
 
+def _copy_originals(
+    writer: st_format.AtomicWriter,
+    offsets: Mapping[str, tuple[int, int]],
+    checkpoint: Checkpoint,
+    keys: Iterable[str],
+    progress: Progress | None = None,
+) -> None:
+    """Copy tensors byte for byte from their shard into the destination (file to file)."""
+    for key in keys:
+        number, info = checkpoint.location[key]
+        header = checkpoint.headers[number]
+        start, end = offsets[key]
+        writer.copy_from(header.path, header.data_offset + info.start, start, end - start)
+        if progress:
+            progress(end - start)
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``"5GB"``, ``"500MB"``, ``"2GiB"`` or an integer (as transformers reads sizes)."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    number = text.strip().upper().rstrip("BIKMGT")
+    unit = text.strip().upper()[len(number):]
+    try:
+        size = int(float(number) * units[unit])
+    except (KeyError, ValueError):
+        raise FuseError(f"max shard size {text!r}: expected bytes like 5GB, 500MB or 2GiB") from None
+    if size <= 0:
+        raise FuseError(f"max shard size {text!r}: expected a positive size")
+    return size
+
+
+def _shards(entries: list[tuple[str, np.dtype[Any], tuple[int, ...]]], limit: int) -> list[list[tuple[str, np.dtype[Any], tuple[int, ...]]]]:
+    """Split entries in order into shards of at most ``limit`` data bytes (a bigger tensor goes alone)."""
+    shards: list[list[tuple[str, np.dtype[Any], tuple[int, ...]]]] = [[]]
+    size = 0
+    for entry in entries:
+        nbytes = int(np.prod(entry[2], dtype=np.int64)) * entry[1].itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    return shards
+
+
 def fuse_file(
     src: PathLike,
     dst: PathLike,
     *,
     overwrite_destination: bool = False,
+    max_shard_size: int | str | None = None,
+    single_file: bool = False,
     progress: Progress | None = None,
     **options: Any,
 ) -> Plan:
     """Fuse a checkpoint file to a new file, streaming through memory maps, atomically.
 
-    ``src``: a ``.safetensors`` file, an index or a folder; ``dst``: the new ``.safetensors``
-    file (sharded inputs are written as one file). ``overwrite_destination`` allows replacing an
-    existing ``dst`` (CLI ``--force``). ``options`` as for :func:`fastfuse.plan`; the input's
+    ``src``: a ``.safetensors`` file, an index or a folder. ``dst``: the new ``.safetensors``
+    file; or, for a sharded output, the folder that receives ``model-0000k-of-0000n.safetensors``
+    and ``model.safetensors.index.json``. A sharded input gives a sharded output (shards of at
+    most ``max_shard_size`` bytes, default the largest input shard) unless ``single_file``;
+    ``max_shard_size`` shards a single-file input too. ``overwrite_destination`` allows replacing
+    existing files (CLI ``--force``). ``options`` as for :func:`fastfuse.plan`; the input's
     ``__metadata__`` is kept and fastfuse adds its recipe (``fastfuse.*`` keys). ``progress`` is
     called with byte counts as data is written. Returns the plan that was executed.
 
-    Everything is validated before ``dst`` is created; on any error the destination is untouched.
+    Everything is validated before anything is created; on any error, no destination file is
+    changed. Each file is atomic; a sharded output's index is written last.
     """
     checkpoint = open_checkpoint(src)
     destination = Path(dst)
     _check_destination((h.path for h in checkpoint.headers), destination)
     metas = checkpoint.metas()
     fusion = make_plan(metas, **options)
-    fused_keys = {t.key for t in fusion.fused}
-    kept = [key for key in metas if key not in fusion.dropped and key not in fused_keys]
+    fused = {t.key: t for t in fusion.fused}
+    kept = [key for key in metas if key not in fusion.dropped and key not in fused]
     entries = [(key, metas[key].dtype, metas[key].shape) for key in kept]
     entries += [(t.key, t.dtype, t.shape) for t in fusion.fused]
     source_dtypes = {t.key: metas[next(s for s in t.sources if s is not None)].dtype for t in fusion.fused}
     metadata = {k: v for k, v in checkpoint.metadata.items() if not k.startswith(META_PREFIX)}
     metadata.update(_describe(fusion, source_dtypes))
+    arrays = checkpoint.arrays()
 
     def fill(writer: st_format.AtomicWriter, offsets: dict[str, tuple[int, int]]) -> None:
-        for key in kept:
-            number, info = checkpoint.location[key]
-            header = checkpoint.headers[number]
-            start, end = offsets[key]
-            writer.copy_from(header.path, header.data_offset + info.start, start, end - start)
-            if progress:
-                progress(end - start)
-        outputs = {t.key: writer.view(*offsets[t.key], t.dtype, t.shape) for t in fusion.fused}
-        execute(fusion, checkpoint.arrays(), outputs)
+        _copy_originals(writer, offsets, checkpoint, [key for key in kept if key in offsets], progress)
+        targets = [t for t in fusion.fused if t.key in offsets]
+        outputs = {t.key: writer.view(*offsets[t.key], t.dtype, t.shape) for t in targets}
+        execute(replace(fusion, fused=tuple(targets)), arrays, outputs)
         if progress:
-            progress(fusion.nbytes)
+            progress(sum(t.nbytes for t in targets))
 
-    _write(destination, entries, metadata, fill, overwrite=overwrite_destination)
+    sharded = not single_file and (checkpoint.index is not None or max_shard_size is not None)
+    if not sharded:
+        _write(destination, entries, metadata, fill, overwrite=overwrite_destination)
+        return fusion
+    limit = parse_size(max_shard_size) if max_shard_size is not None else max(h.file_size for h in checkpoint.headers)
+    _write_sharded(destination, _shards(entries, limit), metadata, fill, overwrite=overwrite_destination)
     return fusion
+
+
+def _write_sharded(
+    folder: Path,
+    shards: list[list[tuple[str, np.dtype[Any], tuple[int, ...]]]],
+    metadata: Mapping[str, str],
+    fill: Callable[[st_format.AtomicWriter, dict[str, tuple[int, int]]], None],
+    *,
+    overwrite: bool,
+) -> None:
+    """Write shards into ``folder`` (created if its parent exists), then the index, each atomically."""
+    if folder.exists() and not folder.is_dir():
+        raise FuseError(f"{folder}: a sharded output needs a folder, and this is a file")
+    if not folder.parent.is_dir():
+        raise FuseError(f"{folder}: destination folder {folder.parent} does not exist")
+    names = [f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors" for n in range(len(shards))]
+    index_path = folder / INDEX_NAME
+    for path in [index_path, *(folder / name for name in names)]:
+        if path.exists() and not overwrite:
+            raise FuseError(f"{path}: exists; pass --force / overwrite_destination=True to replace it")
+    created = not folder.exists()
+    folder.mkdir(exist_ok=True)
+    try:
+        for name, entries in zip(names, shards):
+            _write(folder / name, entries, metadata, fill, overwrite=overwrite)
+        total = sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shard in shards for _, dtype, shape in shard)
+        weight_map = {key: name for name, shard in zip(names, shards) for key, _, _ in shard}
+        index = {"metadata": {"total_size": total, **metadata}, "weight_map": dict(sorted(weight_map.items()))}
+        st_format.write_bytes_atomic(index_path, json.dumps(index, indent=2).encode() + b"\n", overwrite=overwrite)
+    except BaseException:
+        if created:
+            for name in names:
+                (folder / name).unlink(missing_ok=True)
+            folder.rmdir()
+        raise
 
 
 def verify(path: PathLike) -> list[str]:
@@ -295,11 +395,7 @@ def unfuse(src: PathLike, dst: PathLike, *, overwrite_destination: bool = False)
     metadata = {k: v for k, v in checkpoint.metadata.items() if not k.startswith(META_PREFIX)}
 
     def fill(writer: st_format.AtomicWriter, offsets: dict[str, tuple[int, int]]) -> None:
-        for key in kept:
-            number, info = checkpoint.location[key]
-            header = checkpoint.headers[number]
-            start, end = offsets[key]
-            writer.copy_from(header.path, header.data_offset + info.start, start, end - start)
+        _copy_originals(writer, offsets, checkpoint, kept)
         arrays = checkpoint.arrays()
         for source, (t, offset) in pieces.items():
             rows = t.rows[t.sources.index(source)]

@@ -25,17 +25,21 @@ import stat
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ._typing import DTypeLike, PathLike
 from .errors import DtypeMismatchError, FuseError, MalformedFileError
 
-__all__ = ["DTYPES", "MAX_HEADER_BYTES", "AtomicWriter", "Header", "OutputTensor", "TensorInfo",
-           "dtype_code", "dtype_of", "layout", "map_tensors", "read_header", "read_index"]
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+__all__ = ["DTYPES", "MAX_HEADER_BYTES", "AtomicWriter", "Header", "OutputTensor", "TensorInfo",
+           "dtype_code", "dtype_of", "layout", "map_tensors", "read_header", "read_index",
+           "write_bytes_atomic"]
+
+MAX_HEADER_BYTES = 100_000_000  # as the reference reader (safetensors) limits it
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
              "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
@@ -382,7 +386,8 @@ def layout(tensors: Sequence[OutputTensor],
 
 
 class AtomicWriter:
-    """Write ``prefix`` + a ``data_size``-byte data section to ``dst``, all or nothing.
+    """Write ``prefix`` (from :func:`layout`) + a ``data_size``-byte data section to ``dst``,
+    all or nothing.
 
     The constructor checks the destination (folder exists and is writable, ``dst`` is not a
     directory and, unless ``overwrite``, does not exist) and creates nothing. ``__enter__``
@@ -399,9 +404,8 @@ class AtomicWriter:
 
     def __init__(self, dst: PathLike, prefix: bytes, data_size: int, *,
                  overwrite: bool = False) -> None:
-        if len(prefix) < 8 or int.from_bytes(prefix[:8], "little") != len(prefix) - 8 or data_size < 0:
-            raise ValueError("prefix must be a complete safetensors prefix (see layout()) and "
-                             "data_size >= 0")
+        if data_size < 0:
+            raise ValueError(f"data_size must be >= 0, got {data_size}")
         self.dst, self.prefix, self.data_size = os.fspath(dst), bytes(prefix), data_size
         self.overwrite, self.folder = overwrite, os.path.dirname(os.path.abspath(self.dst))
         self._name = os.path.basename(self.dst)
@@ -432,7 +436,7 @@ class AtomicWriter:
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         return os.open(self._tmp, flags, 0o644, dir_fd=self._dir)
 
-    def __enter__(self) -> AtomicWriter:
+    def __enter__(self) -> Self:
         self._check()
         total = len(self.prefix) + self.data_size
         try:
@@ -450,8 +454,9 @@ class AtomicWriter:
             except OSError as e:
                 if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                     raise
-            if os.pwrite(self._fd, self.prefix, 0) != len(self.prefix):
-                raise OSError(errno.EIO, "short write")
+            done = 0
+            while done < len(self.prefix):
+                done += os.pwrite(self._fd, self.prefix[done:], done)
             if self.data_size:
                 self._mm = mmap.mmap(self._fd, total, access=mmap.ACCESS_WRITE)
                 self._data = np.frombuffer(self._mm, np.uint8)[len(self.prefix):]
@@ -557,3 +562,9 @@ class AtomicWriter:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._fd = self._dir = -1
+
+
+def write_bytes_atomic(dst: PathLike, data: bytes, *, overwrite: bool = False) -> None:
+    """Write a small file (e.g. a sharded index) with the guarantees of :class:`AtomicWriter`."""
+    with AtomicWriter(dst, data, 0, overwrite=overwrite):
+        pass

@@ -136,9 +136,46 @@ def test_sharded_input_with_q_k_v_in_different_shards(tmp_path: Path) -> None:
     for source in (index, tmp_path):
         loaded = fastfuse.load(source)
         assert all(same_bits(loaded[k], expected[k]) for k in expected)
-    fuse_file(tmp_path, tmp_path / "one.safetensors")
+    fuse_file(tmp_path, tmp_path / "one.safetensors", single_file=True)
     written = read(tmp_path / "one.safetensors")
     assert all(same_bits(written[k], expected[k]) for k in expected)
+
+
+def test_sharded_input_gives_sharded_output(tmp_path: Path) -> None:
+    tensors = random_tensors(hf_whisper_shapes(8, 2, 2, 10), np.float16)
+    source = tmp_path / "source"
+    source.mkdir()
+    index = shard(source, tensors, {k: 1 for k in tensors if ".decoder." in k}, 2)
+    out = tmp_path / "fused"
+    fuse_file(index, out, max_shard_size="2KB")
+    written_index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert set(written_index["weight_map"].values()) == set(shards)
+    assert written_index["metadata"]["total_size"] == sum(
+        int(np.prod(a.shape)) * a.dtype.itemsize for a in fastfuse.fuse(tensors).values()
+    )
+    for name in shards:  # each shard loads on its own, within the size limit unless one tensor is bigger
+        part = read(out / name)
+        assert sum(a.nbytes for a in part.values()) <= 2000 or len(part) == 1
+    loaded = fastfuse.load(out)
+    expected = fastfuse.fuse(tensors)
+    assert loaded.keys() == expected.keys() and all(same_bits(loaded[k], expected[k]) for k in expected)
+    assert verify(out / "model.safetensors.index.json") == []
+    with pytest.raises(FuseError, match="exists; pass --force"):
+        fuse_file(index, out, max_shard_size="2KB")
+
+
+def test_max_shard_size_shards_a_single_file(tmp_path: Path, source: Path) -> None:
+    fuse_file(source, tmp_path / "out", max_shard_size=10**9)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model-00001-of-00001.safetensors", "model.safetensors.index.json"]
+
+
+@pytest.mark.parametrize("size", ["5XB", "-1", "0"])
+def test_bad_max_shard_size(tmp_path: Path, source: Path, size: str) -> None:
+    with pytest.raises(FuseError, match=f"max shard size '{size}'"):
+        fuse_file(source, tmp_path / "out", max_shard_size=size)
+    assert not (tmp_path / "out").exists()
 
 
 def test_index_naming_a_key_its_shard_lacks(tmp_path: Path) -> None:
@@ -269,6 +306,15 @@ def test_verify_finds_a_changed_tensor(tmp_path: Path, source: Path) -> None:
         metadata = f.metadata()
     save_file(tensors, str(tmp_path / "tampered.safetensors"), metadata=metadata)
     assert verify(tmp_path / "tampered.safetensors") == ["fused.dec.1.self_attn.qkv.weight"]
+
+
+def test_load_of_a_fused_file_returns_it_as_stored(tmp_path: Path, source: Path) -> None:
+    fuse_file(source, tmp_path / "dst.safetensors", cross_kv=True)
+    loaded = fastfuse.load(tmp_path / "dst.safetensors")
+    assert loaded.keys() == read(tmp_path / "dst.safetensors").keys()
+    assert not loaded["fused.dec.0.encoder_attn.kv.weight"].flags.writeable  # a view of the file
+    with pytest.raises(FuseError, match=r"was already fused by fastfuse; load it without options \(got \['cross_kv'\]\)"):
+        fastfuse.load(tmp_path / "dst.safetensors", cross_kv=True)
 
 
 def test_verify_needs_a_recipe(source: Path) -> None:

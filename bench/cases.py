@@ -1,0 +1,377 @@
+"""Benchmark cases, shared by the pytest-benchmark file (``test_bench.py``) and ``report.py``.
+
+A *group* (``kernel``, ``widen``, ``load``, ``file``, ``startup``, ``scaling``) has parameters
+(a dtype, or a startup variant), each with named implementations. ``impls(group, size, param)``
+builds the data once (cached, one parameter at a time, so a 3 GB working set is freed before
+the next) and returns ``name -> Impl``: a zero-argument ``run`` to time, plus optional untimed
+``setup`` before each run and ``extra`` measurements made once (peak RSS).
+
+Checkpoints have the real Hugging Face Whisper key names and shapes (``fastfuse.demo``) with
+random values. Files are written once into ``$FASTFUSE_BENCH_CACHE`` (default
+``.bench-cache/`` at the repository root, git-ignored) and reused. In-memory groups generate the
+64 (large-v3) self-attention Q/K/V matrices in one buffer, so memcpy moves exactly those bytes.
+
+This module imports only the standard library and numpy at the top: child processes import it
+to run a file operation, and what it imports would count in their memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BENCH = Path(__file__).resolve().parent
+DTYPES = ("float32", "float16", "bfloat16")
+TINY = "tiny"
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("FASTFUSE_BENCH_CACHE") or BENCH.parent / ".bench-cache")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def output_file() -> Path:
+    """Where file-to-file cases write (one file, replaced by every run)."""
+    return cache_dir() / "bench-output.safetensors"
+
+
+def np_dtype(name: str) -> np.dtype[Any]:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def checkpoint_file(size: str, dtype: str = "float16") -> Path:
+    """The cached ``whisper-{size}-{dtype}.safetensors`` (HF names, random values); written once, atomically."""
+    path = cache_dir() / f"whisper-{size}-{dtype}.safetensors"
+    if not path.exists():
+        from safetensors.numpy import save_file
+
+        from fastfuse.demo import whisper_checkpoint
+
+        temp = path.with_suffix(".partial")
+        save_file(whisper_checkpoint(size, np_dtype(dtype)), str(temp), metadata={"format": "pt"})
+        temp.rename(path)
+    return path
+
+
+def warm_page_cache(path: Path) -> None:
+    with open(path, "rb", buffering=0) as f:
+        while f.read(64 << 20):
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Child processes: one helper for fresh-process timing, one for peak-memory sampling.
+
+def fresh(code: str, env: dict[str, str] | None = None) -> tuple[float, str]:
+    """Run ``python -c code`` in a fresh interpreter; (wall seconds, stdout). Fails loudly."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+    wall = time.perf_counter() - start
+    if done.returncode:
+        raise RuntimeError(f"child failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    return wall, done.stdout
+
+
+def _status_kb(pid: int, fields: tuple[str, ...]) -> dict[str, int]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    return {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in lines) if k in fields}
+
+
+def peak_rss(argv: list[str], interval: float = 0.005) -> dict[str, float]:
+    """Run ``argv``; sample its ``/proc/<pid>/status`` every ``interval`` s.
+
+    Returns the peak ``RssAnon`` seen (MB, sampled), the peak ``VmHWM`` (MB, exact: the kernel's
+    ``ru_maxrss`` from ``wait4``) and the wall time. File-backed mmap pages (reading a source map,
+    writing a destination map) are RssFile, not RssAnon: RssAnon is what the process really holds.
+    """
+    start = time.perf_counter()
+    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    rss_anon = 0
+    while True:
+        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+        if pid:
+            break
+        rss_anon = max(rss_anon, _status_kb(child.pid, ("RssAnon",)).get("RssAnon", 0))
+        time.sleep(interval)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    assert child.stderr is not None
+    if child.returncode:
+        raise RuntimeError(f"{argv[:4]} failed ({child.returncode}): {child.stderr.read()[-2000:]!r}")
+    child.stderr.close()
+    return {"seconds": time.perf_counter() - start, "rss_anon_mb": rss_anon / 1024,
+            "vm_hwm_mb": usage.ru_maxrss / 1024}
+
+
+# ---------------------------------------------------------------------------------------------
+# The numpy way of fusing (what a user writes without fastfuse) and the file operations.
+
+_Q_KEY = re.compile(r"(?:model\.)?(enc|dec)oder\.layers\.(\d+)\.self_attn\.q_proj\.weight")
+
+
+def numpy_fuse(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Self-attention QKV (weights and biases) with numpy, fastfuse's key names and layout."""
+    fused = {}
+    for key in tensors:
+        match = _Q_KEY.fullmatch(key)
+        if not match:
+            continue
+        base, name = key[: -len("q_proj.weight")], f"fused.{match[1]}.{match[2]}.self_attn.qkv"
+        weights = [tensors[f"{base}{p}_proj.weight"] for p in "qkv"]
+        fused[f"{name}.weight"] = np.ascontiguousarray(np.concatenate([w.T for w in weights], axis=1))
+        zeros = np.zeros(weights[0].shape[0], weights[0].dtype)
+        fused[f"{name}.bias"] = np.concatenate([tensors.get(f"{base}{p}_proj.bias", zeros) for p in "qkv"])
+    return fused
+
+
+def safe_open_numpy(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    return {**tensors, **numpy_fuse(tensors)}
+
+
+def _fuse_file(src: str, dst: str) -> None:
+    from fastfuse.files import fuse_file
+
+    fuse_file(src, dst, overwrite_destination=True)
+
+
+def _numpy_file(src: str, dst: str) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(src)
+    save_file({**tensors, **numpy_fuse(tensors)}, dst, metadata={"format": "pt"})
+
+
+FILE_OPS: dict[str, Callable[[str, str], Any]] = {
+    "fuse_file": _fuse_file, "copyfile": shutil.copyfile, "numpy": _numpy_file,
+}
+
+
+def file_argv(op: str, src: Path, dst: Path) -> list[str]:
+    """The command running file operation ``op`` alone in a child process (``cli``: the real CLI)."""
+    if op == "cli":
+        return [sys.executable, "-m", "fastfuse", "fuse", str(src), str(dst), "--force"]
+    code = f"import sys; sys.path.insert(0, {str(BENCH)!r}); import cases; cases.FILE_OPS[{op!r}]({str(src)!r}, {str(dst)!r})"
+    return [sys.executable, "-c", code]
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases.
+
+@dataclass(frozen=True)
+class Impl:
+    run: Callable[[], Any]                      # what is timed
+    setup: Callable[[], None] | None = None     # untimed, before each run
+    extra: Callable[[], dict[str, float]] | None = None  # measured once, untimed (e.g. peak RSS)
+    self_timed: bool = False                    # run() returns its own seconds (timed inside a child)
+
+
+@dataclass(frozen=True)
+class Group:
+    params: dict[str, tuple[str, ...]]          # parameter -> implementation names
+    build: Callable[[str, str], dict[str, Impl | None]]  # (size, param) -> impls (None: unavailable)
+    rounds: int                                 # timed runs (min of them in report.py)
+
+
+@functools.lru_cache(maxsize=1)
+def qkv_arrays(size: str, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Whole-model self-attention Q/K/V as one ``[groups, 3, d, d]`` buffer, and a zeroed
+    ``[groups, d, 3d]`` output buffer (pages touched)."""
+    from fastfuse.demo import whisper_shapes
+
+    d = next(shape[0] for key, shape in whisper_shapes(size).items() if key.endswith("self_attn.q_proj.weight"))
+    groups = sum(key.endswith("self_attn.q_proj.weight") for key in whisper_shapes(size))
+    qkv = np.random.default_rng(0).standard_normal((groups, 3, d, d), dtype=np.float32).astype(np_dtype(dtype), copy=False)
+    return qkv, np.zeros((groups, d, 3 * d), qkv.dtype)
+
+
+def _uint(a: np.ndarray) -> np.ndarray:
+    return a.view(f"u{a.dtype.itemsize}")
+
+
+def _kernel(size: str, dtype: str, threads: tuple[int, ...] = ()) -> dict[str, Impl | None]:
+    import baselines
+
+    from fastfuse.core import run_groups
+
+    qkv, out = qkv_arrays(size, dtype)
+    work = [(list(parts), fused) for parts, fused in zip(qkv, out)]
+    flat_src, flat_dst = qkv.reshape(-1).view(np.uint8), out.reshape(-1).view(np.uint8)
+
+    def fastfuse() -> list[np.ndarray]:
+        run_groups(work)
+        return list(out)
+
+    torch = baselines.torch_fuse(qkv)
+
+    impls: dict[str, Impl | None] = {
+        "fastfuse": Impl(fastfuse),
+        "memcpy": Impl(lambda: np.copyto(flat_dst, flat_src)),
+        "numpy": Impl(lambda: [np.ascontiguousarray(np.concatenate([p.T for p in parts], 1)) for parts in qkv]),
+        "serial": Impl(lambda: [baselines.original_loop(*_uint(parts)).view(qkv.dtype) for parts in qkv]),
+        "torch": Impl(torch) if torch else None,
+    }
+    for n in threads:
+        copy = (lambda: np.copyto(flat_dst, flat_src)) if n == 1 else (lambda: baselines.parallel_copy(flat_dst, flat_src))
+        impls[f"fastfuse-{n}t"] = Impl(baselines.with_threads(n, fastfuse))
+        impls[f"memcpy-{n}t"] = Impl(baselines.with_threads(n, copy))
+    return impls
+
+
+def _widen(size: str, dtype: str) -> dict[str, Impl | None]:
+    from fastfuse.core import run_groups
+
+    qkv, _ = qkv_arrays(size, dtype)
+    out = np.zeros((qkv.shape[0], qkv.shape[3], 3 * qkv.shape[2]), np.float32)
+    work = [(list(parts), fused) for parts, fused in zip(qkv, out)]
+    return {
+        "fastfuse": Impl(lambda: run_groups(work)),
+        "numpy": Impl(lambda: [np.ascontiguousarray(np.concatenate([p.astype(np.float32).T for p in parts], 1))
+                               for parts in qkv]),
+    }
+
+
+def _load(size: str, dtype: str) -> dict[str, Impl | None]:
+    import fastfuse
+    from safetensors.numpy import load_file
+
+    path = checkpoint_file(size, dtype)
+    warm_page_cache(path)
+    return {
+        "fastfuse": Impl(lambda: fastfuse.load(path)),
+        "load_file": Impl(lambda: load_file(path)),
+        "safe_open+numpy": Impl(lambda: safe_open_numpy(path)),
+    }
+
+
+def _file(size: str, dtype: str) -> dict[str, Impl | None]:
+    src = checkpoint_file(size, dtype)
+    dst = output_file()
+    warm_page_cache(src)
+
+    def setup() -> None:  # a fresh destination, nothing of ours left dirty
+        dst.unlink(missing_ok=True)
+        os.sync()
+
+    def impl(op: str) -> Impl:
+        argv = file_argv(op, src, dst)
+        if op == "cli":
+            run: Callable[[], Any] = lambda: subprocess.run(argv, check=True, capture_output=True)
+        else:
+            run = functools.partial(FILE_OPS[op], str(src), str(dst))
+
+        def extra() -> dict[str, float]:
+            setup()
+            return peak_rss(argv)
+
+        return Impl(run, setup, extra)
+
+    return {op: impl(op) for op in ("fuse_file", "cli", "copyfile", "numpy")}
+
+
+_FIRST_FUSE = """\
+import json, struct, sys, time
+raw = open({path!r}, "rb").read()
+n = struct.unpack("<Q", raw[:8])[0]
+header = json.loads(raw[8 : 8 + n]); header.pop("__metadata__", None)
+start = time.perf_counter()
+import numpy as np
+tensors = {{k: np.frombuffer(raw, "<f2", (v["data_offsets"][1] - v["data_offsets"][0]) // 2,
+                             8 + n + v["data_offsets"][0]).reshape(v["shape"]) for k, v in header.items()}}
+{fuse}
+print(time.perf_counter() - start)
+"""
+
+
+def _startup(size: str, variant: str) -> dict[str, Impl | None]:
+    if variant == "load":
+        path = checkpoint_file(size, "float16")
+        warm_page_cache(path)
+        load = f"import fastfuse; fastfuse.load({str(path)!r})"
+
+        def cold() -> float:
+            with tempfile.TemporaryDirectory(prefix="fastfuse-numba-") as empty:
+                return fresh(load, {"NUMBA_CACHE_DIR": empty})[0]
+
+        return {
+            "fastfuse": Impl(lambda: fresh(load)[0]),
+            "fastfuse-cold": Impl(cold),
+            "load_file": Impl(lambda: fresh(f"import safetensors.numpy; safetensors.numpy.load_file({str(path)!r})")[0]),
+        }
+    path = checkpoint_file(TINY, "float16")  # always whisper-tiny: this measures import + first call
+
+    def child(fuse: str) -> Impl:
+        code = _FIRST_FUSE.format(path=str(path), fuse=fuse)
+        return Impl(lambda: float(fresh(code)[1]), self_timed=True)
+
+    return {"fastfuse": child("import fastfuse; fastfuse.fuse(tensors)"), "numpy": child("")}
+
+
+KERNEL_IMPLS = ("fastfuse", "memcpy", "numpy", "serial", "torch")
+THREADS = (1, 2)
+GROUPS: dict[str, Group] = {
+    "kernel": Group({dt: KERNEL_IMPLS for dt in DTYPES}, _kernel, rounds=7),
+    "widen": Group({dt: ("fastfuse", "numpy") for dt in ("float16", "bfloat16")}, _widen, rounds=5),
+    "load": Group({"float16": ("fastfuse", "load_file", "safe_open+numpy")}, _load, rounds=5),
+    "file": Group({"float16": ("fuse_file", "cli", "copyfile", "numpy")}, _file, rounds=3),
+    "startup": Group({"load": ("fastfuse", "fastfuse-cold", "load_file"), "fuse": ("fastfuse", "numpy")},
+                     _startup, rounds=10),
+    "scaling": Group({dt: tuple(f"{impl}-{n}t" for impl in ("fastfuse", "memcpy") for n in THREADS)
+                      for dt in ("float32", "float16")},
+                     functools.partial(_kernel, threads=THREADS), rounds=7),
+}
+CASES = [(group, param, impl) for group, spec in GROUPS.items() for param, names in spec.params.items() for impl in names]
+
+
+@functools.lru_cache(maxsize=1)
+def impls(group: str, size: str, param: str) -> dict[str, Impl | None]:
+    """The implementations of one group and parameter (built once; the previous build is freed)."""
+    return GROUPS[group].build(size, param)
+
+
+def imports_numba() -> bool:
+    """Does a fresh ``import fastfuse`` import numba? (It must not: numba costs 0.2 s.)"""
+    return fresh("import sys, fastfuse; print('numba' in sys.modules)")[1].strip() == "True"
+
+
+def rounds(group: str, impl: str) -> int:
+    """Cold compiles take seconds each: fewer of them."""
+    return 3 if impl.endswith("-cold") else GROUPS[group].rounds
+
+
+def measure(impl: Impl, repeat: int) -> float:
+    """Min-of-``repeat`` seconds (wall, or the child's own timer for self-timed cases)."""
+    best = float("inf")
+    for _ in range(repeat):
+        if impl.setup:
+            impl.setup()
+        start = time.perf_counter()
+        result = impl.run()
+        best = min(best, result if impl.self_timed else time.perf_counter() - start)
+    return best

@@ -1,0 +1,69 @@
+"""Every case of ``cases.GROUPS`` as a pytest-benchmark test, plus checks that the baselines
+compute what fastfuse computes (run them alone: ``pytest bench --benchmark-disable``)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import cases
+import numpy as np
+import pytest
+
+
+@pytest.mark.parametrize(("group", "param", "name"), cases.CASES, ids=["-".join(case) for case in cases.CASES])
+def test_bench(benchmark: Any, size: str, group: str, param: str, name: str) -> None:
+    impl = cases.impls(group, size, param)[name]
+    if impl is None:
+        pytest.skip(f"{name} is not importable")
+    benchmark.group = f"{group} {param} ({size})"
+    if not benchmark.disabled:  # warm-up: JIT compile or cache load, page faults, page cache
+        if impl.setup:
+            impl.setup()
+        impl.run()
+    seen: list[Any] = []
+    benchmark.pedantic(lambda: seen.append(impl.run()), setup=impl.setup, rounds=cases.rounds(group, name))
+    if impl.self_timed:
+        benchmark.extra_info["child_timer_min_s"] = min(seen)
+    if impl.extra:
+        benchmark.extra_info.update(impl.extra())
+
+
+def _bits(array: Any) -> np.ndarray:
+    if not isinstance(array, np.ndarray):  # a torch tensor
+        import torch
+
+        array = array.view(torch.uint8).numpy()
+    return array.view(np.uint8)
+
+
+@pytest.mark.parametrize("dtype", cases.DTYPES)
+def test_kernel_baselines_agree(dtype: str) -> None:
+    impls = cases.impls("kernel", cases.TINY, dtype)
+    expected = [_bits(a).copy() for a in impls["fastfuse"].run()]
+    for name in ("numpy", "serial", "torch"):
+        impl = impls[name]
+        if impl is not None:
+            got = impl.run()
+            assert all(np.array_equal(_bits(g), e) for g, e in zip(got, expected, strict=True)), name
+
+
+def test_numpy_fusion_matches_load() -> None:
+    import fastfuse
+
+    path = cases.checkpoint_file(cases.TINY)
+    loaded, reference = fastfuse.load(path), cases.safe_open_numpy(path)
+    fused = [key for key in reference if key.startswith("fused.")]
+    assert fused and all(np.array_equal(_bits(loaded[key]), _bits(reference[key])) for key in fused)
+    assert loaded.keys() == reference.keys()
+
+
+def test_import_does_not_load_numba() -> None:
+    assert not cases.imports_numba()
+
+
+def test_peak_rss_sees_anonymous_memory() -> None:
+    """The sampler catches a 200 MB allocation held for 0.2 s."""
+    code = "import time; b = bytearray(200 << 20); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.2)"
+    peak = cases.peak_rss([sys.executable, "-c", code])
+    assert 200 <= peak["rss_anon_mb"] <= peak["vm_hwm_mb"] + 1
