@@ -27,8 +27,7 @@ def original_loop(q, k, v):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(cache=True, parallel=True)
-def _parallel_copy(dst, src):  # type: ignore[no-untyped-def]
-    chunks = numba.get_num_threads()
+def _parallel_copy(dst, src, chunks):  # type: ignore[no-untyped-def]
     step = (src.size + chunks - 1) // chunks
     for c in numba.prange(chunks):
         lo = c * step
@@ -40,7 +39,7 @@ def parallel_copy(dst: np.ndarray, src: np.ndarray) -> None:
     """memcpy split over numba's threads (one contiguous chunk each), as 8-byte words when possible."""
     if src.nbytes % 8 == 0:
         dst, src = dst.view(np.uint64), src.view(np.uint64)
-    _parallel_copy(dst, src)
+    _parallel_copy(dst, src, numba.get_num_threads())
 
 
 def with_threads(n: int, fn: Callable[[], Any]) -> Callable[[], Any]:

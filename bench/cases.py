@@ -102,28 +102,26 @@ def _status_kb(pid: int, fields: tuple[str, ...]) -> dict[str, int]:
 
 
 def peak_rss(argv: list[str], interval: float = 0.005) -> dict[str, float]:
-    """Run ``argv``; sample its ``/proc/<pid>/status`` every ``interval`` s.
+    """Run ``argv``, sampling its ``/proc/<pid>/status`` every ``interval`` s from this process.
 
-    Returns the peak ``RssAnon`` seen (MB, sampled), the peak ``VmHWM`` (MB, exact: the kernel's
-    ``ru_maxrss`` from ``wait4``) and the wall time. File-backed mmap pages (reading a source map,
-    writing a destination map) are RssFile, not RssAnon: RssAnon is what the process really holds.
+    Returns the child's wall time, peak ``RssAnon`` and ``VmHWM`` in MB (as last sampled; ``ru_maxrss``
+    is no use: Linux carries it over from the forking parent across exec). File-backed mmap pages
+    (reading a source map, writing a destination map) count in RssFile, not RssAnon: RssAnon is
+    the memory a run really takes from the machine.
     """
-    start = time.perf_counter()
-    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    rss_anon = 0
-    while True:
-        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
-        if pid:
-            break
-        rss_anon = max(rss_anon, _status_kb(child.pid, ("RssAnon",)).get("RssAnon", 0))
-        time.sleep(interval)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    assert child.stderr is not None
-    if child.returncode:
-        raise RuntimeError(f"{argv[:4]} failed ({child.returncode}): {child.stderr.read()[-2000:]!r}")
-    child.stderr.close()
-    return {"seconds": time.perf_counter() - start, "rss_anon_mb": rss_anon / 1024,
-            "vm_hwm_mb": usage.ru_maxrss / 1024}
+    peak = {"RssAnon": 0, "VmHWM": 0}
+    with tempfile.TemporaryFile() as err:  # a file, not a pipe: a chatty child never blocks
+        start = time.perf_counter()
+        child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
+        while child.poll() is None:  # /proc/<pid> stays readable until poll() reaps the child
+            for field, kb in _status_kb(child.pid, tuple(peak)).items():
+                peak[field] = max(peak[field], kb)
+            time.sleep(interval)
+        seconds = time.perf_counter() - start
+        if child.returncode:
+            err.seek(0)
+            raise RuntimeError(f"{argv[:4]} failed ({child.returncode}): {err.read()[-2000:]!r}")
+    return {"seconds": seconds, "rss_anon_mb": peak["RssAnon"] / 1024, "vm_hwm_mb": peak["VmHWM"] / 1024}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,58 +198,76 @@ class Group:
 
 
 @functools.lru_cache(maxsize=1)
-def qkv_arrays(size: str, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """Whole-model self-attention Q/K/V as one ``[groups, 3, d, d]`` buffer, and a zeroed
-    ``[groups, d, 3d]`` output buffer (pages touched)."""
+def qkv_arrays(size: str, dtype: str) -> np.ndarray:
+    """Whole-model self-attention Q/K/V (64 groups for large-v3) as one ``[groups, 3, d, d]`` buffer."""
     from fastfuse.demo import whisper_shapes
 
-    d = next(shape[0] for key, shape in whisper_shapes(size).items() if key.endswith("self_attn.q_proj.weight"))
-    groups = sum(key.endswith("self_attn.q_proj.weight") for key in whisper_shapes(size))
-    qkv = np.random.default_rng(0).standard_normal((groups, 3, d, d), dtype=np.float32).astype(np_dtype(dtype), copy=False)
-    return qkv, np.zeros((groups, d, 3 * d), qkv.dtype)
+    shapes = [shape for key, shape in whisper_shapes(size).items() if key.endswith("self_attn.q_proj.weight")]
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((len(shapes), 3, *shapes[0]), dtype=np.float32).astype(np_dtype(dtype), copy=False)
+
+
+def _fastfuse(qkv: np.ndarray, out_dtype: Any) -> tuple[np.ndarray, Callable[[], list[np.ndarray]]]:
+    """A ``[groups, d, 3d]`` output (pages touched) and fastfuse filling all of it in one ``run_groups`` call."""
+    from fastfuse.core import run_groups
+
+    groups, _, rows, cols = qkv.shape
+    out = np.full((groups, cols, 3 * rows), 0, out_dtype)
+    work = [(list(parts), fused) for parts, fused in zip(qkv, out)]
+
+    def fuse() -> list[np.ndarray]:
+        run_groups(work)
+        return list(out)
+
+    return out, fuse
+
+
+def _copy(out: np.ndarray, qkv: np.ndarray, threads: int = 1) -> Callable[[], Any]:
+    """memcpy of the input bytes into ``out``: np.copyto, or a numba prange copy for several threads."""
+    dst, src = out.reshape(-1).view(np.uint8), qkv.reshape(-1).view(np.uint8)
+    if threads == 1:
+        return lambda: np.copyto(dst, src)
+    import baselines
+
+    return lambda: baselines.parallel_copy(dst, src)
 
 
 def _uint(a: np.ndarray) -> np.ndarray:
     return a.view(f"u{a.dtype.itemsize}")
 
 
-def _kernel(size: str, dtype: str, threads: tuple[int, ...] = ()) -> dict[str, Impl | None]:
+def _kernel(size: str, dtype: str) -> dict[str, Impl | None]:
     import baselines
 
-    from fastfuse.core import run_groups
-
-    qkv, out = qkv_arrays(size, dtype)
-    work = [(list(parts), fused) for parts, fused in zip(qkv, out)]
-    flat_src, flat_dst = qkv.reshape(-1).view(np.uint8), out.reshape(-1).view(np.uint8)
-
-    def fastfuse() -> list[np.ndarray]:
-        run_groups(work)
-        return list(out)
-
+    qkv = qkv_arrays(size, dtype)
+    out, fuse = _fastfuse(qkv, qkv.dtype)
     torch = baselines.torch_fuse(qkv)
-
-    impls: dict[str, Impl | None] = {
-        "fastfuse": Impl(fastfuse),
-        "memcpy": Impl(lambda: np.copyto(flat_dst, flat_src)),
+    return {
+        "fastfuse": Impl(fuse),
+        "memcpy": Impl(_copy(out, qkv)),
         "numpy": Impl(lambda: [np.ascontiguousarray(np.concatenate([p.T for p in parts], 1)) for parts in qkv]),
         "serial": Impl(lambda: [baselines.original_loop(*_uint(parts)).view(qkv.dtype) for parts in qkv]),
         "torch": Impl(torch) if torch else None,
     }
-    for n in threads:
-        copy = (lambda: np.copyto(flat_dst, flat_src)) if n == 1 else (lambda: baselines.parallel_copy(flat_dst, flat_src))
-        impls[f"fastfuse-{n}t"] = Impl(baselines.with_threads(n, fastfuse))
-        impls[f"memcpy-{n}t"] = Impl(baselines.with_threads(n, copy))
+
+
+def _scaling(size: str, dtype: str) -> dict[str, Impl | None]:
+    from baselines import with_threads
+
+    qkv = qkv_arrays(size, dtype)
+    out, fuse = _fastfuse(qkv, qkv.dtype)
+    impls: dict[str, Impl | None] = {}
+    for n in THREADS:
+        impls[f"fastfuse-{n}t"] = Impl(with_threads(n, fuse))
+        impls[f"memcpy-{n}t"] = Impl(with_threads(n, _copy(out, qkv, n)))
     return impls
 
 
 def _widen(size: str, dtype: str) -> dict[str, Impl | None]:
-    from fastfuse.core import run_groups
-
-    qkv, _ = qkv_arrays(size, dtype)
-    out = np.zeros((qkv.shape[0], qkv.shape[3], 3 * qkv.shape[2]), np.float32)
-    work = [(list(parts), fused) for parts, fused in zip(qkv, out)]
+    qkv = qkv_arrays(size, dtype)
+    _, fuse = _fastfuse(qkv, np.float32)
     return {
-        "fastfuse": Impl(lambda: run_groups(work)),
+        "fastfuse": Impl(fuse),
         "numpy": Impl(lambda: [np.ascontiguousarray(np.concatenate([p.astype(np.float32).T for p in parts], 1))
                                for parts in qkv]),
     }
@@ -344,7 +360,7 @@ GROUPS: dict[str, Group] = {
                      _startup, rounds=10),
     "scaling": Group({dt: tuple(f"{impl}-{n}t" for impl in ("fastfuse", "memcpy") for n in THREADS)
                       for dt in ("float32", "float16")},
-                     functools.partial(_kernel, threads=THREADS), rounds=7),
+                     _scaling, rounds=7),
 }
 CASES = [(group, param, impl) for group, spec in GROUPS.items() for param, names in spec.params.items() for impl in names]
 

@@ -10,6 +10,7 @@ Generated checkpoints are cached in ``$FASTFUSE_BENCH_CACHE`` (default ``.bench-
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -19,3 +20,12 @@ def size(pytestconfig: pytest.Config) -> str:
     measuring = not (pytestconfig.getoption("benchmark_disable") or pytestconfig.getoption("benchmark_skip"))
     measuring = measuring or pytestconfig.getoption("benchmark_enable")
     return os.environ.get("FASTFUSE_BENCH_SIZE") or ("large-v3" if measuring else "tiny")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_output() -> Iterator[None]:
+    """File-to-file cases leave their last output (up to 3.7 GB) in the cache: remove it."""
+    yield
+    import cases
+
+    cases.output_file().unlink(missing_ok=True)

@@ -64,7 +64,7 @@ def run(groups: list[str], size: str) -> tuple[dict[tuple[str, str, str], float]
         times[group, param, name] = cases.measure(impl, cases.rounds(group, name))
         if impl.extra:
             extras[group, param, name] = impl.extra()
-        print(f" {times[group, param, name]:.4f} s {extras.get((group, param, name), '')}", file=sys.stderr)
+        print(f" {times[group, param, name]:.4f} s", file=sys.stderr)
     return times, extras
 
 
@@ -85,7 +85,7 @@ def rows(times: dict[Any, float], extras: dict[Any, dict[str, float]], groups: l
             x, y = extras[a]["rss_anon_mb"], extras[b]["rss_anon_mb"]
             shown = [f"{x:.0f} MB", f"{y:.0f} MB", f"{x / y:.1f}x"]
             met = x < value
-            goal = f"< {value:.0f} MB"
+            goal = f"< {value:.0f} MB" if target else ""
         else:
             if a not in times or b not in times:
                 lines.append(f"| {label} | {_seconds(times[a]) if a in times else 'n/a'} | n/a | | | |")
@@ -108,7 +108,7 @@ def machine() -> str:
     import numba
     import numpy
 
-    return (f"{datetime.date.today()} · {model} · nproc {os.cpu_count()} · Python {platform.python_version()} · "
+    return (f"{datetime.date.today()} · {model} · nproc {os.cpu_count()} · load average {os.getloadavg()[0]:.2f} · Python {platform.python_version()} · "
             f"numpy {numpy.__version__} · numba {numba.__version__}")
 
 
@@ -121,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(groups) - set(cases.GROUPS)
     if unknown:
         parser.error(f"unknown group(s) {sorted(unknown)}; choose from {list(cases.GROUPS)}")
+    before = machine()
     times, extras = run(groups, args.size)
-    print(f"whisper {args.size} · {machine()}\n")
+    print(f"whisper {args.size} · {before} (at start; {os.getloadavg()[0]:.2f} at the end)\n")
     print("\n".join(rows(times, extras, groups)))
     if extras:
         print("\nfile-to-file children (one run each): " + "; ".join(

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Protocol, Union
+from collections.abc import Mapping
+from typing import Any, Protocol, TypedDict, Union
 
 import numpy as np
 
@@ -19,3 +20,21 @@ class TensorLike(Protocol):
 
     @property
     def dtype(self) -> np.dtype[Any]: ...
+
+
+class FuseKwargs(TypedDict, total=False):
+    """The keyword options of ``plan``, ``fuse``, ``load`` and ``fuse_file`` (see ``fastfuse.plan``)."""
+
+    cross_kv: bool
+    logits: bool
+    convert: bool
+    keep_originals: bool
+    dtype: DTypeLike | None
+    scheme: str
+    names: Mapping[str, str] | None
+    overwrite: bool
+    layout: str
+    tp: int
+    rank: int | None
+    heads: int | None
+    kv_heads: int | None

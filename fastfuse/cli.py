@@ -66,7 +66,8 @@ def _print_plan(fusion: Any, stream: Any = None) -> None:
 
 
 def _cmd_fuse(args: argparse.Namespace) -> int:
-    from .files import fuse_file, open_checkpoint
+    from .checkpoint import open_checkpoint
+    from .files import fuse_file
 
     options = _options(args) | {"keep_originals": not args.drop_originals}
     total = sum(h.file_size for h in open_checkpoint(args.src).headers)
@@ -82,8 +83,8 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .checkpoint import open_checkpoint
     from .core import plan
-    from .files import open_checkpoint
 
     checkpoint = open_checkpoint(args.file)
     fusion = plan(args.file, overwrite=True, **_options(args))

@@ -17,76 +17,69 @@ import numpy as np
 from ._dtypes import WIDENINGS as _WIDENINGS
 from ._dtypes import check_movable, result_dtype
 from .errors import DtypeMismatchError, FuseError, ShapeMismatchError
-from .plan import Plan, make_plan
+from .plan import FusedTensor, FuseOptions, Plan, make_plan
 
 if TYPE_CHECKING:
-    from ._typing import DTypeLike, PathLike, TensorLike
+    from typing_extensions import Unpack
+
+    from ._typing import DTypeLike, FuseKwargs, PathLike, TensorLike
 
 __all__ = ["transpose_concat", "plan", "fuse", "execute", "run_groups"]
 
 Group = tuple[Sequence[np.ndarray], np.ndarray]
 
 
-def plan(
-    tensors: Mapping[str, TensorLike] | PathLike,
-    *,
-    cross_kv: bool = False,
-    logits: bool = False,
-    keep_originals: bool = True,
-    dtype: DTypeLike | None = None,
-    scheme: str = "auto",
-    names: Mapping[str, str] | None = None,
-    overwrite: bool = False,
-) -> Plan:
+def plan(tensors: Mapping[str, TensorLike] | PathLike, **options: Unpack[FuseKwargs]) -> Plan:
     """Validate a checkpoint and describe what fusing it does, computing nothing.
 
     Args:
         tensors: name -> array (anything with ``.shape`` and ``.dtype``), or the path of a
-            ``.safetensors`` file, a sharded index or a folder (only headers are read).
+            ``.safetensors`` file, a sharded index or a folder (only headers are read; head
+            counts for ``tp`` may come from a ``config.json`` beside it).
         cross_kv: also fuse decoder cross-attention K and V (``fused.dec.{i}.encoder_attn.kv``).
         logits: also write the tied output projection ``[d, vocab]`` (``fused.dec.logits``).
-        keep_originals: keep the source tensors beside the fused ones.
+        convert: for checkpoints stored already fused (Phi-3, GPT-2): write them in ``layout``.
+        keep_originals: keep the source tensors beside the fused ones (default True).
         dtype: output dtype; ``None`` keeps the input's, ``"float32"`` widens f16/bf16.
         scheme: ``"auto"`` (detect from the keys) or a name from ``fastfuse.rules.SCHEMES``.
         names: per-group fused key templates, e.g. ``{"encoder_qkv": "enc.{i}.qkv.{kind}"}``.
         overwrite: allow replacing fused keys the input already holds.
+        layout: ``"in_out"`` (default, ``[in, sum(out)]`` for ``x @ W``) or ``"out_in"``
+            (``[sum(out), in]`` for ``F.linear(x, W)``, as vLLM and CTranslate2 keep it).
+        tp: tensor-parallel ranks; each rank's fused tensor holds its q heads, its kv heads
+            (replicated when there are fewer kv heads than ranks) and its MLP rows.
+        rank: plan only this rank (``fuse`` needs one when ``tp > 1``).
+        heads, kv_heads: attention head counts, needed to split attention for ``tp > 1``.
 
     Raises:
         FuseError (and subclasses), naming the key, the expected and the found value.
     """
+    settings = FuseOptions.from_kwargs(options)
     if isinstance(tensors, (str, os.PathLike)):
-        from .files import read_metadata
+        from .checkpoint import open_checkpoint
 
-        tensors = read_metadata(tensors)
+        checkpoint = open_checkpoint(tensors)
+        return make_plan(checkpoint.metas(), checkpoint.with_config(settings))
     if not isinstance(tensors, Mapping):
         raise FuseError(f"expected a mapping of name -> array or a path, found {type(tensors).__name__}")
-    return make_plan(tensors, cross_kv=cross_kv, logits=logits, keep_originals=keep_originals, dtype=dtype,
-                     scheme=scheme, names=names, overwrite=overwrite)
+    return make_plan(tensors, settings)
 
 
-def fuse(
-    tensors: Mapping[str, np.ndarray],
-    *,
-    cross_kv: bool = False,
-    logits: bool = False,
-    keep_originals: bool = True,
-    dtype: DTypeLike | None = None,
-    scheme: str = "auto",
-    names: Mapping[str, str] | None = None,
-    overwrite: bool = False,
-) -> dict[str, np.ndarray]:
+def fuse(tensors: Mapping[str, np.ndarray], **options: Unpack[FuseKwargs]) -> dict[str, np.ndarray]:
     """Return a new dict: the originals (same array objects, unless dropped) plus fused tensors.
 
-    Options as in :func:`plan`. The input mapping is not modified. All groups are filled by one
-    parallel kernel call; see :func:`transpose_concat` for the layout.
+    Options as in :func:`plan`; with ``tp > 1`` pass the ``rank`` to build. The input mapping is
+    not modified. All groups are filled by one parallel kernel call; see
+    :func:`transpose_concat` for the layout.
 
     >>> import numpy as np, fastfuse
     >>> sd = {f"model.encoder.layers.0.self_attn.{p}_proj.weight": np.eye(2, dtype=np.float32) for p in "qkv"}
     >>> fastfuse.fuse(sd, keep_originals=False)["fused.enc.0.self_attn.qkv.weight"].shape
     (2, 6)
     """
-    fusion = plan(tensors, cross_kv=cross_kv, logits=logits, keep_originals=keep_originals, dtype=dtype,
-                  scheme=scheme, names=names, overwrite=overwrite)
+    fusion = plan(tensors, **options)
+    if fusion.tp > 1 and options.get("rank") is None:
+        raise FuseError(f"tp={fusion.tp}: fuse builds one rank in memory; pass rank= (or use fuse_file for all ranks)")
     fused = execute(fusion, tensors)
     result = {key: value for key, value in tensors.items() if key not in fusion.dropped and key not in fused}
     result.update(fused)
@@ -110,23 +103,29 @@ def execute(
         out = (outputs or {}).get(target.key)
         if out is None:
             out = np.empty(target.shape, target.dtype)
-        columns = out.reshape(-1, out.shape[-1]) if out.ndim == 2 else out.reshape(1, -1)
-        start = 0
-        for key, rows in zip(target.sources, target.rows):
-            part = _source_part(tensors, key, rows, target)
-            work.append(([part], columns[:, start : start + rows]))
-            start += rows
+        offset = 0
+        for key, start, rows in zip(target.sources, target.row_starts(), target.rows):
+            part = _source_part(tensors, key, start, rows, target)
+            if target.kind == "bias":
+                work.append(([part.reshape(rows, 1)], out[offset : offset + rows].reshape(1, rows)))
+            elif target.layout == "in_out":
+                work.append(([part], out[:, offset : offset + rows]))
+            else:  # out_in: rows of the part become rows of the output; the kernel writes part.T transposed
+                work.append(([part.T], out[offset : offset + rows]))
+            offset += rows
         results[target.key] = out
     run_groups(work)
     return results
 
 
-def _source_part(tensors: Mapping[str, np.ndarray], key: str | None, rows: int, target: Any) -> np.ndarray:
-    """The 2-D part a source contributes: a weight as is, a bias as ``[rows, 1]``, or zeros."""
+def _source_part(tensors: Mapping[str, np.ndarray], key: str | None, start: int, rows: int, target: FusedTensor) -> np.ndarray:
+    """Rows ``start:start+rows`` of a source as ``[rows, in]`` (a bias: ``[rows]``), or zeros."""
     if key is None:
-        return np.zeros((rows, 1), target.dtype)
+        return np.zeros(rows, target.dtype)
     array = np.asarray(tensors[key])  # the planner checked it is array-like with a numpy dtype
-    return array if target.kind == "weight" else array.reshape(rows, 1)
+    if target.transposed and target.kind == "weight":
+        array = array.T
+    return array[start : start + rows]
 
 def transpose_concat(
     parts: Sequence[np.ndarray],

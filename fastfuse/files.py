@@ -11,113 +11,44 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import st_format
 from ._dtypes import as_dtype
 from ._typing import PathLike
+from .checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from .core import execute, transpose_concat
 from .errors import FuseError, MalformedFileError, MissingTensorError
-from .plan import LAYOUT, FusedTensor, Plan, make_plan
+from .plan import FusedTensor, FuseOptions, Plan, make_plan
 
-__all__ = ["load", "fuse_file", "verify", "unfuse", "read_metadata", "Checkpoint"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
+    from ._typing import FuseKwargs
+
+__all__ = ["load", "fuse_file", "verify", "unfuse", "parse_size"]
+
 META_PREFIX = "fastfuse."
+TP_INDEX_NAME = "tensor_parallel.json"
 Progress = Callable[[int], None]
+Entry = tuple[str, "np.dtype[Any]", tuple[int, ...]]  # name, dtype, shape of one output tensor
+Fill = Callable[[st_format.AtomicWriter, dict[str, tuple[int, int]]], None]
 
 
-@dataclass(frozen=True)
-class _Meta:
-    """Shape and dtype of a tensor known from a header only (what planning needs)."""
-
-    shape: tuple[int, ...]
-    dtype: np.dtype[Any]
+def _settings(checkpoint: Checkpoint, options: Mapping[str, Any]) -> FuseOptions:
+    return checkpoint.with_config(FuseOptions.from_kwargs(options))
 
 
-@dataclass(frozen=True)
-class Checkpoint:
-    """A checkpoint on disk: its shard files, each tensor's header entry and shard."""
-
-    path: Path
-    index: Path | None
-    headers: tuple[st_format.Header, ...]
-    location: dict[str, tuple[int, st_format.TensorInfo]]  # key -> (shard number, header entry)
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        """The first shard's ``__metadata__`` (shards of one checkpoint share it)."""
-        return dict(self.headers[0].metadata or {})
-
-    def metas(self) -> dict[str, _Meta]:
-        return {
-            key: _Meta(info.shape, st_format.dtype_of(info.dtype)) for key, (_, info) in self.location.items()
-        }
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        """Read-only zero-copy views of every tensor, in shard then header order."""
-        arrays: dict[str, np.ndarray] = {}
-        for header in self.headers:
-            arrays.update(st_format.map_tensors(header))
-        return arrays
-
-
-def open_checkpoint(path: PathLike) -> Checkpoint:
-    """Resolve ``path`` (a file, an index, or a folder holding either) and read every header.
-
-    Raises MalformedFileError for a bad file or index, a key held by two shards, or an index
-    naming a key its shard does not hold; FuseError for a path that is not a checkpoint.
-    """
-    path = Path(path)
-    if path.is_dir():
-        candidates = [path / INDEX_NAME, path / SINGLE_NAME]
-        found = [c for c in candidates if c.exists()] or sorted(path.glob("*.safetensors"))
-        if len(found) != 1 and not (found and found[0].name in (INDEX_NAME, SINGLE_NAME)):
-            raise FuseError(
-                f"{path}: expected {INDEX_NAME}, {SINGLE_NAME} or exactly one .safetensors file in the folder, "
-                f"found {len(found)}"
-            )
-        path = found[0]
-    if path.name.endswith(".json"):
-        weight_map = st_format.read_index(path)
-        shards = list(dict.fromkeys(weight_map.values()))
-        headers = tuple(st_format.read_header(shard) for shard in shards)
-        index: Path | None = path
-    else:
-        weight_map = None
-        headers = (st_format.read_header(path),)
-        index = None
-    location: dict[str, tuple[int, st_format.TensorInfo]] = {}
-    for number, header in enumerate(headers):
-        for key, info in header.tensors.items():
-            if key in location:
-                other = headers[location[key][0]].path
-                raise MalformedFileError(f"tensor {key!r} is in two shards: {other} and {header.path}")
-            location[key] = (number, info)
-    if weight_map is not None:
-        for key, shard in weight_map.items():
-            if key not in location or os.path.abspath(headers[location[key][0]].path) != os.path.abspath(shard):
-                raise MalformedFileError(f"{index}: weight_map names {key!r} in {shard}, which does not hold it")
-    return Checkpoint(path, index, headers, location)
-
-
-def read_metadata(path: PathLike) -> dict[str, _Meta]:
-    """Shapes and dtypes of every tensor of a checkpoint, from its headers alone."""
-    return open_checkpoint(path).metas()
-
-
-def load(path: PathLike, **options: Any) -> dict[str, np.ndarray]:
+def load(path: PathLike, **options: Unpack[FuseKwargs]) -> dict[str, np.ndarray]:
     """Load a checkpoint for inference: originals zero-copy, fused tensors computed.
 
     Args:
         path: a ``.safetensors`` file, a sharded index, or a folder holding either.
-        **options: as for :func:`fastfuse.plan` (``cross_kv``, ``logits``, ``keep_originals``,
-            ``dtype``, ``scheme``, ``names``, ``overwrite``).
+        **options: as for :func:`fastfuse.plan`; with ``tp > 1`` pass the ``rank`` to load.
 
     Returns:
         key -> array. Originals are read-only views of a memory map (valid as long as you hold
@@ -135,49 +66,65 @@ def load(path: PathLike, **options: Any) -> dict[str, np.ndarray]:
                 f"(got {sorted(options)}) or load the original checkpoint"
             )
         return arrays
-    fusion = make_plan(checkpoint.metas(), **options)
+    settings = _settings(checkpoint, options)
+    if settings.tp > 1 and settings.rank is None:
+        raise FuseError(f"tp={settings.tp}: load builds one rank; pass rank= (or use fuse_file for all ranks)")
+    fusion = make_plan(checkpoint.metas(), settings)
     fused = execute(fusion, arrays)
     result = {key: value for key, value in arrays.items() if key not in fusion.dropped and key not in fused}
     result.update(fused)
     return result
 
 
-def _describe(fusion: Plan, source_dtypes: Mapping[str, np.dtype[Any]]) -> dict[str, str]:
+def _describe(fusion: Plan, metas: Mapping[str, Any], rank: int | None) -> dict[str, str]:
     """fastfuse's own ``__metadata__`` entries: enough for ``verify`` and ``unfuse`` to work alone."""
     from . import __version__
 
     recipe = {
-        t.key: {"sources": list(t.sources), "rows": list(t.rows), "source_dtype": source_dtypes[t.key].name}
+        t.key: {
+            "sources": list(t.sources),
+            "rows": list(t.rows),
+            "starts": list(t.row_starts()),
+            "transposed": t.transposed,
+            "source_dtype": metas[next(s for s in t.sources if s is not None)].dtype.name,
+        }
         for t in fusion.fused
     }
-    return {
+    described = {
         f"{META_PREFIX}version": __version__,
-        f"{META_PREFIX}layout": LAYOUT,
+        f"{META_PREFIX}layout": fusion.layout,
         f"{META_PREFIX}scheme": fusion.scheme,
         f"{META_PREFIX}groups": json.dumps(fusion.layers, separators=(",", ":")),
         f"{META_PREFIX}fused": json.dumps(recipe, separators=(",", ":")),
     }
+    if rank is not None:
+        described.update({f"{META_PREFIX}tp": str(fusion.tp), f"{META_PREFIX}rank": str(rank)})
+    return described
 
 
 def recorded_plan(metadata: Mapping[str, str], metas: Mapping[str, Any], path: object) -> tuple[Plan, dict[str, str]]:
     """Rebuild the plan a fastfuse-written file records; also the source dtype of each fused key."""
+    layout = metadata.get(f"{META_PREFIX}layout", "in_out")
     try:
         recipe = json.loads(metadata[f"{META_PREFIX}fused"])
         fused = []
         for key, entry in recipe.items():
             meta = metas[key]
-            sources = tuple(entry["sources"])
             kind = "weight" if len(meta.shape) == 2 else "bias"
-            fused.append(FusedTensor(key, "recorded", None, kind, sources, tuple(entry["rows"]), tuple(meta.shape), meta.dtype))
+            fused.append(FusedTensor(
+                key, "recorded", None, kind, tuple(entry["sources"]), tuple(entry["rows"]), tuple(meta.shape),
+                meta.dtype, tuple(entry["starts"]), bool(entry["transposed"]), layout,
+            ))
         dtypes = {key: entry["source_dtype"] for key, entry in recipe.items()}
+        options = FuseOptions(layout=layout, tp=int(metadata.get(f"{META_PREFIX}tp", "1")))
     except (KeyError, TypeError, ValueError) as exc:
         raise MalformedFileError(
             f"{path}: no valid fastfuse recipe in __metadata__ ({exc.__class__.__name__}: {exc}); "
             "was it written by `fastfuse fuse`?"
         ) from None
-    if metadata.get(f"{META_PREFIX}layout", LAYOUT) != LAYOUT:
-        raise MalformedFileError(f"{path}: layout {metadata[f'{META_PREFIX}layout']!r} is not supported; expected {LAYOUT!r}")
-    return Plan(metadata.get(f"{META_PREFIX}scheme", "recorded"), "", None, {}, tuple(fused)), dtypes
+    fusion = Plan(metadata.get(f"{META_PREFIX}scheme", "recorded"), "", None, {}, tuple(fused),
+                  layout=options.layout, tp=options.tp)
+    return fusion, dtypes
 
 
 def _check_destination(sources: Iterable[PathLike], dst: Path) -> None:
@@ -186,14 +133,7 @@ def _check_destination(sources: Iterable[PathLike], dst: Path) -> None:
             raise FuseError(f"destination {dst} is the source file; write to a new path")
 
 
-def _write(
-    dst: Path,
-    entries: list[tuple[str, np.dtype[Any], tuple[int, ...]]],
-    metadata: Mapping[str, str],
-    fill: Callable[[st_format.AtomicWriter, dict[str, tuple[int, int]]], None],
-    *,
-    overwrite: bool,
-) -> None:
+def _write(dst: Path, entries: list[Entry], metadata: Mapping[str, str], fill: Fill, *, overwrite: bool) -> None:
     """Lay out ``entries`` in a new safetensors file at ``dst`` and let ``fill`` write the data."""
     outputs = [st_format.OutputTensor(name, dtype, shape) for name, dtype, shape in entries]
     prefix, offsets = st_format.layout(outputs, metadata)
@@ -222,23 +162,23 @@ def _copy_originals(
 def parse_size(text: str | int) -> int:
     """Bytes from ``"5GB"``, ``"500MB"``, ``"2GiB"`` or an integer (as transformers reads sizes)."""
     if isinstance(text, int):
-        return text
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    number = text.strip().upper().rstrip("BIKMGT")
-    unit = text.strip().upper()[len(number):]
-    try:
-        size = int(float(number) * units[unit])
-    except (KeyError, ValueError):
-        raise FuseError(f"max shard size {text!r}: expected bytes like 5GB, 500MB or 2GiB") from None
+        size = text
+    else:
+        units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                 "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+        number = text.strip().upper().rstrip("BIKMGT")
+        try:
+            size = int(float(number) * units[text.strip().upper()[len(number):]])
+        except (KeyError, ValueError):
+            raise FuseError(f"max shard size {text!r}: expected bytes like 5GB, 500MB or 2GiB") from None
     if size <= 0:
         raise FuseError(f"max shard size {text!r}: expected a positive size")
     return size
 
 
-def _shards(entries: list[tuple[str, np.dtype[Any], tuple[int, ...]]], limit: int) -> list[list[tuple[str, np.dtype[Any], tuple[int, ...]]]]:
+def _shards(entries: list[Entry], limit: int) -> list[list[Entry]]:
     """Split entries in order into shards of at most ``limit`` data bytes (a bigger tensor goes alone)."""
-    shards: list[list[tuple[str, np.dtype[Any], tuple[int, ...]]]] = [[]]
+    shards: list[list[Entry]] = [[]]
     size = 0
     for entry in entries:
         nbytes = int(np.prod(entry[2], dtype=np.int64)) * entry[1].itemsize
@@ -258,35 +198,64 @@ def fuse_file(
     max_shard_size: int | str | None = None,
     single_file: bool = False,
     progress: Progress | None = None,
-    **options: Any,
+    **options: Unpack[FuseKwargs],
 ) -> Plan:
     """Fuse a checkpoint file to a new file, streaming through memory maps, atomically.
 
     ``src``: a ``.safetensors`` file, an index or a folder. ``dst``: the new ``.safetensors``
-    file; or, for a sharded output, the folder that receives ``model-0000k-of-0000n.safetensors``
-    and ``model.safetensors.index.json``. A sharded input gives a sharded output (shards of at
-    most ``max_shard_size`` bytes, default the largest input shard) unless ``single_file``;
-    ``max_shard_size`` shards a single-file input too. ``overwrite_destination`` allows replacing
-    existing files (CLI ``--force``). ``options`` as for :func:`fastfuse.plan`; the input's
-    ``__metadata__`` is kept and fastfuse adds its recipe (``fastfuse.*`` keys). ``progress`` is
-    called with byte counts as data is written. Returns the plan that was executed.
+    file; or a folder, for a sharded output (``model-0000k-of-0000n.safetensors`` and
+    ``model.safetensors.index.json``) or a tensor-parallel one (``rank-k-of-n.safetensors``
+    per rank, each complete on its own, and ``tensor_parallel.json``). A sharded input gives a
+    sharded output (shards of at most ``max_shard_size`` bytes, default the largest input
+    shard) unless ``single_file``; ``max_shard_size`` shards a single-file input too.
+    ``overwrite_destination`` allows replacing existing files (CLI ``--force``). ``options``
+    as for :func:`fastfuse.plan`; the input's ``__metadata__`` is kept and fastfuse adds its
+    recipe (``fastfuse.*`` keys). ``progress`` is called with byte counts as data is written.
+    Returns the plan that was executed.
 
     Everything is validated before anything is created; on any error, no destination file is
-    changed. Each file is atomic; a sharded output's index is written last.
+    changed. Each file is atomic; an index is written last.
     """
     checkpoint = open_checkpoint(src)
     destination = Path(dst)
     _check_destination((h.path for h in checkpoint.headers), destination)
     metas = checkpoint.metas()
-    fusion = make_plan(metas, **options)
-    fused = {t.key: t for t in fusion.fused}
-    kept = [key for key in metas if key not in fusion.dropped and key not in fused]
-    entries = [(key, metas[key].dtype, metas[key].shape) for key in kept]
-    entries += [(t.key, t.dtype, t.shape) for t in fusion.fused]
-    source_dtypes = {t.key: metas[next(s for s in t.sources if s is not None)].dtype for t in fusion.fused}
-    metadata = {k: v for k, v in checkpoint.metadata.items() if not k.startswith(META_PREFIX)}
-    metadata.update(_describe(fusion, source_dtypes))
+    fusion = make_plan(metas, _settings(checkpoint, options))
+    if fusion.tp > 1 and max_shard_size is not None:
+        raise FuseError("tp and max_shard_size do not combine: each rank is written as one file")
     arrays = checkpoint.arrays()
+    base = {k: v for k, v in checkpoint.metadata.items() if not k.startswith(META_PREFIX)}
+    ranks = sorted({t.rank for t in fusion.fused}, key=lambda r: -1 if r is None else r) or [None]
+    jobs = []
+    for rank in ranks:
+        part = fusion.for_rank(rank)
+        fused_keys = {t.key for t in part.fused}
+        kept = [key for key in metas if key not in fusion.dropped and key not in fused_keys]
+        entries = [(key, metas[key].dtype, metas[key].shape) for key in kept] + [(t.key, t.dtype, t.shape) for t in part.fused]
+        jobs.append((rank, entries, {**base, **_describe(part, metas, rank)}, _filler(checkpoint, arrays, part, kept, progress)))
+    if fusion.tp > 1:
+        names = [f"rank-{rank}-of-{fusion.tp}.safetensors" for rank, *_ in jobs]
+        index = {"tp": fusion.tp, "layout": fusion.layout, "ranks": names}
+        _write_folder(destination, [(name, *job[1:]) for name, job in zip(names, jobs)], TP_INDEX_NAME, index,
+                      overwrite=overwrite_destination)
+        return fusion
+    (_, entries, metadata, fill), = jobs
+    if single_file or (checkpoint.index is None and max_shard_size is None):
+        _write(destination, entries, metadata, fill, overwrite=overwrite_destination)
+        return fusion
+    limit = parse_size(max_shard_size) if max_shard_size is not None else max(h.file_size for h in checkpoint.headers)
+    shards = _shards(entries, limit)
+    names = [f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors" for n in range(len(shards))]
+    total = sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for _, dtype, shape in entries)
+    weight_map = dict(sorted((key, name) for name, shard in zip(names, shards) for key, _, _ in shard))
+    index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
+    _write_folder(destination, [(name, shard, metadata, fill) for name, shard in zip(names, shards)], INDEX_NAME, index,
+                  overwrite=overwrite_destination)
+    return fusion
+
+
+def _filler(checkpoint: Checkpoint, arrays: Mapping[str, np.ndarray], fusion: Plan, kept: list[str], progress: Progress | None) -> Fill:
+    """Fill one output file: copy the kept originals it holds, then run the kernel into its map."""
 
     def fill(writer: st_format.AtomicWriter, offsets: dict[str, tuple[int, int]]) -> None:
         _copy_originals(writer, offsets, checkpoint, [key for key in kept if key in offsets], progress)
@@ -296,46 +265,36 @@ def fuse_file(
         if progress:
             progress(sum(t.nbytes for t in targets))
 
-    sharded = not single_file and (checkpoint.index is not None or max_shard_size is not None)
-    if not sharded:
-        _write(destination, entries, metadata, fill, overwrite=overwrite_destination)
-        return fusion
-    limit = parse_size(max_shard_size) if max_shard_size is not None else max(h.file_size for h in checkpoint.headers)
-    _write_sharded(destination, _shards(entries, limit), metadata, fill, overwrite=overwrite_destination)
-    return fusion
+    return fill
 
 
-def _write_sharded(
+def _write_folder(
     folder: Path,
-    shards: list[list[tuple[str, np.dtype[Any], tuple[int, ...]]]],
-    metadata: Mapping[str, str],
-    fill: Callable[[st_format.AtomicWriter, dict[str, tuple[int, int]]], None],
+    files: list[tuple[str, list[Entry], Mapping[str, str], Fill]],
+    index_name: str,
+    index: Mapping[str, Any],
     *,
     overwrite: bool,
 ) -> None:
-    """Write shards into ``folder`` (created if its parent exists), then the index, each atomically."""
+    """Write several files into ``folder`` (created if its parent exists), then the index, each atomically."""
     if folder.exists() and not folder.is_dir():
-        raise FuseError(f"{folder}: a sharded output needs a folder, and this is a file")
+        raise FuseError(f"{folder}: this output is a folder of files, and {folder} is a file")
     if not folder.parent.is_dir():
         raise FuseError(f"{folder}: destination folder {folder.parent} does not exist")
-    names = [f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors" for n in range(len(shards))]
-    index_path = folder / INDEX_NAME
-    for path in [index_path, *(folder / name for name in names)]:
+    paths = [folder / index_name, *(folder / name for name, *_ in files)]
+    for path in paths:
         if path.exists() and not overwrite:
             raise FuseError(f"{path}: exists; pass --force / overwrite_destination=True to replace it")
     created = not folder.exists()
     folder.mkdir(exist_ok=True)
     try:
-        for name, entries in zip(names, shards):
+        for name, entries, metadata, fill in files:
             _write(folder / name, entries, metadata, fill, overwrite=overwrite)
-        total = sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shard in shards for _, dtype, shape in shard)
-        weight_map = {key: name for name, shard in zip(names, shards) for key, _, _ in shard}
-        index = {"metadata": {"total_size": total, **metadata}, "weight_map": dict(sorted(weight_map.items()))}
-        st_format.write_bytes_atomic(index_path, json.dumps(index, indent=2).encode() + b"\n", overwrite=overwrite)
+        st_format.write_bytes_atomic(folder / index_name, json.dumps(index, indent=2).encode() + b"\n", overwrite=overwrite)
     except BaseException:
         if created:
-            for name in names:
-                (folder / name).unlink(missing_ok=True)
+            for path in paths:
+                path.unlink(missing_ok=True)
             folder.rmdir()
         raise
 
@@ -343,9 +302,15 @@ def _write_sharded(
 def verify(path: PathLike) -> list[str]:
     """Recompute every fused tensor of a fastfuse-written file from its originals.
 
-    Returns the keys whose bytes differ (empty: all bit-exact). Raises MalformedFileError if the
-    file carries no fastfuse recipe, MissingTensorError if an original was dropped.
+    ``path``: a file, an index or folder of shards, or a tensor-parallel folder (every rank is
+    checked). Returns the keys whose bytes differ (``rank-k-of-n.safetensors:key`` for ranks;
+    empty: all bit-exact). Raises MalformedFileError if the file carries no fastfuse recipe,
+    MissingTensorError if an original was dropped.
     """
+    tp_index = Path(path) / TP_INDEX_NAME if Path(path).is_dir() else None
+    if tp_index is not None and tp_index.is_file():
+        ranks = json.loads(tp_index.read_text())["ranks"]
+        return [f"{name}:{key}" for name in ranks for key in verify(Path(path) / name)]
     checkpoint = open_checkpoint(path)
     fusion, _ = recorded_plan(checkpoint.metadata, checkpoint.metas(), checkpoint.path)
     arrays = checkpoint.arrays()
@@ -366,46 +331,56 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
 def unfuse(src: PathLike, dst: PathLike, *, overwrite_destination: bool = False) -> list[str]:
     """Rebuild the original tensors of a fastfuse-written file and write them without fused keys.
 
-    Fuse then unfuse is bit-exact. Zero-filled bias parts (a missing ``k_proj.bias``) are not
-    invented. Returns the rebuilt keys. Raises FuseError for a file fused with a widening
-    ``dtype`` (unfusing would have to narrow).
+    Fuse then unfuse is bit-exact, in either layout. Zero-filled bias parts (a missing
+    ``k_proj.bias``) are not invented. Returns the rebuilt keys. Raises FuseError for a file
+    fused with a widening ``dtype`` (unfusing would have to narrow) or a tensor-parallel rank.
     """
     checkpoint = open_checkpoint(src)
     destination = Path(dst)
     _check_destination((h.path for h in checkpoint.headers), destination)
     metas = checkpoint.metas()
     fusion, source_dtypes = recorded_plan(checkpoint.metadata, metas, checkpoint.path)
-    pieces: dict[str, tuple[FusedTensor, int]] = {}
+    if fusion.tp > 1:
+        raise FuseError(f"{checkpoint.path} holds one tensor-parallel rank's slices; unfuse needs an unsplit file")
+    pieces: dict[str, tuple[FusedTensor, int, int]] = {}
     for t in fusion.fused:
         if as_dtype(source_dtypes[t.key]) != t.dtype:
-            raise FuseError(
-                f"{t.key!r} was widened from {source_dtypes[t.key]} to {t.dtype.name}; unfuse does not narrow"
-            )
+            raise FuseError(f"{t.key!r} was widened from {source_dtypes[t.key]} to {t.dtype.name}; unfuse does not narrow")
         offset = 0
         for source, rows in zip(t.sources, t.rows):
             if source is not None and source not in metas:
-                pieces[source] = (t, offset)
+                pieces[source] = (t, offset, rows)
             offset += rows
     fused_keys = {t.key for t in fusion.fused}
     kept = [key for key in metas if key not in fused_keys]
     entries = [(key, metas[key].dtype, metas[key].shape) for key in kept]
-    for source, (t, _) in pieces.items():
-        rows = t.rows[t.sources.index(source)]
-        entries.append((source, t.dtype, (rows, t.shape[0]) if t.kind == "weight" else (rows,)))
+    entries += [(source, t.dtype, _source_shape(t, rows)) for source, (t, _, rows) in pieces.items()]
     metadata = {k: v for k, v in checkpoint.metadata.items() if not k.startswith(META_PREFIX)}
 
     def fill(writer: st_format.AtomicWriter, offsets: dict[str, tuple[int, int]]) -> None:
         _copy_originals(writer, offsets, checkpoint, kept)
         arrays = checkpoint.arrays()
-        for source, (t, offset) in pieces.items():
-            rows = t.rows[t.sources.index(source)]
+        for source, (t, offset, rows) in pieces.items():
+            out = writer.view(*offsets[source], t.dtype, _source_shape(t, rows))
             fused = arrays[t.key]
-            if t.kind == "weight":
-                out = writer.view(*offsets[source], t.dtype, (rows, t.shape[0]))
-                transpose_concat([fused[:, offset : offset + rows]], out=out)
+            if t.kind == "bias":
+                out[:] = fused[offset : offset + rows]
+                continue
+            # the part as [rows, in]: a column block of an in_out tensor, a row block of out_in
+            part = fused[:, offset : offset + rows].T if t.layout == "in_out" else fused[offset : offset + rows]
+            stored = part.T if t.transposed else part
+            if stored.flags.c_contiguous:
+                out[:] = stored
             else:
-                writer.view(*offsets[source], t.dtype, (rows,))[:] = fused[offset : offset + rows]
+                transpose_concat([stored.T], out=out)
 
     _write(destination, entries, metadata, fill, overwrite=overwrite_destination)
     return list(pieces)
 
+
+def _source_shape(t: FusedTensor, rows: int) -> tuple[int, ...]:
+    """The shape a source of ``t`` had in the checkpoint (``[rows, in]``, ``[in, rows]`` or ``[rows]``)."""
+    if t.kind == "bias":
+        return (rows,)
+    width = t.shape[0] if t.layout == "in_out" else t.shape[1]
+    return (width, rows) if t.transposed else (rows, width)

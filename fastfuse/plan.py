@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -27,17 +27,63 @@ from .errors import (
     ShapeMismatchError,
 )
 
-__all__ = ["FusedTensor", "Plan", "make_plan"]
+__all__ = ["FuseOptions", "FusedTensor", "Plan", "make_plan", "LAYOUTS"]
 
-LAYOUT = "in_out"  # fused weights are [in, sum(out)], for x @ W (engines' [sum(out), in] is "out_in")
+LAYOUTS = ("in_out", "out_in")  # [in, sum(out)] for x @ W (ours); [sum(out), in] for F.linear (vLLM, CTranslate2)
+
+
+@dataclass(frozen=True)
+class FuseOptions:
+    """Every fusion option, validated once (see ``fastfuse.plan`` for their meaning)."""
+
+    cross_kv: bool = False
+    logits: bool = False
+    convert: bool = False
+    keep_originals: bool = True
+    dtype: DTypeLike | None = None
+    scheme: str = "auto"
+    names: Mapping[str, str] | None = None
+    overwrite: bool = False
+    layout: str = "in_out"
+    tp: int = 1
+    rank: int | None = None
+    heads: int | None = None
+    kv_heads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise FuseError(f"layout {self.layout!r}: expected one of {list(LAYOUTS)}")
+        if not isinstance(self.tp, int) or self.tp < 1:
+            raise FuseError(f"tp={self.tp!r}: expected a positive number of tensor-parallel ranks")
+        if self.rank is not None and not 0 <= self.rank < self.tp:
+            raise FuseError(f"rank={self.rank!r}: expected 0 <= rank < tp={self.tp}")
+        for name in ("heads", "kv_heads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise FuseError(f"{name}={value!r}: expected a positive head count")
+
+    @classmethod
+    def from_kwargs(cls, options: Mapping[str, Any]) -> FuseOptions:
+        """Options from keyword arguments; unknown names are a FuseError listing the known ones."""
+        unknown = set(options) - {f.name for f in fields(cls)}
+        if unknown:
+            raise FuseError(f"unknown option(s) {sorted(unknown)}; expected some of {[f.name for f in fields(cls)]}")
+        return cls(**options)
+
+    def ranks(self) -> tuple[int | None, ...]:
+        """The ranks to plan: all of them, one, or ``(None,)`` without tensor parallelism."""
+        if self.tp == 1:
+            return (None,)
+        return (self.rank,) if self.rank is not None else tuple(range(self.tp))
 
 
 @dataclass(frozen=True)
 class FusedTensor:
-    """One tensor the plan writes: ``sources[j]`` (``None`` = zeros) concatenated in order.
+    """One tensor the plan writes: rows ``starts[j]:starts[j]+rows[j]`` of ``sources[j]``, concatenated.
 
-    Weights: sources ``[o_j, in]`` -> ``shape == (in, sum(o_j))``. Biases: ``[o_j]`` ->
-    ``(sum(o_j),)``.
+    ``sources[j]`` is ``None`` for zeros (a missing bias). Weights: sources ``[o_j, in]``
+    (``[in, o_j]`` if ``transposed``) -> ``(in, sum(rows))``, or ``(sum(rows), in)`` in the
+    ``out_in`` layout. Biases: ``(sum(rows),)``. ``rank``: the tensor-parallel rank it is for.
     """
 
     key: str
@@ -48,10 +94,17 @@ class FusedTensor:
     rows: tuple[int, ...]
     shape: tuple[int, ...]
     dtype: np.dtype[Any]
+    starts: tuple[int, ...] = ()
+    transposed: bool = False
+    layout: str = "in_out"
+    rank: int | None = None
 
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def row_starts(self) -> tuple[int, ...]:
+        return self.starts or (0,) * len(self.sources)
 
 
 @dataclass(frozen=True)
@@ -60,10 +113,12 @@ class Plan:
 
     Attributes:
         scheme: detected or chosen scheme name; ``prefix``: its key prefix (``"model."``).
-        d: model width (``None`` if no square group was planned).
+        d: the model's input width (``None`` if nothing was planned).
         layers: layer count per planned group name.
-        fused: every output tensor, in a deterministic order (group, layer, weight, bias).
+        fused: every output tensor, in a deterministic order (group, layer, rank, weight, bias).
         dropped: source keys left out of the result (empty when originals are kept).
+        layout: ``"in_out"`` or ``"out_in"``; ``tp``: tensor-parallel ranks.
+        already_fused: the checkpoint stores fused tensors (convert them with ``convert=True``).
     """
 
     scheme: str
@@ -72,6 +127,9 @@ class Plan:
     layers: dict[str, int]
     fused: tuple[FusedTensor, ...]
     dropped: frozenset[str] = field(default_factory=frozenset)
+    layout: str = "in_out"
+    tp: int = 1
+    already_fused: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -82,6 +140,10 @@ class Plan:
     def groups(self) -> tuple[str, ...]:
         return tuple(self.layers)
 
+    def for_rank(self, rank: int | None) -> Plan:
+        """The part of the plan one tensor-parallel rank writes."""
+        return replace(self, fused=tuple(t for t in self.fused if t.rank == rank))
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready description (used by ``fastfuse inspect --json``)."""
         dtypes = sorted({t.dtype.name for t in self.fused})
@@ -90,40 +152,33 @@ class Plan:
             "prefix": self.prefix,
             "d": self.d,
             "layers": dict(self.layers),
-            "layout": LAYOUT,
+            "layout": self.layout,
+            "tp": self.tp,
+            "already_fused": self.already_fused,
             "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
             "fused_bytes": self.nbytes,
             "dropped": sorted(self.dropped),
             "fused": [
-                {"key": t.key, "group": t.group, "shape": list(t.shape), "dtype": t.dtype.name, "sources": list(t.sources)}
+                {"key": t.key, "group": t.group, "rank": t.rank, "shape": list(t.shape), "dtype": t.dtype.name,
+                 "sources": list(t.sources)}
                 for t in self.fused
             ],
         }
 
 
-def make_plan(
-    tensors: Mapping[str, TensorLike],
-    *,
-    cross_kv: bool = False,
-    logits: bool = False,
-    keep_originals: bool = True,
-    dtype: DTypeLike | None = None,
-    scheme: str = "auto",
-    names: Mapping[str, str] | None = None,
-    overwrite: bool = False,
-) -> Plan:
+def make_plan(tensors: Mapping[str, TensorLike], options: FuseOptions) -> Plan:
     """Validate ``tensors`` against a scheme and list what to fuse (see ``fastfuse.plan``)."""
-    chosen, prefix = _detect(tensors, scheme)
-    options = {"cross_kv": cross_kv, "logits": logits}
-    unknown = set(names or {}) - {g.name for g in chosen.groups}
+    chosen, prefix = _detect(tensors, options.scheme)
+    names = options.names or {}
+    unknown = set(names) - {g.name for g in chosen.groups}
     if unknown:
         raise FuseError(f"names: unknown group(s) {sorted(unknown)}; {chosen.name} has {[g.name for g in chosen.groups]}")
-    builder = _Builder(tensors, prefix, dtype)
+    builder = _Builder(tensors, prefix, options)
     layers: dict[str, int] = {}
     for rule in chosen.groups:
-        if rule.option is not None and not options[rule.option]:
+        if rule.option is not None and not getattr(options, rule.option):
             continue
-        template = (names or {}).get(rule.name, rule.fused)
+        template = names.get(rule.name, rule.fused)
         if rule.per_layer:
             count = _layer_count(tensors, rule, prefix, required=rule.option is not None)
             if count:
@@ -134,13 +189,13 @@ def make_plan(
             layers[rule.name] = 1
             builder.add_group(rule, None, template)
     fused = tuple(builder.fused)
-    _check_outputs(fused, tensors, overwrite)
-    dropped = frozenset() if keep_originals else frozenset(builder.droppable)
-    return Plan(chosen.name, prefix, builder.d, layers, fused, dropped)
+    _check_outputs(fused, tensors, options.overwrite)
+    dropped = frozenset() if options.keep_originals else frozenset(builder.droppable)
+    return Plan(chosen.name, prefix, builder.d, layers, fused, dropped, options.layout, options.tp, chosen.already_fused)
 
 
 def _detect(tensors: Mapping[str, TensorLike], scheme: str) -> tuple[rules.Scheme, str]:
-    """The (scheme, prefix) whose default groups match the most keys."""
+    """The (scheme, prefix) whose per-layer groups match the most keys."""
     if scheme == "auto":
         candidates = rules.SCHEMES
     else:
@@ -153,7 +208,7 @@ def _detect(tensors: Mapping[str, TensorLike], scheme: str) -> tuple[rules.Schem
     scores = {}
     for candidate in candidates:
         for prefix in candidate.prefixes:
-            patterns = [_regex(g.source, prefix, g.parts) for g in candidate.groups if g.per_layer and g.option is None]
+            patterns = [_regex(g.source, prefix, g.parts) for g in candidate.groups if g.per_layer]
             hits = sum(1 for key in tensors if any(p.fullmatch(key) for p in patterns))
             if hits:
                 scores[(candidate, prefix)] = hits
@@ -207,10 +262,10 @@ def _layer_count(tensors: Mapping[str, TensorLike], rule: rules.GroupRule, prefi
 
 
 class _Builder:
-    """Accumulates validated FusedTensors; holds the model-wide ``d`` and the first dtype."""
+    """Accumulates validated FusedTensors; holds the model-wide ``d`` and where it came from."""
 
-    def __init__(self, tensors: Mapping[str, TensorLike], prefix: str, dtype: DTypeLike | None) -> None:
-        self.tensors, self.prefix, self.dtype = tensors, prefix, dtype
+    def __init__(self, tensors: Mapping[str, TensorLike], prefix: str, options: FuseOptions) -> None:
+        self.tensors, self.prefix, self.options = tensors, prefix, options
         self.d: int | None = None
         self.d_key = ""
         self.fused: list[FusedTensor] = []
@@ -224,23 +279,58 @@ class _Builder:
         present = [key for key in [*weights, *biases] if key is not None]
         target = self._target_dtype(present)
         rows = tuple(shape[0] for shape in shapes)
-        for key, shape in zip(weights[1:], shapes[1:]):
-            if shape[1] != shapes[0][1]:
+        for bias, weight, n in zip(biases, weights, rows):
+            if bias is not None and tuple(self._meta(bias).shape) != (n,):
                 raise ShapeMismatchError(
-                    f"{key!r}: expected [*, {shapes[0][1]}] (the input width of {weights[0]!r}), found {list(shape)}"
+                    f"{bias!r}: expected shape [{n}] (the rows of {weight!r}), found {list(self._meta(bias).shape)}"
                 )
-        fields = {"i": layer} if layer is not None else {}
-        name = functools.partial(template.format, **fields)
-        self.fused.append(FusedTensor(name(kind="weight"), rule.name, layer, "weight", tuple(weights), rows, (shapes[0][1], sum(rows)), target))
-        if any(b is not None for b in biases):
-            for key, bias, n in zip(weights, biases, rows):
-                if bias is not None and tuple(self._meta(bias).shape) != (n,):
-                    raise ShapeMismatchError(
-                        f"{bias!r}: expected shape [{n}] (the rows of {key!r}), found {list(self._meta(bias).shape)}"
-                    )
-            self.fused.append(FusedTensor(name(kind="bias"), rule.name, layer, "bias", tuple(biases), rows, (sum(rows),), target))
+        fields_ = {"i": layer} if layer is not None else {}
+        name = functools.partial(template.format, **fields_)
+        d = shapes[0][1]
+        layout, transposed = self.options.layout, rule.transposed
+        for rank in self.options.ranks():
+            starts, counts = self._split(rule, weights, rows, rank)
+            total = sum(counts)
+            shape = (d, total) if layout == "in_out" else (total, d)
+            self.fused.append(FusedTensor(name(kind="weight"), rule.name, layer, "weight", tuple(weights), counts,
+                                          shape, target, starts, transposed, layout, rank))
+            if any(b is not None for b in biases):
+                self.fused.append(FusedTensor(name(kind="bias"), rule.name, layer, "bias", tuple(biases), counts,
+                                              (total,), target, starts, False, layout, rank))
         if rule.drop_sources:
             self.droppable.extend(present)
+
+    def _split(self, rule: rules.GroupRule, weights: list[str], rows: tuple[int, ...], rank: int | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Row ranges (starts, counts) of each part that ``rank`` owns; all rows without TP."""
+        if rank is None:
+            return (0,) * len(rows), rows
+        tp = self.options.tp
+        if not rule.split:
+            raise FuseError(f"group {rule.name} cannot be split for tp={tp}: its parts are already fused")
+        ranges = [self._rank_rows(kind, key, n, rank, tp) for kind, key, n in zip(rule.split, weights, rows)]
+        return tuple(start for start, _ in ranges), tuple(count for _, count in ranges)
+
+    def _rank_rows(self, kind: str, key: str, rows: int, rank: int, tp: int) -> tuple[int, int]:
+        """(start, count) of the rows of one part that ``rank`` of ``tp`` owns."""
+        if kind == "kv_heads":
+            heads = self.options.kv_heads or self.options.heads
+        elif kind == "heads":
+            heads = self.options.heads
+        else:
+            heads = rows  # split evenly: every row is its own unit
+        if heads is None:
+            raise FuseError(f"tp={tp} needs the attention head count to split {key!r}: pass heads= (and kv_heads= for GQA)")
+        if rows % heads:
+            raise ShapeMismatchError(f"{key!r}: {rows} rows do not divide into {heads} heads")
+        size = rows // heads
+        if heads >= tp:
+            if heads % tp:
+                unit = "rows" if kind == "rows" else "heads"
+                raise ShapeMismatchError(f"{key!r}: {heads} {unit} do not divide among tp={tp} ranks")
+            return rank * (rows // tp), rows // tp
+        if kind != "kv_heads" or tp % heads:
+            raise ShapeMismatchError(f"{key!r}: {heads} heads cannot be shared by tp={tp} ranks")
+        return (rank * heads // tp) * size, size  # fewer kv heads than ranks: replicate each
 
     def _find(self, rule: rules.GroupRule, layer: int | None, part: str) -> tuple[str, str | None]:
         """The part's weight key (first template present) and its bias key, if present."""
@@ -262,28 +352,28 @@ class _Builder:
         return value
 
     def _weight_shape(self, rule: rules.GroupRule, key: str) -> tuple[int, int]:
-        shape = tuple(int(n) for n in self._meta(key).shape)
-        if len(shape) != 2:
-            raise ShapeMismatchError(f"{key!r}: expected 2 dimensions [out, in], found shape {list(shape)}")
-        if rule.square:
-            if self.d is None:
-                self.d, self.d_key = shape[1], key
-            if shape != (self.d, self.d):
-                raise ShapeMismatchError(
-                    f"{key!r}: expected [{self.d}, {self.d}] (d of the model, from {self.d_key!r}), found {list(shape)}"
-                )
-        return (shape[0], shape[1])
+        """``[rows, in]`` of a part, checked against the model's ``d`` (``[d, d]`` if square)."""
+        stored = tuple(int(n) for n in self._meta(key).shape)
+        if len(stored) != 2:
+            layout = "[in, out]" if rule.transposed else "[out, in]"
+            raise ShapeMismatchError(f"{key!r}: expected 2 dimensions {layout}, found shape {list(stored)}")
+        rows, width = (stored[1], stored[0]) if rule.transposed else stored
+        if self.d is None:
+            self.d, self.d_key = width, key
+        expected = f"[{self.d}, {self.d}]" if rule.square else ("[{0}, *]" if rule.transposed else "[*, {0}]").format(self.d)
+        if width != self.d or (rule.square and rows != self.d):
+            raise ShapeMismatchError(f"{key!r}: expected {expected} (d of the model, from {self.d_key!r}), found {list(stored)}")
+        return rows, width
 
     def _target_dtype(self, keys: Iterable[str]) -> np.dtype[Any]:
         keys = list(keys)
         dtypes = [self._meta(k).dtype for k in keys]
         for key, dt in zip(keys, dtypes):
             check_movable(dt, repr(key))
-        if self.dtype is None and any(dt != dtypes[0] for dt in dtypes):
+        if self.options.dtype is None and any(dt != dtypes[0] for dt in dtypes):
             found = ", ".join(f"{k!r} is {dt.name}" for k, dt in zip(keys, dtypes))
             raise DtypeMismatchError(f"parts of one group must share a dtype: {found}; pass dtype= to convert")
-        targets = {result_dtype(dt, self.dtype) for dt in dtypes}
-        return targets.pop()
+        return {result_dtype(dt, self.options.dtype) for dt in dtypes}.pop()
 
 
 def _check_outputs(fused: tuple[FusedTensor, ...], tensors: Mapping[str, TensorLike], overwrite: bool) -> None:

@@ -25,13 +25,18 @@ class GroupRule:
         parts: the ``{part}`` values, in fused order (q, k, v).
         fused: template of the fused key, with ``{i}`` if ``per_layer`` and ``{kind}``.
         per_layer: the group repeats for layers ``0..n-1`` found in the keys.
-        option: ``None`` if on by default, else the keyword that turns it on
-            (``"cross_kv"``, ``"logits"``).
-        square: every part is ``[d, d]`` with the model's one ``d`` (Whisper attention).
+        option: ``None`` if on by default, else the option that turns it on (``"cross_kv"``,
+            ``"logits"``, ``"convert"`` for checkpoints that are already fused).
+        square: every part is ``[d, d]`` with the model's one ``d`` (Whisper attention); all
+            other parts need only share the model's input width ``d``.
         drop_sources: ``keep_originals=False`` may drop the sources (not for embeddings, which
             the model still needs for its token lookup).
-        alternatives: extra templates tried in order when ``source`` is absent (non-layer
-            groups only), e.g. an untied ``proj_out.weight`` before the embedding.
+        alternatives: templates tried after ``source`` when it is absent (non-layer groups),
+            e.g. the embedding when no untied ``proj_out.weight`` was saved.
+        transposed: sources are stored ``[in, out]`` (GPT-2's Conv1D), not ``[out, in]``.
+        split: how each part divides among tensor-parallel ranks: ``"heads"`` (by attention
+            heads), ``"kv_heads"`` (by key/value heads, replicated when there are fewer than
+            ranks) or ``"rows"`` (evenly). Empty: the group cannot be split.
     """
 
     name: str
@@ -40,66 +45,109 @@ class GroupRule:
     fused: str
     per_layer: bool = True
     option: str | None = None
-    square: bool = True
+    square: bool = False
     drop_sources: bool = True
     alternatives: tuple[str, ...] = ()
+    transposed: bool = False
+    split: tuple[str, ...] = ()
 
     @property
     def sources(self) -> tuple[str, ...]:
         """Templates tried in order for each part's weight."""
-        return (*self.alternatives, self.source)
+        return (self.source, *self.alternatives)
 
 
 @dataclass(frozen=True)
 class Scheme:
-    """A naming convention: prefixes it may carry, and its groups (the first one detects it)."""
+    """A naming convention: the prefixes it may carry and its groups.
+
+    ``already_fused``: the checkpoint stores fused tensors (Phi-3, GPT-2); its groups only
+    convert layouts, on request (``convert=True``).
+    """
 
     name: str
     description: str
     groups: tuple[GroupRule, ...]
     prefixes: tuple[str, ...] = ("",)
+    already_fused: bool = False
 
 
 _HF_ATTN = "{prefix}%s.layers.{i}.%s.{part}_proj.{kind}"
 _OPENAI_ATTN = "%s.blocks.{i}.%s.{part}.{kind}"
+_QKV_SPLIT = ("heads", "kv_heads", "kv_heads")
+_KV_SPLIT = ("kv_heads", "kv_heads")
 
-HF_WHISPER = Scheme(
-    name="hf-whisper",
-    description="Hugging Face transformers Whisper (WhisperForConditionalGeneration / WhisperModel)",
+
+def _whisper(name: str, description: str, source: str, parts: tuple[str, ...], kv: tuple[str, ...],
+             logits: tuple[str, ...], prefixes: tuple[str, ...], sides: tuple[str, str, str]) -> Scheme:
+    """The four Whisper groups in one naming; ``sides`` names encoder self, decoder self, cross blocks."""
+    encoder, decoder, cross = sides
+    return Scheme(
+        name=name,
+        description=description,
+        prefixes=prefixes,
+        groups=(
+            GroupRule("encoder_qkv", source % ("encoder", encoder), parts, "fused.enc.{i}.self_attn.qkv.{kind}",
+                      square=True, split=_QKV_SPLIT),
+            GroupRule("decoder_qkv", source % ("decoder", decoder), parts, "fused.dec.{i}.self_attn.qkv.{kind}",
+                      square=True, split=_QKV_SPLIT),
+            GroupRule("cross_kv", source % ("decoder", cross), kv, "fused.dec.{i}.encoder_attn.kv.{kind}",
+                      option="cross_kv", square=True, split=_KV_SPLIT),
+            GroupRule("logits", logits[0], ("",), "fused.dec.logits.{kind}", per_layer=False, option="logits",
+                      drop_sources=False, alternatives=logits[1:], split=("rows",)),
+        ),
+    )
+
+
+HF_WHISPER = _whisper(
+    "hf-whisper", "Hugging Face transformers Whisper (WhisperForConditionalGeneration / WhisperModel)",
+    _HF_ATTN, ("q", "k", "v"), ("k", "v"), ("proj_out.{kind}", "{prefix}decoder.embed_tokens.{kind}"),
+    ("model.", ""), ("self_attn", "self_attn", "encoder_attn"),
+)
+
+OPENAI_WHISPER = _whisper(
+    "openai-whisper", "openai-whisper state dict (whisper.model.Whisper)",
+    _OPENAI_ATTN, ("query", "key", "value"), ("key", "value"), ("decoder.token_embedding.{kind}",),
+    ("",), ("attn", "attn", "cross_attn"),
+)
+
+HF_DECODER = Scheme(
+    name="hf-llama",
+    description="Hugging Face decoder-only LLMs with separate projections: Llama, Mistral, Gemma, Qwen2 (q/k/v biases)",
     prefixes=("model.", ""),
     groups=(
-        GroupRule("encoder_qkv", _HF_ATTN % ("encoder", "self_attn"), ("q", "k", "v"), "fused.enc.{i}.self_attn.qkv.{kind}"),
-        GroupRule("decoder_qkv", _HF_ATTN % ("decoder", "self_attn"), ("q", "k", "v"), "fused.dec.{i}.self_attn.qkv.{kind}"),
-        GroupRule(
-            "cross_kv", _HF_ATTN % ("decoder", "encoder_attn"), ("k", "v"), "fused.dec.{i}.encoder_attn.kv.{kind}",
-            option="cross_kv",
-        ),
-        GroupRule(
-            "logits", "{prefix}decoder.embed_tokens.{kind}", ("",), "fused.dec.logits.{kind}",
-            per_layer=False, option="logits", square=False, drop_sources=False,
-            alternatives=("proj_out.{kind}",),
-        ),
+        GroupRule("qkv", "{prefix}layers.{i}.self_attn.{part}_proj.{kind}", ("q", "k", "v"),
+                  "fused.layers.{i}.self_attn.qkv.{kind}", split=_QKV_SPLIT),
+        GroupRule("gate_up", "{prefix}layers.{i}.mlp.{part}_proj.{kind}", ("gate", "up"),
+                  "fused.layers.{i}.mlp.gate_up.{kind}", split=("rows", "rows")),
     ),
 )
 
-OPENAI_WHISPER = Scheme(
-    name="openai-whisper",
-    description="openai-whisper state dict (whisper.model.Whisper)",
+HF_PHI3 = Scheme(
+    name="hf-phi3",
+    description="Hugging Face Phi-3 (qkv_proj and gate_up_proj already fused, stored [out, in])",
+    prefixes=("model.", ""),
+    already_fused=True,
     groups=(
-        GroupRule("encoder_qkv", _OPENAI_ATTN % ("encoder", "attn"), ("query", "key", "value"), "fused.enc.{i}.self_attn.qkv.{kind}"),
-        GroupRule("decoder_qkv", _OPENAI_ATTN % ("decoder", "attn"), ("query", "key", "value"), "fused.dec.{i}.self_attn.qkv.{kind}"),
-        GroupRule(
-            "cross_kv", _OPENAI_ATTN % ("decoder", "cross_attn"), ("key", "value"), "fused.dec.{i}.encoder_attn.kv.{kind}",
-            option="cross_kv",
-        ),
-        GroupRule(
-            "logits", "decoder.token_embedding.{kind}", ("",), "fused.dec.logits.{kind}",
-            per_layer=False, option="logits", square=False, drop_sources=False,
-        ),
+        GroupRule("qkv", "{prefix}layers.{i}.self_attn.qkv_proj.{kind}", ("",),
+                  "fused.layers.{i}.self_attn.qkv.{kind}", option="convert"),
+        GroupRule("gate_up", "{prefix}layers.{i}.mlp.gate_up_proj.{kind}", ("",),
+                  "fused.layers.{i}.mlp.gate_up.{kind}", option="convert"),
     ),
 )
 
-SCHEMES: tuple[Scheme, ...] = (HF_WHISPER, OPENAI_WHISPER)
+GPT2 = Scheme(
+    name="gpt2",
+    description="GPT-2 (c_attn already fused, stored [in, 3*out] by its Conv1D)",
+    prefixes=("transformer.", ""),
+    already_fused=True,
+    groups=(
+        GroupRule("qkv", "{prefix}h.{i}.attn.c_attn.{kind}", ("",), "fused.layers.{i}.self_attn.qkv.{kind}",
+                  option="convert", transposed=True),
+    ),
+)
+
+SCHEMES: tuple[Scheme, ...] = (HF_WHISPER, OPENAI_WHISPER, HF_DECODER, HF_PHI3, GPT2)
 
 
 def scheme_by_name(name: str) -> Scheme:

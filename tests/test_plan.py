@@ -152,7 +152,8 @@ ENC = "model.encoder.layers.{}.self_attn.{}_proj.{}"
          "no fusion scheme matches the 2 keys (first: 'lm_head.weight', 'x'); expected keys like: "
          "hf-whisper (model.encoder.layers.0.self_attn.q_proj.weight)"),
         ({}, {}, SchemeNotDetectedError, "no fusion scheme matches the 0 keys (first: none)"),
-        (BASE, {"scheme": "llama"}, SchemeNotDetectedError, "unknown scheme 'llama'; expected 'auto' or one of ['hf-whisper', 'openai-whisper']"),
+        (BASE, {"scheme": "llama"}, SchemeNotDetectedError,
+         "unknown scheme 'llama'; expected 'auto' or one of ['hf-whisper', 'openai-whisper', 'hf-llama', 'hf-phi3', 'gpt2']"),
         (BASE | hf_whisper_shapes(8, 3, 2, 10, prefix=""), {}, SchemeNotDetectedError,
          "ambiguous checkpoint: keys match hf-whisper with prefix 'model.', hf-whisper with prefix '' equally; pass scheme="),
         (without(BASE, *[k for k in BASE if "encoder_attn" in k]), {"cross_kv": True}, MissingTensorError,
