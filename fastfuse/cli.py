@@ -21,12 +21,9 @@ from .errors import FuseError
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "cross_kv": args.cross_kv,
-        "logits": args.logits,
-        "dtype": args.dtype,
-        "scheme": args.scheme,
-    }
+    """The fusion options given on the command line (defaults left out, so they stay the library's)."""
+    names = ("cross_kv", "logits", "convert", "dtype", "scheme", "layout", "tp", "heads", "kv_heads")
+    return {name: getattr(args, name) for name in names if getattr(args, name) not in (None, False)}
 
 
 def _human(n: float) -> str:
@@ -58,7 +55,7 @@ def _print_plan(fusion: Any, stream: Any = None) -> None:
     out = stream or sys.stdout
     layers = ", ".join(f"{name} x{count}" for name, count in fusion.layers.items()) or "none"
     dtypes = sorted({t.dtype.name for t in fusion.fused})
-    print(f"scheme   {fusion.scheme} (prefix {fusion.prefix!r})", file=out)
+    print(f"scheme   {fusion.scheme} (prefix {fusion.prefix!r}), layout {fusion.layout}" + (f", tp {fusion.tp}" if fusion.tp > 1 else ""), file=out)
     print(f"d        {fusion.d}", file=out)
     print(f"groups   {layers}", file=out)
     print(f"dtype    {', '.join(dtypes) or '-'}", file=out)
@@ -69,7 +66,7 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     from .checkpoint import open_checkpoint
     from .files import fuse_file
 
-    options = _options(args) | {"keep_originals": not args.drop_originals}
+    options = _options(args) | ({"keep_originals": False} if args.drop_originals else {})
     total = sum(h.file_size for h in open_checkpoint(args.src).headers)
     with _progress(total, "fuse", not args.quiet and not args.json) as progress:
         fusion = fuse_file(args.src, args.dst, overwrite_destination=args.force, max_shard_size=args.max_shard_size,
@@ -88,6 +85,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     checkpoint = open_checkpoint(args.file)
     fusion = plan(args.file, overwrite=True, **_options(args))
+    if fusion.already_fused and not fusion.fused:
+        print(f"note     {args.file} is stored already fused ({fusion.scheme}); --convert rewrites it in --layout",
+              file=sys.stderr)
     size = sum(h.file_size for h in checkpoint.headers)
     if args.json:
         print(json.dumps({"file": str(args.file), "tensors": len(checkpoint.location), "file_bytes": size, **fusion.to_dict()}))
@@ -151,7 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cross-kv", action="store_true", help="also fuse decoder cross-attention K,V")
         p.add_argument("--logits", action="store_true", help="also write the tied logits weight [d, vocab]")
         p.add_argument("--dtype", choices=["float32"], help="widen float16/bfloat16 to float32 while fusing")
-        p.add_argument("--scheme", default="auto", help="naming scheme (default: detect from the keys)")
+        p.add_argument("--scheme", help="naming scheme (default: detect from the keys)")
+        p.add_argument("--convert", action="store_true", help="convert an already fused checkpoint (Phi-3, GPT-2) to --layout")
+        p.add_argument("--layout", choices=["in_out", "out_in"],
+                       help="in_out: [in, sum(out)] for x @ W (default); out_in: [sum(out), in] for F.linear (vLLM, CTranslate2)")
+        p.add_argument("--tp", type=int, help="tensor-parallel ranks: write one file per rank into DST (a folder)")
+        p.add_argument("--heads", type=int, help="attention heads, to split for --tp (default: config.json beside SRC)")
+        p.add_argument("--kv-heads", type=int, help="key/value heads (GQA), to split for --tp")
 
     p = command("fuse", "fuse SRC (file, index or folder) into a new safetensors file DST")
     p.add_argument("src", help="source .safetensors file, model.safetensors.index.json, or folder")

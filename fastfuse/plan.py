@@ -377,11 +377,11 @@ class _Builder:
 
 
 def _check_outputs(fused: tuple[FusedTensor, ...], tensors: Mapping[str, TensorLike], overwrite: bool) -> None:
-    seen: set[str] = set()
+    seen: set[tuple[str, int | None]] = set()
     for t in fused:
-        if t.key in seen:
+        if (t.key, t.rank) in seen:
             raise KeyConflictError(f"two fused tensors would be called {t.key!r}; check names= (use {{i}} per layer)")
-        seen.add(t.key)
+        seen.add((t.key, t.rank))
         if t.key in tensors and not overwrite:
             raise KeyConflictError(
                 f"the input already holds {t.key!r}, a key fastfuse would write; pass overwrite=True "
