@@ -7,6 +7,7 @@ one compiled loop serves f32, f16 and bf16.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from typing import Any
 
@@ -26,20 +27,23 @@ def original_loop(q, k, v):  # type: ignore[no-untyped-def]
     return out
 
 
-@numba.njit(cache=True, parallel=True)
-def _parallel_copy(dst, src, chunks):  # type: ignore[no-untyped-def]
+_memcpy = ctypes.CDLL(None).memcpy  # libc's, the one np.copyto ends in
+_memcpy.argtypes = [ctypes.c_size_t] * 3  # addresses as integers: numba passes them as is
+_memcpy.restype = ctypes.c_size_t
+
+
+@numba.njit(parallel=True)  # not cache=True: a ctypes function pointer cannot be cached
+def _parallel_memcpy(dst, src, chunks):  # type: ignore[no-untyped-def]
     step = (src.size + chunks - 1) // chunks
     for c in numba.prange(chunks):
         lo = c * step
         hi = min(lo + step, src.size)
-        dst[lo:hi] = src[lo:hi]
+        _memcpy(dst.ctypes.data + lo, src.ctypes.data + lo, hi - lo)
 
 
 def parallel_copy(dst: np.ndarray, src: np.ndarray) -> None:
-    """memcpy split over numba's threads (one contiguous chunk each), as 8-byte words when possible."""
-    if src.nbytes % 8 == 0:
-        dst, src = dst.view(np.uint64), src.view(np.uint64)
-    _parallel_copy(dst, src, numba.get_num_threads())
+    """libc memcpy of 1-D uint8 ``src`` into ``dst``, one contiguous chunk per numba thread."""
+    _parallel_memcpy(dst, src, numba.get_num_threads())
 
 
 def with_threads(n: int, fn: Callable[[], Any]) -> Callable[[], Any]:

@@ -13,6 +13,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from typing import Any
 
 import cases
@@ -32,6 +33,7 @@ ROWS: list[tuple[str, str, str, str, str, Target]] = [
     ("load vs safe_open + numpy fusion", "load", "float16", "fastfuse", "safe_open+numpy", None),
     ("file: fuse_file vs copyfile", "file", "float16", "fuse_file", "copyfile", ("<=", 1.3)),
     ("file: CLI (subprocess) vs copyfile", "file", "float16", "cli", "copyfile", ("<=", 1.3)),
+    ("file: fuse_file vs copyfile + fsync (fastfuse syncs its output)", "file", "float16", "fuse_file", "copyfile+fsync", None),
     ("file: fuse_file vs numpy pipeline", "file", "float16", "fuse_file", "numpy", None),
     ("file: fuse_file peak RssAnon (vs copyfile)", "file", "float16", "fuse_file", "copyfile", ("MB<", 256)),
     ("file: CLI peak RssAnon (vs copyfile)", "file", "float16", "cli", "copyfile", ("MB<", 256)),
@@ -48,6 +50,18 @@ ROWS: list[tuple[str, str, str, str, str, Target]] = [
 ]
 
 
+def wait_for_idle(limit: float = 60.0, window: float = 0.5, share: float = 0.1) -> float:
+    """Wait (up to ``limit`` s) until other processes use less than ``share`` of the CPUs; seconds waited."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit:
+        before = cpu_seconds()
+        time.sleep(window)
+        wall, busy, own = (b - a for a, b in zip(before, cpu_seconds()))
+        if busy - own < share * wall * (os.cpu_count() or 1):
+            break
+    return time.perf_counter() - start
+
+
 def run(groups: list[str], size: str) -> tuple[dict[tuple[str, str, str], float], dict[tuple[str, str, str], dict[str, float]]]:
     times: dict[tuple[str, str, str], float] = {}
     extras: dict[tuple[str, str, str], dict[str, float]] = {}
@@ -57,7 +71,8 @@ def run(groups: list[str], size: str) -> tuple[dict[tuple[str, str, str], float]
         impl = cases.impls(group, size, param)[name]
         if impl is None:
             continue
-        print(f"  {group} {param} {name} ...", end="", flush=True, file=sys.stderr)
+        waited = wait_for_idle()
+        print(f"  {group} {param} {name} (waited {waited:.1f} s for other processes) ...", end="", flush=True, file=sys.stderr)
         if impl.setup:
             impl.setup()
         impl.run()  # warm-up
@@ -102,13 +117,22 @@ def rows(times: dict[Any, float], extras: dict[Any, dict[str, float]], groups: l
     return lines
 
 
+def cpu_seconds() -> tuple[float, float, float]:
+    """(wall, CPU seconds the whole machine was busy, CPU seconds of this process and its children)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    own = os.times()
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    return time.perf_counter(), busy, own.user + own.system + own.children_user + own.children_system
+
+
 def machine() -> str:
     model = next((line.split(":", 1)[1].strip() for line in subprocess.run(
         ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), platform.processor())
     import numba
     import numpy
 
-    return (f"{datetime.date.today()} · {model} · nproc {os.cpu_count()} · load average {os.getloadavg()[0]:.2f} · Python {platform.python_version()} · "
+    return (f"{datetime.date.today()} · {model} · nproc {os.cpu_count()} · Python {platform.python_version()} · "
             f"numpy {numpy.__version__} · numba {numba.__version__}")
 
 
@@ -121,9 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(groups) - set(cases.GROUPS)
     if unknown:
         parser.error(f"unknown group(s) {sorted(unknown)}; choose from {list(cases.GROUPS)}")
-    before = machine()
+    before, start = machine(), cpu_seconds()
     times, extras = run(groups, args.size)
-    print(f"whisper {args.size} · {before} (at start; {os.getloadavg()[0]:.2f} at the end)\n")
+    wall, busy, own = (b - a for a, b in zip(start, cpu_seconds()))
+    others = max(busy - own, 0.0) / (wall * (os.cpu_count() or 1))
+    print(f"whisper {args.size} · {before} · other processes kept {others:.0%} of the CPUs busy during the run\n")
     print("\n".join(rows(times, extras, groups)))
     if extras:
         print("\nfile-to-file children (one run each): " + "; ".join(

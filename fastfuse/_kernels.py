@@ -116,6 +116,9 @@ def _block_intrinsic(streaming: bool):  # type: ignore[no-untyped-def]
                 return pointers
 
             rows = [builder.load(p, align=1) for p in row_pointers(src_addr, src_step)]
+            # log2(B) rounds of interleaving rows i and i + B/2. (Swapping index bits inside
+            # 64-bit lanes with shifts and masks instead needs fewer shuffle-port uops but was
+            # no faster here: the kernel waits on memory, not on shuffles.)
             for _ in range(side.bit_length() - 1):
                 interleaved = []
                 for i in range(half):
@@ -167,7 +170,8 @@ if numba.config.DISABLE_JIT:  # pragma: no cover - exercised by the NUMBA_DISABL
     # Intrinsics only exist in compiled code; these do the same on the same addresses.
 
     def _view(address, dtype, count):  # type: ignore[no-untyped-def]
-        return np.frombuffer((ctypes.c_char * (count * dtype.itemsize)).from_address(address), dtype)
+        buffer = (ctypes.c_char * (int(count) * dtype.itemsize)).from_address(int(address))
+        return np.frombuffer(buffer, dtype)
 
     def _load(address, like):  # type: ignore[no-redef,no-untyped-def]
         return _view(address, like.dtype, 1)[0]
@@ -253,51 +257,70 @@ def _tile_span(index, count, tile, shift, size):  # type: ignore[no-untyped-def]
 
 
 @_jit
+def _move_band(job, c, r0, r1, streaming, like):  # type: ignore[no-untyped-def]
+    """Blocks for source rows ``c..c+B`` and columns ``r0..r1`` (``r1 - r0 >= B``), left to right.
+
+    ``B`` sequential read streams; each block writes ``B`` whole destination lines. A ragged
+    right edge is one more block ending at ``r1``, overlapping its neighbour (same bits twice).
+    """
+    width = like.itemsize
+    side = LINE // width
+    src_row, dst_row = job[J_SRC_ROW], job[J_DST_ROW]
+    src = job[J_SRC] + c * src_row + r0 * width
+    dst = job[J_DST] + r0 * dst_row + c * width
+    r_full = r0 + (r1 - r0) // side * side
+    if streaming:
+        for _ in range(r0, r_full, side):
+            _transpose_block_stream(src, src_row, dst, dst_row, like)
+            src += LINE
+            dst += side * dst_row
+    else:
+        for _ in range(r0, r_full, side):
+            _transpose_block(src, src_row, dst, dst_row, like)
+            src += LINE
+            dst += side * dst_row
+    if r_full < r1:
+        src = job[J_SRC] + c * src_row + (r1 - side) * width
+        dst = job[J_DST] + (r1 - side) * dst_row + c * width
+        if streaming:
+            _transpose_block_stream(src, src_row, dst, dst_row, like)
+        else:
+            _transpose_block(src, src_row, dst, dst_row, like)
+
+
+@_jit
 def _move_tile(job, tile, mode, like_src, like_dst):  # type: ignore[no-untyped-def]
-    """Tile ``tile`` of ``job``: line blocks where they fit, elements around them."""
+    """Tile ``tile`` of ``job``: bands of line blocks, or elements if too small or converting."""
     width = like_src.itemsize
     rows, cols = job[J_ROWS], job[J_COLS]
     tiles_down = (rows + TILE_ROWS - 1) // TILE_ROWS
     tiles_across = (cols + TILE_COLS - 1) // TILE_COLS
     tile_r, tile_c = tile // tiles_down, tile % tiles_down
+    side = LINE // width
     blocks = mode == MODE_COPY and job[J_SRC_COL] == width
-    # Shift the block grid so blocks start on line boundaries: destination rows (c, for aligned
-    # streaming stores) and, when possible, source rows (r, for unsplit loads).
+    # Shift the band grid along c so block rows land on destination line boundaries (aligned
+    # streaming stores). Aligning source loads too (a shift along r) did not pay.
     c_shift = _grid_shift(job[J_DST], job[J_DST_ROW], width) if blocks else -1
-    r_shift = _grid_shift(job[J_SRC], job[J_SRC_ROW], width) if blocks else -1
-    streaming = c_shift >= 0
-    r0, r1 = _tile_span(tile_r, tiles_across, TILE_COLS, max(r_shift, 0), cols)
+    r0, r1 = _tile_span(tile_r, tiles_across, TILE_COLS, 0, cols)
     c0, c1 = _tile_span(tile_c, tiles_down, TILE_ROWS, max(c_shift, 0), rows)
-    if not blocks:
+    if not blocks or r1 - r0 < side or c1 - c0 < side:
         _move_elements(job, r0, r1, c0, c1, mode, like_src, like_dst)
         return
-    side = LINE // width
-    # Block grid inside the tile: [rb0, rb1) x [cb0, cb1), multiples of side from the shifts.
-    rb0 = min(r1, max(r_shift, 0)) if tile_r == 0 else r0
-    cb0 = min(c1, max(c_shift, 0)) if tile_c == 0 else c0
-    rb1 = rb0 + (r1 - rb0) // side * side
-    cb1 = cb0 + (c1 - cb0) // side * side
-    src_row, dst_row = job[J_SRC_ROW], job[J_DST_ROW]
-    # Band by band (side source rows), left to right: side sequential read streams, and each
-    # block writes side whole destination lines.
-    for c in range(cb0, cb1, side):
-        src = job[J_SRC] + c * src_row + rb0 * width
-        dst = job[J_DST] + rb0 * dst_row + c * width
+    streaming = c_shift >= 0
+    c_grid = min(c1, c_shift) if streaming and tile_c == 0 else c0
+    c_end = c_grid + (c1 - c_grid) // side * side
+    # Rows before the grid (less than one destination line per output row) go element by
+    # element: a cached block there would share lines with the streaming stores, and a line
+    # written both ways costs a flush (f16 in-cache rate halved). Rows after it likewise when
+    # streaming; otherwise one cached band overlapping the grid (same bits written twice).
+    _move_elements(job, r0, r1, c0, c_grid, mode, like_src, like_dst)
+    for c in range(c_grid, c_end, side):
+        _move_band(job, c, r0, r1, streaming, like_src)
+    if c_end < c1:
         if streaming:
-            for _ in range(rb0, rb1, side):
-                _transpose_block_stream(src, src_row, dst, dst_row, like_src)
-                src += LINE
-                dst += side * dst_row
+            _move_elements(job, r0, r1, c_end, c1, mode, like_src, like_dst)
         else:
-            for _ in range(rb0, rb1, side):
-                _transpose_block(src, src_row, dst, dst_row, like_src)
-                src += LINE
-                dst += side * dst_row
-    # Elements outside the block grid: the columns before and after it, then the rows.
-    _move_elements(job, r0, r1, c0, cb0, mode, like_src, like_dst)
-    _move_elements(job, r0, r1, cb1, c1, mode, like_src, like_dst)
-    _move_elements(job, r0, rb0, cb0, cb1, mode, like_src, like_dst)
-    _move_elements(job, rb1, r1, cb0, cb1, mode, like_src, like_dst)
+            _move_band(job, c1 - side, r0, r1, False, like_src)
     if streaming:
         _store_fence()
 
@@ -314,7 +337,7 @@ def transpose_parts(jobs, mode, like_src, like_dst):  # type: ignore[no-untyped-
     ``np.copyto`` of the same bytes): 16-byte blocks in 32 x 256 tiles with cached stores ran at
     2.6x (f32) / 3.1x (f16); whole-line blocks with cached stores 3.0x / 3.3x; whole-line blocks
     with non-temporal stores in 64 x 256 tiles 1.0-1.6x / 1.2x; the same in bands of whole
-    rows about 0.75x / 0.95x.
+    rows about 0.75x / 1.0x (one thread: 1.45x / 1.75x).
     """
     n_tiles = jobs[-1, J_TILE_END] if jobs.shape[0] > 0 else 0
     tile_ends = jobs[:, J_TILE_END]

@@ -55,11 +55,11 @@ class Checkpoint:
     def with_config(self, options: FuseOptions) -> FuseOptions:
         """``options`` with head counts from a ``config.json`` beside the checkpoint, if needed and found.
 
-        Only read when ``tp > 1`` and ``heads`` was not given: ``num_attention_heads`` (or
+        Only read when ``tp > 1`` and a head count was not given: ``num_attention_heads`` (or
         Whisper's ``encoder_attention_heads``) and ``num_key_value_heads``.
         """
         config_path = self.path.parent / "config.json"
-        if options.tp == 1 or options.heads is not None or not config_path.is_file():
+        if options.tp == 1 or (options.heads and options.kv_heads) or not config_path.is_file():
             return options
         try:
             config = json.loads(config_path.read_text())
@@ -67,7 +67,7 @@ class Checkpoint:
             kv_heads = config.get("num_key_value_heads") or heads
         except (OSError, ValueError, AttributeError) as exc:
             raise MalformedFileError(f"{config_path}: not a readable JSON config ({exc})") from None
-        return replace(options, heads=heads, kv_heads=options.kv_heads or kv_heads)
+        return replace(options, heads=options.heads or heads, kv_heads=options.kv_heads or kv_heads)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Read-only zero-copy views of every tensor, in shard then header order."""

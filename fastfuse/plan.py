@@ -189,6 +189,9 @@ def make_plan(tensors: Mapping[str, TensorLike], options: FuseOptions) -> Plan:
             layers[rule.name] = 1
             builder.add_group(rule, None, template)
     fused = tuple(builder.fused)
+    if options.tp > 1 and not fused:
+        hint = " (it is stored already fused, and fused parts cannot be split)" if chosen.already_fused else ""
+        raise FuseError(f"tp={options.tp}: nothing to split in this {chosen.name} checkpoint{hint}")
     _check_outputs(fused, tensors, options.overwrite)
     dropped = frozenset() if options.keep_originals else frozenset(builder.droppable)
     return Plan(chosen.name, prefix, builder.d, layers, fused, dropped, options.layout, options.tp, chosen.already_fused)
@@ -307,30 +310,42 @@ class _Builder:
         tp = self.options.tp
         if not rule.split:
             raise FuseError(f"group {rule.name} cannot be split for tp={tp}: its parts are already fused")
-        ranges = [self._rank_rows(kind, key, n, rank, tp) for kind, key, n in zip(rule.split, weights, rows)]
+        heads = self.options.heads
+        head_dim = None
+        if "heads" in rule.split:
+            if heads is None:
+                key = weights[rule.split.index("heads")]
+                raise FuseError(f"tp={tp} needs the attention head count to split {key!r}: pass heads= (and kv_heads= for GQA)")
+            q_rows = rows[rule.split.index("heads")]
+            if q_rows % heads:
+                raise ShapeMismatchError(f"{weights[rule.split.index('heads')]!r}: {q_rows} rows do not divide into {heads} heads")
+            head_dim = q_rows // heads
+        ranges = []
+        for kind, key, n in zip(rule.split, weights, rows):
+            if kind == "kv_heads":
+                units = self._kv_heads(key, n, head_dim, tp)
+            else:  # q rows split by heads: n // head_dim == heads; an even split: every row a unit
+                units = n // head_dim if kind == "heads" and head_dim else n
+            ranges.append(_rank_rows(kind, key, n, units, rank, tp))
         return tuple(start for start, _ in ranges), tuple(count for _, count in ranges)
 
-    def _rank_rows(self, kind: str, key: str, rows: int, rank: int, tp: int) -> tuple[int, int]:
-        """(start, count) of the rows of one part that ``rank`` of ``tp`` owns."""
-        if kind == "kv_heads":
-            heads = self.options.kv_heads or self.options.heads
-        elif kind == "heads":
-            heads = self.options.heads
-        else:
-            heads = rows  # split evenly: every row is its own unit
-        if heads is None:
-            raise FuseError(f"tp={tp} needs the attention head count to split {key!r}: pass heads= (and kv_heads= for GQA)")
-        if rows % heads:
-            raise ShapeMismatchError(f"{key!r}: {rows} rows do not divide into {heads} heads")
-        size = rows // heads
-        if heads >= tp:
-            if heads % tp:
-                unit = "rows" if kind == "rows" else "heads"
-                raise ShapeMismatchError(f"{key!r}: {heads} {unit} do not divide among tp={tp} ranks")
-            return rank * (rows // tp), rows // tp
-        if kind != "kv_heads" or tp % heads:
-            raise ShapeMismatchError(f"{key!r}: {heads} heads cannot be shared by tp={tp} ranks")
-        return (rank * heads // tp) * size, size  # fewer kv heads than ranks: replicate each
+    def _kv_heads(self, key: str, rows: int, head_dim: int | None, tp: int) -> int:
+        """Key/value heads of a part: given, or its rows over the q head size (GQA), checked."""
+        kv_heads = self.options.kv_heads
+        if kv_heads is None:
+            if head_dim is None:
+                kv_heads = self.options.heads  # a group of k, v only (cross-attention): as many heads as q
+            elif rows % head_dim == 0:
+                kv_heads = rows // head_dim
+        if kv_heads is None:
+            raise FuseError(f"tp={tp} needs the key/value head count to split {key!r}: pass kv_heads= (or heads=)")
+        if head_dim is not None and rows != kv_heads * head_dim:
+            raise ShapeMismatchError(
+                f"{key!r}: expected {kv_heads} kv heads of {head_dim} rows (the q head size), found {rows} rows"
+            )
+        if rows % kv_heads:
+            raise ShapeMismatchError(f"{key!r}: {rows} rows do not divide into {kv_heads} heads")
+        return kv_heads
 
     def _find(self, rule: rules.GroupRule, layer: int | None, part: str) -> tuple[str, str | None]:
         """The part's weight key (first template present) and its bias key, if present."""
@@ -374,6 +389,23 @@ class _Builder:
             found = ", ".join(f"{k!r} is {dt.name}" for k, dt in zip(keys, dtypes))
             raise DtypeMismatchError(f"parts of one group must share a dtype: {found}; pass dtype= to convert")
         return {result_dtype(dt, self.options.dtype) for dt in dtypes}.pop()
+
+
+def _rank_rows(kind: str, key: str, rows: int, units: int, rank: int, tp: int) -> tuple[int, int]:
+    """(start, count) of the rows of one part that ``rank`` of ``tp`` owns.
+
+    ``units``: heads (or rows, for an even split) the part's rows divide into. Fewer kv heads
+    than ranks: each kv head goes whole to the ``tp // units`` ranks that share it.
+    """
+    if units >= tp:
+        if units % tp:
+            unit = "rows" if kind == "rows" else "heads"
+            raise ShapeMismatchError(f"{key!r}: {units} {unit} do not divide among tp={tp} ranks")
+        return rank * (rows // tp), rows // tp
+    if kind != "kv_heads" or tp % units:
+        raise ShapeMismatchError(f"{key!r}: {units} heads cannot be shared by tp={tp} ranks")
+    size = rows // units
+    return (rank * units // tp) * size, size
 
 
 def _check_outputs(fused: tuple[FusedTensor, ...], tensors: Mapping[str, TensorLike], overwrite: bool) -> None:
