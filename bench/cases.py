@@ -18,11 +18,9 @@ to run a file operation, and what it imports would count in their memory.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -84,7 +82,7 @@ def warm_page_cache(path: Path) -> None:
 def fresh(code: str, env: dict[str, str] | None = None) -> tuple[float, str]:
     """Run ``python -c code`` in a fresh interpreter; (wall seconds, stdout). Fails loudly."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
                           env={**os.environ, **(env or {})})
     wall = time.perf_counter() - start
     if done.returncode:
@@ -149,7 +147,7 @@ def safe_open_numpy(path: Path) -> dict[str, np.ndarray]:
     from safetensors import safe_open
 
     with safe_open(str(path), "np") as f:
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
     return {**tensors, **numpy_fuse(tensors)}
 
 
@@ -284,8 +282,9 @@ def _widen(size: str, dtype: str) -> dict[str, Impl | None]:
 
 
 def _load(size: str, dtype: str) -> dict[str, Impl | None]:
-    import fastfuse
     from safetensors.numpy import load_file
+
+    import fastfuse
 
     path = checkpoint_file(size, dtype)
     warm_page_cache(path)

@@ -14,13 +14,13 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Any
 
 import cases
 
 # (case, group, param, fastfuse impl, baseline impl, target); target (op, value): op "<=" / "<"
 # on the time ratio, "+<=" on the time difference (s), "MB<" on peak RssAnon; None: information.
 Target = tuple[str, float] | None
+Case = tuple[str, str, str]  # group, param, implementation
 ROWS: list[tuple[str, str, str, str, str, Target]] = [
     *[row for dt in cases.DTYPES for row in [
         (f"kernel {dt} vs memcpy", "kernel", dt, "fastfuse", "memcpy", ("<=", 1.5) if dt != "bfloat16" else None),
@@ -62,10 +62,13 @@ def wait_for_idle(limit: float = 60.0, window: float = 0.5, share: float = 0.1) 
     return time.perf_counter() - start
 
 
-def run(groups: list[str], size: str) -> tuple[dict[tuple[str, str, str], float], dict[tuple[str, str, str], dict[str, float]]]:
-    times: dict[tuple[str, str, str], float] = {}
-    extras: dict[tuple[str, str, str], dict[str, float]] = {}
-    for group, param, name in cases.CASES:
+def run(groups: list[str], size: str) -> tuple[dict[Case, float], dict[Case, dict[str, float]], float]:
+    """Time every case of ``groups``; also the share of the CPUs other processes used meanwhile."""
+    times: dict[Case, float] = {}
+    extras: dict[Case, dict[str, float]] = {}
+    spent = [0.0, 0.0, 0.0]  # wall, machine busy, own: summed over the measured stretches only
+    for case in cases.CASES:
+        group, param, name = case
         if group not in groups:
             continue
         impl = cases.impls(group, size, param)[name]
@@ -73,21 +76,24 @@ def run(groups: list[str], size: str) -> tuple[dict[tuple[str, str, str], float]
             continue
         waited = wait_for_idle()
         print(f"  {group} {param} {name} (waited {waited:.1f} s for other processes) ...", end="", flush=True, file=sys.stderr)
+        before = cpu_seconds()
         if impl.setup:
             impl.setup()
         impl.run()  # warm-up
-        times[group, param, name] = cases.measure(impl, cases.rounds(group, name))
+        times[case] = cases.measure(impl, cases.rounds(group, name))
         if impl.extra:
-            extras[group, param, name] = impl.extra()
-        print(f" {times[group, param, name]:.4f} s", file=sys.stderr)
-    return times, extras
+            extras[case] = impl.extra()
+        spent = [total + b - a for total, a, b in zip(spent, before, cpu_seconds())]
+        print(f" {times[case]:.4f} s", file=sys.stderr)
+    wall, busy, own = spent
+    return times, extras, max(busy - own, 0.0) / max(wall * (os.cpu_count() or 1), 1e-9)
 
 
 def _seconds(s: float) -> str:
     return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
 
 
-def rows(times: dict[Any, float], extras: dict[Any, dict[str, float]], groups: list[str]) -> list[str]:
+def rows(times: dict[Case, float], extras: dict[Case, dict[str, float]], groups: list[str]) -> list[str]:
     lines = ["| case | fastfuse | baseline | ratio | target | met? |", "|---|---|---|---|---|---|"]
     for label, group, param, impl, base, target in ROWS:
         if group not in groups:
@@ -127,8 +133,8 @@ def cpu_seconds() -> tuple[float, float, float]:
 
 
 def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in subprocess.run(
-        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), platform.processor())
+    lscpu = subprocess.run(["lscpu"], check=False, capture_output=True, text=True).stdout.splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in lscpu if line.startswith("Model name")), platform.processor())
     import numba
     import numpy
 
@@ -145,14 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(groups) - set(cases.GROUPS)
     if unknown:
         parser.error(f"unknown group(s) {sorted(unknown)}; choose from {list(cases.GROUPS)}")
-    before, start = machine(), cpu_seconds()
-    times, extras = run(groups, args.size)
-    wall, busy, own = (b - a for a, b in zip(start, cpu_seconds()))
-    others = max(busy - own, 0.0) / (wall * (os.cpu_count() or 1))
-    print(f"whisper {args.size} · {before} · other processes kept {others:.0%} of the CPUs busy during the run\n")
+    times, extras, others = run(groups, args.size)
+    print(f"whisper {args.size} · {machine()} · other processes kept {others:.0%} of the CPUs busy while measuring\n")
     print("\n".join(rows(times, extras, groups)))
     if extras:
-        print("\nfile-to-file children (one run each): " + "; ".join(
+        print("\nfile-to-file alone in a child (lower of two runs): " + "; ".join(
             f"{name}: {e['seconds']:.2f} s, RssAnon {e['rss_anon_mb']:.0f} MB, VmHWM {e['vm_hwm_mb']:.0f} MB"
             for (_, _, name), e in extras.items()))
     cases.output_file().unlink(missing_ok=True)

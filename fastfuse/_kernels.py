@@ -8,7 +8,9 @@ A *job table* has one int64 row per part (see the ``J_*`` column indices). Part 
 strided 2-D source ``S[c, r]`` (``c < rows``, ``r < cols``) written transposed into a
 destination whose row ``r`` starts at ``dst + r * dst_row_stride`` and holds ``S[0..rows, r]``
 as consecutive elements. The tile grid of every part of every group is one ``prange``, so small
-parts never serialize and a whole checkpoint is one parallel region.
+parts never serialize and a whole checkpoint is one parallel region. When ``S[0..rows, r]`` is
+itself contiguous (a Fortran-ordered part, or the rows of an ``out_in`` layout) the job is
+tiled in destination rows instead (``J_TILING == TILING_ROWS``) and each row is one memcpy.
 
 How a tile moves (measured on whole large-v3, see ``transpose_parts``): a tile is a band of
 ``TILE_ROWS`` source rows, normally whole rows wide. It is cut into blocks of ``B x B``
@@ -35,11 +37,15 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 # Job table columns.
-J_SRC, J_SRC_ROW, J_SRC_COL, J_ROWS, J_COLS, J_DST, J_DST_ROW, J_TILE_END = range(8)
-JOB_COLUMNS = 8
+J_SRC, J_SRC_ROW, J_SRC_COL, J_ROWS, J_COLS, J_DST, J_DST_ROW, J_TILING, J_TILE_END = range(9)
+JOB_COLUMNS = 9
+# How a job is cut into tiles: bands of line blocks (a transpose), or destination rows (copies).
+TILING_BLOCKS, TILING_ROWS = 0, 1
+ROWS_PER_TILE = 64
 
 # Conversion modes: the destination element from the source element's bits.
 MODE_COPY, MODE_F16_TO_F32, MODE_BF16_TO_F32 = 0, 1, 2
@@ -62,8 +68,15 @@ _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 _parallel_jit = numba.njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 
 
-def tile_count(rows: int, cols: int) -> int:
+def tiling(src_row: int, src_col: int, width: int, mode: int) -> int:
+    """How to tile a source with these byte strides: row copies when ``S[:, r]`` is contiguous."""
+    return TILING_ROWS if mode == MODE_COPY and src_row == width and src_col != width else TILING_BLOCKS
+
+
+def tile_count(rows: int, cols: int, tiling: int = TILING_BLOCKS) -> int:
     """Tiles :func:`transpose_parts` cuts a ``rows x cols`` source into (for ``J_TILE_END``)."""
+    if tiling == TILING_ROWS:
+        return -(-cols // ROWS_PER_TILE) if rows else 0
     return -(-rows // TILE_ROWS) * -(-cols // TILE_COLS)
 
 
@@ -151,6 +164,20 @@ _transpose_block_stream = _block_intrinsic(streaming=True)
 
 
 @intrinsic
+def _copy_bytes(typingctx, dst, src, count):  # type: ignore[no-untyped-def]
+    """``memcpy(dst, src, count)`` on byte addresses (the ranges never overlap)."""
+    sig = types.void(types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        byte_ptr = ir.IntType(8).as_pointer()
+        dst_ptr, src_ptr = (builder.inttoptr(a, byte_ptr) for a in args[:2])
+        cgutils.raw_memcpy(builder, dst_ptr, src_ptr, args[2], 1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
 def _store_fence(typingctx):  # type: ignore[no-untyped-def]
     """``sfence``: make this thread's non-temporal stores globally visible, in order."""
     sig = types.void()
@@ -191,6 +218,9 @@ if numba.config.DISABLE_JIT:  # pragma: no cover - exercised by the NUMBA_DISABL
 
     def _store_fence():  # type: ignore[no-redef,no-untyped-def]
         pass
+
+    def _copy_bytes(dst, src, count):  # type: ignore[no-redef,no-untyped-def]
+        ctypes.memmove(int(dst), int(src), int(count))
 
 
 @_jit
@@ -289,6 +319,16 @@ def _move_band(job, c, r0, r1, streaming, like):  # type: ignore[no-untyped-def]
 
 
 @_jit
+def _copy_rows(job, tile, width):  # type: ignore[no-untyped-def]
+    """Destination rows ``ROWS_PER_TILE * tile ...``: each a contiguous run of the source."""
+    r0 = tile * ROWS_PER_TILE
+    r1 = min(r0 + ROWS_PER_TILE, job[J_COLS])
+    count = job[J_ROWS] * width
+    for r in range(r0, r1):
+        _copy_bytes(job[J_DST] + r * job[J_DST_ROW], job[J_SRC] + r * job[J_SRC_COL], count)
+
+
+@_jit
 def _move_tile(job, tile, mode, like_src, like_dst):  # type: ignore[no-untyped-def]
     """Tile ``tile`` of ``job``: bands of line blocks, or elements if too small or converting."""
     width = like_src.itemsize
@@ -344,4 +384,7 @@ def transpose_parts(jobs, mode, like_src, like_dst):  # type: ignore[no-untyped-
     for t in numba.prange(n_tiles):
         p = np.searchsorted(tile_ends, t, side="right")
         first = tile_ends[p - 1] if p > 0 else 0
-        _move_tile(jobs[p], t - first, mode, like_src, like_dst)
+        if jobs[p, J_TILING] == TILING_ROWS:
+            _copy_rows(jobs[p], t - first, like_src.itemsize)
+        else:
+            _move_tile(jobs[p], t - first, mode, like_src, like_dst)

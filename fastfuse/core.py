@@ -233,9 +233,10 @@ def run_groups(groups: Sequence[Group]) -> None:
         rows = batches.setdefault(key, [])
         dst = _address(out)
         for part in parts:
+            tiling = k.tiling(part.strides[0], part.strides[1], part.dtype.itemsize, mode)
             rows.append([
                 _address(part), part.strides[0], part.strides[1], part.shape[0], part.shape[1],
-                dst, out.strides[0], k.tile_count(part.shape[0], part.shape[1]),
+                dst, out.strides[0], tiling, k.tile_count(part.shape[0], part.shape[1], tiling),
             ])
             dst += part.shape[0] * out.dtype.itemsize
     for (src_width, dst_width, mode), rows in batches.items():
