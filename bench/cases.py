@@ -52,7 +52,8 @@ def np_dtype(name: str) -> np.dtype[Any]:
     if name == "bfloat16":
         import ml_dtypes
 
-        return np.dtype(ml_dtypes.bfloat16)
+        bf16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+        return bf16
     return np.dtype(name)
 
 
@@ -165,7 +166,7 @@ def _numpy_file(src: str, dst: str) -> None:
 
 
 def _copy_fsync(src: str, dst: str) -> None:
-    """A plain copy made as durable as fastfuse's atomic writer makes its output (which syncs before the rename)."""
+    """A plain copy, made as durable as fastfuse's atomic writer makes its output (synced before the rename)."""
     shutil.copyfile(src, dst)
     fd = os.open(dst, os.O_RDONLY)
     try:
@@ -183,8 +184,8 @@ def file_argv(op: str, src: Path, dst: Path) -> list[str]:
     """The command running file operation ``op`` alone in a child process (``cli``: the real CLI)."""
     if op == "cli":
         return [sys.executable, "-m", "fastfuse", "fuse", str(src), str(dst), "--force"]
-    code = f"import sys; sys.path.insert(0, {str(BENCH)!r}); import cases; cases.FILE_OPS[{op!r}]({str(src)!r}, {str(dst)!r})"
-    return [sys.executable, "-c", code]
+    call = f"cases.FILE_OPS[{op!r}]({str(src)!r}, {str(dst)!r})"
+    return [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(BENCH)!r}); import cases; {call}"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +222,7 @@ def _fastfuse(qkv: np.ndarray, out_dtype: Any) -> tuple[np.ndarray, Callable[[],
 
     groups, _, rows, cols = qkv.shape
     out = np.full((groups, cols, 3 * rows), 0, out_dtype)
-    work = [(list(parts), fused) for parts, fused in zip(qkv, out)]
+    work = [(list(parts), fused) for parts, fused in zip(qkv, out, strict=True)]
 
     def fuse() -> list[np.ndarray]:
         run_groups(work)
@@ -306,10 +307,8 @@ def _file(size: str, dtype: str) -> dict[str, Impl | None]:
 
     def impl(op: str) -> Impl:
         argv = file_argv(op, src, dst)
-        if op == "cli":
-            run: Callable[[], Any] = lambda: subprocess.run(argv, check=True, capture_output=True)
-        else:
-            run = functools.partial(FILE_OPS[op], str(src), str(dst))
+        run: Callable[[], Any] = functools.partial(FILE_OPS[op], str(src), str(dst)) if op != "cli" else \
+            functools.partial(subprocess.run, argv, check=True, capture_output=True)
 
         def extra() -> dict[str, float]:  # the lower of two runs: a first run may (re)compile kernels
             runs = []
@@ -324,7 +323,7 @@ def _file(size: str, dtype: str) -> dict[str, Impl | None]:
 
 
 _FIRST_FUSE = """\
-import json, struct, sys, time
+import json, struct, time
 raw = open({path!r}, "rb").read()
 n = struct.unpack("<Q", raw[:8])[0]
 header = json.loads(raw[8 : 8 + n]); header.pop("__metadata__", None)
@@ -347,10 +346,11 @@ def _startup(size: str, variant: str) -> dict[str, Impl | None]:
             with tempfile.TemporaryDirectory(prefix="fastfuse-numba-") as empty:
                 return fresh(load, {"NUMBA_CACHE_DIR": empty})[0]
 
+        load_file = f"import safetensors.numpy; safetensors.numpy.load_file({str(path)!r})"
         return {
             "fastfuse": Impl(lambda: fresh(load)[0]),
             "fastfuse-cold": Impl(cold),
-            "load_file": Impl(lambda: fresh(f"import safetensors.numpy; safetensors.numpy.load_file({str(path)!r})")[0]),
+            "load_file": Impl(lambda: fresh(load_file)[0]),
         }
     path = checkpoint_file(TINY, "float16")  # always whisper-tiny: this measures import + first call
 
@@ -374,7 +374,8 @@ GROUPS: dict[str, Group] = {
                       for dt in ("float32", "float16")},
                      _scaling, rounds=7),
 }
-CASES = [(group, param, impl) for group, spec in GROUPS.items() for param, names in spec.params.items() for impl in names]
+CASES = [(group, param, impl) for group, spec in GROUPS.items() for param, names in spec.params.items()
+         for impl in names]
 
 
 @functools.lru_cache(maxsize=1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -216,12 +217,24 @@ def _address(array: np.ndarray) -> int:
     return int(array.__array_interface__["data"][0])
 
 
+def _use_kernel(nbytes: int) -> bool:
+    """The numba kernel, unless the job is small and numba is not loaded yet (see ``_small``)."""
+    from ._small import SMALL_BYTES
+
+    return nbytes > SMALL_BYTES or "fastfuse._kernels" in sys.modules
+
+
 def run_groups(groups: Sequence[Group]) -> None:
     """Fill each group's output (``[in, sum(o_j)]``, C-contiguous) from its parts.
 
     Trusts its input: shapes, dtypes and conversions were validated by the caller. All groups
     sharing a conversion go through one parallel kernel call.
     """
+    if not _use_kernel(sum(out.nbytes for _, out in groups)):
+        from ._small import move_with_numpy
+
+        move_with_numpy(groups)
+        return
     from . import _kernels as k
 
     batches: dict[tuple[int, int, int], list[list[int]]] = {}
