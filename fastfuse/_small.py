@@ -28,7 +28,7 @@ def widen_bits(bits: np.ndarray, source: str) -> np.ndarray:
     normal = (magnitude << 13) + np.uint32(112 << 23)
     special = np.uint32(0x7F800000) | ((magnitude & 0x3FF) << 13)
     subnormal = (magnitude.astype(np.float32) * np.float32(2.0**-24)).view(np.uint32)  # exact
-    out = np.where(magnitude >= 0x7C00, special, np.where(magnitude >= 0x0400, normal, subnormal))
+    out: np.ndarray = np.where(magnitude >= 0x7C00, special, np.where(magnitude >= 0x0400, normal, subnormal))
     return out | sign
 
 
