@@ -20,16 +20,18 @@ def widen_bits(bits: np.ndarray, source: str) -> np.ndarray:
 
     NaN payloads are shifted into the float32 mantissa, never quieted, as the kernel does.
     """
-    h = bits.astype(np.uint32)
+    h: np.ndarray = bits.astype(np.uint32)
     if source == "bfloat16":
-        return h << 16
+        shifted: np.ndarray = h << 16
+        return shifted
     sign = (h & 0x8000) << 16
     magnitude = h & 0x7FFF
     normal = (magnitude << 13) + np.uint32(112 << 23)
     special = np.uint32(0x7F800000) | ((magnitude & 0x3FF) << 13)
     subnormal = (magnitude.astype(np.float32) * np.float32(2.0**-24)).view(np.uint32)  # exact
     out: np.ndarray = np.where(magnitude >= 0x7C00, special, np.where(magnitude >= 0x0400, normal, subnormal))
-    return out | sign
+    signed: np.ndarray = out | sign
+    return signed
 
 
 def move_with_numpy(groups: Sequence[tuple[Sequence[np.ndarray], np.ndarray]]) -> None:
