@@ -34,13 +34,16 @@ def _bits(array: Any) -> np.ndarray:
         import torch
 
         array = array.view(torch.uint8).numpy()
-    return array.view(np.uint8)
+    bits: np.ndarray = array.view(np.uint8)
+    return bits
 
 
 @pytest.mark.parametrize("dtype", cases.DTYPES)
 def test_kernel_baselines_agree(dtype: str) -> None:
     impls = cases.impls("kernel", cases.TINY, dtype)
-    expected = [_bits(a).copy() for a in impls["fastfuse"].run()]
+    fastfuse = impls["fastfuse"]
+    assert fastfuse is not None
+    expected = [_bits(a).copy() for a in fastfuse.run()]
     for name in ("numpy", "serial", "torch"):
         impl = impls[name]
         if impl is not None:

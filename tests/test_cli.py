@@ -112,3 +112,32 @@ def test_main_returns_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--version"]) == 0
     assert main(["fuse"]) == 2
     assert "fastfuse" in capsys.readouterr().out
+
+
+def test_progress_bar_on_a_terminal_only(tmp_path: Path, checkpoint: Path) -> None:
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    try:
+        process = subprocess.run([sys.executable, "-m", "fastfuse", "fuse", str(checkpoint), str(tmp_path / "tty.safetensors")],
+                                 stdout=subprocess.PIPE, stderr=secondary, text=True, timeout=300)
+        os.close(secondary)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # the terminal closed
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(primary)
+    assert process.returncode == 0
+    assert b"fuse:" in shown and b"B/s" in shown  # tqdm drew the bar on the terminal (and erased it)
+    piped = fastfuse("fuse", checkpoint, tmp_path / "piped.safetensors")
+    assert piped.stderr == ""
