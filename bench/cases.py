@@ -282,6 +282,39 @@ def _widen(size: str, dtype: str) -> dict[str, Impl | None]:
     }
 
 
+# Llama-3-8B attention shapes (d 4096, 32 q heads and 8 kv heads of 128), 8 layers; tiny: a
+# proportional toy. Engines' [sum(out), in] layout is a row concatenation: a parallel copy.
+_LLAMA = {"large-v3": (4096, 1024, 8), TINY: (256, 64, 2)}
+
+
+@functools.lru_cache(maxsize=1)
+def llama_qkv(size: str) -> list[np.ndarray]:
+    """Per layer q ``[d, d]``, k, v ``[kv, d]`` (f16) in one buffer, as GQA checkpoints have them."""
+    d, kv, layers = _LLAMA.get(size, _LLAMA["large-v3"])
+    flat = np.random.default_rng(0).standard_normal(layers * (d + 2 * kv) * d, dtype=np.float32).astype(np.float16)
+    return list(flat.reshape(layers, d + 2 * kv, d))
+
+
+def _layouts(size: str, layout: str) -> dict[str, Impl | None]:
+    """GQA parts (k, v smaller than q) fused in either layout, against a memcpy of the same bytes."""
+    from fastfuse.core import run_groups
+
+    layers = llama_qkv(size)
+    d = layers[0].shape[1]
+    kv = (layers[0].shape[0] - d) // 2
+    shape = (d, d + 2 * kv) if layout == "in_out" else (d + 2 * kv, d)
+    out = np.full((len(layers), *shape), 0, np.float16)
+    work = []
+    for stacked, fused in zip(layers, out, strict=True):
+        q, k, v = stacked[:d], stacked[d : d + kv], stacked[d + kv :]
+        if layout == "in_out":
+            work.append(([q, k, v], fused))
+        else:  # rows of the parts become rows of the output: each part, transposed, is a row block
+            work += [([part.T], fused[start : start + part.shape[0]]) for part, start in ((q, 0), (k, d), (v, d + kv))]
+    source = np.stack(layers)
+    return {"fastfuse": Impl(lambda: run_groups(work)), "memcpy": Impl(_copy(out, source))}
+
+
 def _load(size: str, dtype: str) -> dict[str, Impl | None]:
     from safetensors.numpy import load_file
 
@@ -366,6 +399,7 @@ THREADS = (1, 2)
 GROUPS: dict[str, Group] = {
     "kernel": Group({dt: KERNEL_IMPLS for dt in DTYPES}, _kernel, rounds=7),
     "widen": Group({dt: ("fastfuse", "numpy") for dt in ("float16", "bfloat16")}, _widen, rounds=5),
+    "layouts": Group({layout: ("fastfuse", "memcpy") for layout in ("in_out", "out_in")}, _layouts, rounds=7),
     "load": Group({"float16": ("fastfuse", "load_file", "safe_open+numpy")}, _load, rounds=5),
     "file": Group({"float16": ("fuse_file", "cli", "copyfile", "copyfile+fsync", "numpy")}, _file, rounds=3),
     "startup": Group({"load": ("fastfuse", "fastfuse-cold", "load_file"), "fuse": ("fastfuse", "numpy")},

@@ -2,7 +2,7 @@
 
 Runs the cases of ``cases.py`` (the ones ``pytest bench --benchmark-only`` runs) outside pytest:
 each implementation is warmed up once, then timed min-of-N. ``--size tiny`` for a quick run,
-``--only kernel,load`` to pick groups (kernel, widen, load, file, startup, scaling).
+``--only kernel,load`` to pick groups (kernel, widen, layouts, load, file, startup, scaling).
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ ROWS = [
         Row(f"kernel {dt} vs torch", "kernel", dt, "fastfuse", "torch", "<", 1.0),
     ]],
     *[Row(f"widen {dt}->f32 vs numpy astype", "widen", dt, "fastfuse", "numpy") for dt in (F16, "bfloat16")],
+    *[Row(f"GQA qkv f16, layout {layout} vs memcpy", "layouts", layout, "fastfuse", "memcpy", "<=", 1.5)
+      for layout in ("in_out", "out_in")],
     Row("load vs load_file", "load", F16, "fastfuse", "load_file", "<=", 0.5),
     Row("load vs safe_open + numpy fusion", "load", F16, "fastfuse", "safe_open+numpy"),
     Row("file: fuse_file vs copyfile", "file", F16, "fuse_file", "copyfile", "<=", 1.3),
