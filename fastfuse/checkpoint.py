@@ -84,7 +84,7 @@ def open_checkpoint(path: PathLike) -> Checkpoint:
     naming a key its shard does not hold; FuseError for a path that is not a checkpoint.
     """
     path = Path(path)
-    if path.is_dir():
+    if os.path.isdir(path):  # unlike Path.is_dir, never raises (an unreadable path fails below, named)
         candidates = [path / INDEX_NAME, path / SINGLE_NAME]
         found = [c for c in candidates if c.exists()] or sorted(path.glob("*.safetensors"))
         if len(found) != 1 and not (found and found[0].name in (INDEX_NAME, SINGLE_NAME)):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import signal
 import subprocess
 import sys
@@ -241,6 +243,32 @@ def test_destination_in_a_read_only_folder(tmp_path: Path, source: Path) -> None
             fuse_file(source, folder / "dst.safetensors")
     finally:
         folder.chmod(0o755)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="drops from root to nobody with setpriv")
+def test_destination_in_a_read_only_folder_for_an_unprivileged_user() -> None:
+    with tempfile.TemporaryDirectory() as folder:  # pytest's own folders are private to root
+        check_read_only_folder_as_nobody(Path(folder))
+
+
+def check_read_only_folder_as_nobody(base: Path) -> None:
+    base.chmod(0o755)
+    src = write(base / "src.safetensors", random_tensors(hf_whisper_shapes(8, 1, 1, 10)))
+    src.chmod(0o644)
+    read_only = base / "ro"
+    read_only.mkdir(mode=0o555)
+    read_only.chmod(0o555)
+    command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+               sys.executable, "-m", "fastfuse", "fuse", str(src), str(read_only / "dst.safetensors")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=base)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == f"fastfuse: error: {read_only / 'dst.safetensors'}: destination folder {read_only} is not writable\n"
+    assert os.listdir(read_only) == []
+    src.chmod(0o600)  # now the source is unreadable for nobody
+    command[-1] = str(base / "dst.safetensors")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=base)
+    assert result.returncode == 1
+    assert result.stderr == f"fastfuse: error: {src}: permission denied (cannot read the file)\n"
 
 
 def test_plan_errors_create_nothing(tmp_path: Path) -> None:

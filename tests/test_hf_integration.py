@@ -8,6 +8,7 @@ and their tied output projection. Skipped when torch or transformers is not inst
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / huggingface_hub import
@@ -218,3 +219,14 @@ def test_half_precision_widens_to_float32_exactly(half_model_and_tensors, side, 
     fused_weight = fastfuse.fuse(tensors, dtype="float32")[f"fused.{side}.{i}.self_attn.qkv.weight"]
     assert fused_weight.dtype == np.float32
     assert_same_bits(fused_weight, qkv_weight(attn).float())
+
+
+def test_transformers_loads_a_fused_file(model: torch.nn.Module, checkpoint: Path, tmp_path: Path) -> None:
+    """The file `fastfuse fuse` writes is a checkpoint transformers still loads (fused keys are extra)."""
+    folder = tmp_path / "fused"
+    folder.mkdir()
+    shutil.copy(checkpoint.parent / "config.json", folder / "config.json")
+    fastfuse.fuse_file(checkpoint, folder / "model.safetensors", cross_kv=True)
+    reloaded = transformers.WhisperForConditionalGeneration.from_pretrained(folder).eval()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
