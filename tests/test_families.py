@@ -94,45 +94,36 @@ def test_gpt2_conv1d_is_already_in_out() -> None:
     assert same_bits(flipped["fused.layers.1.self_attn.qkv.bias"], tensors["transformer.h.1.attn.c_attn.bias"])
 
 
-def rank_slices(fused: np.ndarray, tp: int, kv_heads: int) -> tuple[int, int, int]:
-    """Column counts of q, k, v in one rank's fused qkv."""
-    return HEADS * HEAD_DIM // tp, max(kv_heads // tp, 1) * HEAD_DIM, max(kv_heads // tp, 1) * HEAD_DIM
-
-
 @pytest.mark.parametrize(("tp", "kv_heads"), [(1, 2), (2, 2), (4, 2), (8, 2), (2, 8), (4, 8)])
 @pytest.mark.parametrize("layout", ["in_out", "out_in"])
 def test_tensor_parallel_ranks_reassemble(tp: int, kv_heads: int, layout: str) -> None:
-    shapes = {k: v for k, v in llama_shapes(1, bias=True).items()}
+    shapes = llama_shapes(1, bias=True)
     for p in "kv":
         shapes[LAYER.format(0, "self_attn", p, "weight")] = (kv_heads * HEAD_DIM, D)
         shapes[LAYER.format(0, "self_attn", p, "bias")] = (kv_heads * HEAD_DIM,)
     tensors = random_tensors(shapes)
     q, k, v = (tensors[LAYER.format(0, "self_attn", p, "weight")] for p in "qkv")
-    kv_rows = kv_heads * HEAD_DIM
-    q_parts, k_parts, up_parts = [], [], []
+    nq, nkv = HEADS * HEAD_DIM // tp, max(kv_heads // tp, 1) * HEAD_DIM  # rows of q and of k (= v) per rank
+    q_parts, k_parts, v_parts, up_parts = [], [], [], []
     for rank in range(tp):
         fused = fastfuse.fuse(tensors, tp=tp, rank=rank, heads=HEADS, kv_heads=kv_heads, layout=layout)
         weight = fused["fused.layers.0.self_attn.qkv.weight"]
         rows = weight.T if layout == "in_out" else weight  # [q_r + k_r + v_r, D]
-        nq, nk, nv = rank_slices(weight, tp, kv_heads)
-        assert rows.shape == (nq + nk + nv, D)
+        assert rows.shape == (nq + 2 * nkv, D)
+        assert fused["fused.layers.0.self_attn.qkv.bias"].shape == (nq + 2 * nkv,)
         q_parts.append(rows[:nq])
-        k_parts.append(rows[nq : nq + nk])
-        if kv_heads < tp:  # each kv head is replicated to the tp // kv_heads ranks sharing it
-            head = rank * kv_heads // tp
-            assert same_bits(rows[nq + nk :], v[head * HEAD_DIM : (head + 1) * HEAD_DIM])
-        bias = fused["fused.layers.0.self_attn.qkv.bias"]
-        assert bias.shape == (nq + nk + nv,)
+        k_parts.append(rows[nq : nq + nkv])
+        v_parts.append(rows[nq + nkv :])
         gate_up = fused["fused.layers.0.mlp.gate_up.weight"]
         up_parts.append((gate_up.T if layout == "in_out" else gate_up)[FFN // tp :])
     assert same_bits(np.concatenate(q_parts), q)
-    up = tensors[LAYER.format(0, "mlp", "up", "weight")]
-    assert same_bits(np.concatenate(up_parts), up)
-    if kv_heads >= tp:
-        assert same_bits(np.concatenate(k_parts), k)
-    else:
-        assert len(k_parts) == tp and all(part.shape == (HEAD_DIM, D) for part in k_parts)
-        assert kv_rows == kv_heads * HEAD_DIM
+    assert same_bits(np.concatenate(up_parts), tensors[LAYER.format(0, "mlp", "up", "weight")])
+    if kv_heads >= tp:  # kv heads divide among the ranks
+        assert same_bits(np.concatenate(k_parts), k) and same_bits(np.concatenate(v_parts), v)
+    else:  # each kv head is replicated, whole, to the tp // kv_heads ranks sharing it
+        for rank in range(tp):
+            head = slice(rank * kv_heads // tp * HEAD_DIM, (rank * kv_heads // tp + 1) * HEAD_DIM)
+            assert same_bits(k_parts[rank], k[head]) and same_bits(v_parts[rank], v[head])
 
 
 @pytest.mark.parametrize(
