@@ -80,11 +80,13 @@ def warm_page_cache(path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Child processes: one helper for fresh-process timing, one for peak-memory sampling.
 
+
 def fresh(code: str, env: dict[str, str] | None = None) -> tuple[float, str]:
     """Run ``python -c code`` in a fresh interpreter; (wall seconds, stdout). Fails loudly."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
     wall = time.perf_counter() - start
     if done.returncode:
         raise RuntimeError(f"child failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
@@ -176,7 +178,10 @@ def _copy_fsync(src: str, dst: str) -> None:
 
 
 FILE_OPS: dict[str, Callable[[str, str], Any]] = {
-    "fuse_file": _fuse_file, "copyfile": shutil.copyfile, "copyfile+fsync": _copy_fsync, "numpy": _numpy_file,
+    "fuse_file": _fuse_file,
+    "copyfile": shutil.copyfile,
+    "copyfile+fsync": _copy_fsync,
+    "numpy": _numpy_file,
 }
 
 
@@ -191,19 +196,20 @@ def file_argv(op: str, src: Path, dst: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Cases.
 
+
 @dataclass(frozen=True)
 class Impl:
-    run: Callable[[], Any]                      # what is timed
-    setup: Callable[[], None] | None = None     # untimed, before each run
+    run: Callable[[], Any]  # what is timed
+    setup: Callable[[], None] | None = None  # untimed, before each run
     extra: Callable[[], dict[str, float]] | None = None  # measured once, untimed (e.g. peak RSS)
-    self_timed: bool = False                    # run() returns its own seconds (timed inside a child)
+    self_timed: bool = False  # run() returns its own seconds (timed inside a child)
 
 
 @dataclass(frozen=True)
 class Group:
-    params: dict[str, tuple[str, ...]]          # parameter -> implementation names
+    params: dict[str, tuple[str, ...]]  # parameter -> implementation names
     build: Callable[[str, str], dict[str, Impl | None]]  # (size, param) -> impls (None: unavailable)
-    rounds: int                                 # timed runs (min of them in report.py)
+    rounds: int  # timed runs (min of them in report.py)
 
 
 @functools.lru_cache(maxsize=1)
@@ -277,8 +283,9 @@ def _widen(size: str, dtype: str) -> dict[str, Impl | None]:
     _, fuse = _fastfuse(qkv, np.float32)
     return {
         "fastfuse": Impl(fuse),
-        "numpy": Impl(lambda: [np.ascontiguousarray(np.concatenate([p.astype(np.float32).T for p in parts], 1))
-                               for parts in qkv]),
+        "numpy": Impl(
+            lambda: [np.ascontiguousarray(np.concatenate([p.astype(np.float32).T for p in parts], 1)) for parts in qkv]
+        ),
     }
 
 
@@ -340,8 +347,11 @@ def _file(size: str, dtype: str) -> dict[str, Impl | None]:
 
     def impl(op: str) -> Impl:
         argv = file_argv(op, src, dst)
-        run: Callable[[], Any] = functools.partial(FILE_OPS[op], str(src), str(dst)) if op != "cli" else \
-            functools.partial(subprocess.run, argv, check=True, capture_output=True)
+        run: Callable[[], Any] = (
+            functools.partial(FILE_OPS[op], str(src), str(dst))
+            if op != "cli"
+            else functools.partial(subprocess.run, argv, check=True, capture_output=True)
+        )
 
         def extra() -> dict[str, float]:  # the lower of two runs: a first run may (re)compile kernels
             runs = []
@@ -402,14 +412,21 @@ GROUPS: dict[str, Group] = {
     "layouts": Group({layout: ("fastfuse", "memcpy") for layout in ("in_out", "out_in")}, _layouts, rounds=7),
     "load": Group({"float16": ("fastfuse", "load_file", "safe_open+numpy")}, _load, rounds=5),
     "file": Group({"float16": ("fuse_file", "cli", "copyfile", "copyfile+fsync", "numpy")}, _file, rounds=3),
-    "startup": Group({"load": ("fastfuse", "fastfuse-cold", "load_file"), "fuse": ("fastfuse", "numpy")},
-                     _startup, rounds=10),
-    "scaling": Group({dt: tuple(f"{impl}-{n}t" for impl in ("fastfuse", "memcpy") for n in THREADS)
-                      for dt in ("float32", "float16")},
-                     _scaling, rounds=7),
+    "startup": Group(
+        {"load": ("fastfuse", "fastfuse-cold", "load_file"), "fuse": ("fastfuse", "numpy")}, _startup, rounds=10
+    ),
+    "scaling": Group(
+        {
+            dt: tuple(f"{impl}-{n}t" for impl in ("fastfuse", "memcpy") for n in THREADS)
+            for dt in ("float32", "float16")
+        },
+        _scaling,
+        rounds=7,
+    ),
 }
-CASES = [(group, param, impl) for group, spec in GROUPS.items() for param, names in spec.params.items()
-         for impl in names]
+CASES = [
+    (group, param, impl) for group, spec in GROUPS.items() for param, names in spec.params.items() for impl in names
+]
 
 
 @functools.lru_cache(maxsize=1)

@@ -36,15 +36,23 @@ class Row(NamedTuple):
 
 F16 = "float16"
 ROWS = [
-    *[row for dt in cases.DTYPES for row in [
-        Row(f"kernel {dt} vs memcpy", "kernel", dt, "fastfuse", "memcpy", *(("<=", 1.5) if dt != "bfloat16" else ())),
-        Row(f"kernel {dt} vs original loop (serial)", "kernel", dt, "fastfuse", "serial", "<=", 1 / 4),
-        Row(f"kernel {dt} vs numpy", "kernel", dt, "fastfuse", "numpy", "<=", 1 / 3),
-        Row(f"kernel {dt} vs torch", "kernel", dt, "fastfuse", "torch", "<", 1.0),
-    ]],
+    *[
+        row
+        for dt in cases.DTYPES
+        for row in [
+            Row(
+                f"kernel {dt} vs memcpy", "kernel", dt, "fastfuse", "memcpy", *(("<=", 1.5) if dt != "bfloat16" else ())
+            ),
+            Row(f"kernel {dt} vs original loop (serial)", "kernel", dt, "fastfuse", "serial", "<=", 1 / 4),
+            Row(f"kernel {dt} vs numpy", "kernel", dt, "fastfuse", "numpy", "<=", 1 / 3),
+            Row(f"kernel {dt} vs torch", "kernel", dt, "fastfuse", "torch", "<", 1.0),
+        ]
+    ],
     *[Row(f"widen {dt}->f32 vs numpy astype", "widen", dt, "fastfuse", "numpy") for dt in (F16, "bfloat16")],
-    *[Row(f"GQA qkv f16, layout {layout} vs memcpy", "layouts", layout, "fastfuse", "memcpy", "<=", 1.5)
-      for layout in ("in_out", "out_in")],
+    *[
+        Row(f"GQA qkv f16, layout {layout} vs memcpy", "layouts", layout, "fastfuse", "memcpy", "<=", 1.5)
+        for layout in ("in_out", "out_in")
+    ],
     Row("load vs load_file", "load", F16, "fastfuse", "load_file", "<=", 0.5),
     Row("load vs safe_open + numpy fusion", "load", F16, "fastfuse", "safe_open+numpy"),
     Row("file: fuse_file vs copyfile", "file", F16, "fuse_file", "copyfile", "<=", 1.3),
@@ -57,12 +65,16 @@ ROWS = [
     Row("fresh process: load vs load_file (warm compile cache)", "startup", "load", "fastfuse", "load_file", "<=", 0.5),
     Row("fresh process: load vs load_file (cold compile cache)", "startup", "load", "fastfuse-cold", "load_file"),
     Row("fresh process: import + first tiny fuse vs import numpy", "startup", "fuse", "fastfuse", "numpy", "+<=", 0.15),
-    *[row for dt in ("float32", F16) for row in [
-        Row(f"scaling {dt}: kernel vs memcpy, 1 thread", "scaling", dt, "fastfuse-1t", "memcpy-1t"),
-        Row(f"scaling {dt}: kernel vs memcpy, 2 threads", "scaling", dt, "fastfuse-2t", "memcpy-2t"),
-        Row(f"scaling {dt}: kernel 2 threads vs 1", "scaling", dt, "fastfuse-2t", "fastfuse-1t"),
-        Row(f"scaling {dt}: memcpy 2 threads vs 1", "scaling", dt, "memcpy-2t", "memcpy-1t"),
-    ]],
+    *[
+        row
+        for dt in ("float32", F16)
+        for row in [
+            Row(f"scaling {dt}: kernel vs memcpy, 1 thread", "scaling", dt, "fastfuse-1t", "memcpy-1t"),
+            Row(f"scaling {dt}: kernel vs memcpy, 2 threads", "scaling", dt, "fastfuse-2t", "memcpy-2t"),
+            Row(f"scaling {dt}: kernel 2 threads vs 1", "scaling", dt, "fastfuse-2t", "fastfuse-1t"),
+            Row(f"scaling {dt}: memcpy 2 threads vs 1", "scaling", dt, "memcpy-2t", "memcpy-1t"),
+        ]
+    ],
 ]
 
 
@@ -151,8 +163,10 @@ def machine() -> str:
     import numba
     import numpy
 
-    return (f"{datetime.date.today()} · {model} · nproc {len(os.sched_getaffinity(0))} · "
-            f"Python {platform.python_version()} · numpy {numpy.__version__} · numba {numba.__version__}")
+    return (
+        f"{datetime.date.today()} · {model} · nproc {len(os.sched_getaffinity(0))} · "
+        f"Python {platform.python_version()} · numpy {numpy.__version__} · numba {numba.__version__}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,9 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"whisper {args.size} · {machine()} · other processes kept {others:.0%} of the CPUs busy while measuring\n")
     print("\n".join(table(times, extras, groups)))
     if extras:
-        print("\nfile-to-file alone in a child (lower of two runs): " + "; ".join(
-            f"{name}: {e['seconds']:.2f} s, RssAnon {e['rss_anon_mb']:.0f} MB, VmHWM {e['vm_hwm_mb']:.0f} MB"
-            for (_, _, name), e in extras.items()))
+        print(
+            "\nfile-to-file alone in a child (lower of two runs): "
+            + "; ".join(
+                f"{name}: {e['seconds']:.2f} s, RssAnon {e['rss_anon_mb']:.0f} MB, VmHWM {e['vm_hwm_mb']:.0f} MB"
+                for (_, _, name), e in extras.items()
+            )
+        )
     cases.output_file().unlink(missing_ok=True)
     return 0
 

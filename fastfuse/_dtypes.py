@@ -9,7 +9,7 @@ import numpy as np
 from ._typing import DTypeLike
 from .errors import DtypeMismatchError
 
-__all__ = ["WIDENINGS", "as_dtype", "result_dtype", "check_movable"]
+__all__ = ["WIDENINGS", "as_dtype", "check_movable", "result_dtype"]
 
 # (source dtype name, destination dtype name) -> kernel conversion mode, besides identity (0).
 WIDENINGS = {("float16", "float32"): 1, ("bfloat16", "float32"): 2}

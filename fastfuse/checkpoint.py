@@ -19,7 +19,7 @@ from ._typing import PathLike
 from .errors import FuseError, MalformedFileError
 from .plan import FuseOptions
 
-__all__ = ["Checkpoint", "open_checkpoint", "INDEX_NAME", "SINGLE_NAME"]
+__all__ = ["INDEX_NAME", "SINGLE_NAME", "Checkpoint", "open_checkpoint"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -48,9 +48,7 @@ class Checkpoint:
         return dict(self.headers[0].metadata or {})
 
     def metas(self) -> dict[str, _Meta]:
-        return {
-            key: _Meta(info.shape, st_format.dtype_of(info.dtype)) for key, (_, info) in self.location.items()
-        }
+        return {key: _Meta(info.shape, st_format.dtype_of(info.dtype)) for key, (_, info) in self.location.items()}
 
     def with_config(self, options: FuseOptions) -> FuseOptions:
         """``options`` with head counts from a ``config.json`` beside the checkpoint, if needed and found.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -55,7 +54,11 @@ def _print_plan(fusion: Any, stream: Any = None) -> None:
     out = stream or sys.stdout
     layers = ", ".join(f"{name} x{count}" for name, count in fusion.layers.items()) or "none"
     dtypes = sorted({t.dtype.name for t in fusion.fused})
-    print(f"scheme   {fusion.scheme} (prefix {fusion.prefix!r}), layout {fusion.layout}" + (f", tp {fusion.tp}" if fusion.tp > 1 else ""), file=out)
+    print(
+        f"scheme   {fusion.scheme} (prefix {fusion.prefix!r}), layout {fusion.layout}"
+        + (f", tp {fusion.tp}" if fusion.tp > 1 else ""),
+        file=out,
+    )
     print(f"d        {fusion.d}", file=out)
     print(f"groups   {layers}", file=out)
     print(f"dtype    {', '.join(dtypes) or '-'}", file=out)
@@ -69,8 +72,15 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     options = _options(args) | ({"keep_originals": False} if args.drop_originals else {})
     total = sum(h.file_size for h in open_checkpoint(args.src).headers)
     with _progress(total, "fuse", not args.quiet and not args.json) as progress:
-        fusion = fuse_file(args.src, args.dst, overwrite_destination=args.force, max_shard_size=args.max_shard_size,
-                           single_file=args.single_file, progress=progress, **options)
+        fusion = fuse_file(
+            args.src,
+            args.dst,
+            overwrite_destination=args.force,
+            max_shard_size=args.max_shard_size,
+            single_file=args.single_file,
+            progress=progress,
+            **options,
+        )
     if args.json:
         print(json.dumps({"destination": str(args.dst), **fusion.to_dict()}))
     elif not args.quiet:
@@ -86,11 +96,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     checkpoint = open_checkpoint(args.file)
     fusion = plan(args.file, overwrite=True, **_options(args))
     if fusion.already_fused and not fusion.fused:
-        print(f"note     {args.file} is stored already fused ({fusion.scheme}); --convert rewrites it in --layout",
-              file=sys.stderr)
+        print(
+            f"note     {args.file} is stored already fused ({fusion.scheme}); --convert rewrites it in --layout",
+            file=sys.stderr,
+        )
     size = sum(h.file_size for h in checkpoint.headers)
     if args.json:
-        print(json.dumps({"file": str(args.file), "tensors": len(checkpoint.location), "file_bytes": size, **fusion.to_dict()}))
+        print(
+            json.dumps(
+                {"file": str(args.file), "tensors": len(checkpoint.location), "file_bytes": size, **fusion.to_dict()}
+            )
+        )
         return 0
     print(f"file     {args.file} ({len(checkpoint.location)} tensors, {_human(size)})")
     _print_plan(fusion)
@@ -105,7 +121,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"file": str(args.file), "ok": not different, "different": different}))
     elif different:
-        print(f"fastfuse: error: {different[0]!r} differs from its recomputation ({len(different)} tensor(s) differ)", file=sys.stderr)
+        print(
+            f"fastfuse: error: {different[0]!r} differs from its recomputation ({len(different)} tensor(s) differ)",
+            file=sys.stderr,
+        )
     else:
         print(f"ok: every fused tensor of {args.file} matches its originals bit for bit")
     return 1 if different else 0
@@ -152,9 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--logits", action="store_true", help="also write the tied logits weight [d, vocab]")
         p.add_argument("--dtype", choices=["float32"], help="widen float16/bfloat16 to float32 while fusing")
         p.add_argument("--scheme", help="naming scheme (default: detect from the keys)")
-        p.add_argument("--convert", action="store_true", help="convert an already fused checkpoint (Phi-3, GPT-2) to --layout")
-        p.add_argument("--layout", choices=["in_out", "out_in"],
-                       help="in_out: [in, sum(out)] for x @ W (default); out_in: [sum(out), in] for F.linear (vLLM, CTranslate2)")
+        p.add_argument(
+            "--convert", action="store_true", help="convert an already fused checkpoint (Phi-3, GPT-2) to --layout"
+        )
+        p.add_argument(
+            "--layout",
+            choices=["in_out", "out_in"],
+            help="in_out: [in, sum(out)] for x @ W (default); out_in: [sum(out), in] for F.linear (vLLM, CTranslate2)",
+        )
         p.add_argument("--tp", type=int, help="tensor-parallel ranks: write one file per rank into DST (a folder)")
         p.add_argument("--heads", type=int, help="attention heads, to split for --tp (default: config.json beside SRC)")
         p.add_argument("--kv-heads", type=int, help="key/value heads (GQA), to split for --tp")
@@ -164,8 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="destination .safetensors file (written atomically)")
     fusion_options(p)
     p.add_argument("--drop-originals", action="store_true", help="leave out the fused sources")
-    p.add_argument("--max-shard-size", metavar="SIZE",
-                   help="write DST as a folder of shards of at most SIZE (e.g. 5GB); sharded inputs default to their largest shard")
+    p.add_argument(
+        "--max-shard-size",
+        metavar="SIZE",
+        help="write DST as a folder of shards of at most SIZE (e.g. 5GB); sharded inputs default to their largest shard",
+    )
     p.add_argument("--single-file", action="store_true", help="write a sharded input as one file")
     p.add_argument("--force", action="store_true", help="replace an existing destination")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")

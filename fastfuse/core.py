@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from ._typing import DTypeLike, FuseKwargs, PathLike, TensorLike
 
-__all__ = ["transpose_concat", "plan", "fuse", "execute", "run_groups"]
+__all__ = ["execute", "fuse", "plan", "run_groups", "transpose_concat"]
 
 Group = tuple[Sequence[np.ndarray], np.ndarray]
 
@@ -119,7 +119,9 @@ def execute(
     return results
 
 
-def _source_part(tensors: Mapping[str, np.ndarray], key: str | None, start: int, rows: int, target: FusedTensor) -> np.ndarray:
+def _source_part(
+    tensors: Mapping[str, np.ndarray], key: str | None, start: int, rows: int, target: FusedTensor
+) -> np.ndarray:
     """Rows ``start:start+rows`` of a source as ``[rows, in]`` (a bias: ``[rows]``), or zeros."""
     if key is None:
         return np.zeros(rows, target.dtype)
@@ -127,6 +129,7 @@ def _source_part(tensors: Mapping[str, np.ndarray], key: str | None, start: int,
     if target.transposed and target.kind == "weight":
         array = array.T
     return array[start : start + rows]
+
 
 def transpose_concat(
     parts: Sequence[np.ndarray],
@@ -171,8 +174,7 @@ def transpose_concat(
 def _check_parts(parts: Sequence[np.ndarray]) -> list[np.ndarray]:
     if isinstance(parts, np.ndarray) or not isinstance(parts, Sequence) or not parts:
         raise ShapeMismatchError(
-            "transpose_concat needs a non-empty sequence of 2-D arrays, e.g. [q, k, v]; "
-            f"found {type(parts).__name__}"
+            f"transpose_concat needs a non-empty sequence of 2-D arrays, e.g. [q, k, v]; found {type(parts).__name__}"
         )
     arrays: list[np.ndarray] = []
     for j, part in enumerate(parts):
@@ -192,7 +194,6 @@ def _check_parts(parts: Sequence[np.ndarray]) -> list[np.ndarray]:
     return arrays
 
 
-
 def _check_out(out: np.ndarray, shape: tuple[int, int], dtype: np.dtype[Any], parts: list[np.ndarray]) -> None:
     if not isinstance(out, np.ndarray):
         raise ShapeMismatchError(f"out: expected a numpy array, found {type(out).__name__}")
@@ -201,7 +202,9 @@ def _check_out(out: np.ndarray, shape: tuple[int, int], dtype: np.dtype[Any], pa
             f"out: expected shape {list(shape)} of {dtype}, found {list(out.shape)} of {out.dtype}"
         )
     if not out.flags.c_contiguous or not out.flags.writeable:
-        raise ShapeMismatchError("out: expected a writable C-contiguous array; pass np.ascontiguousarray(out) or a fresh buffer")
+        raise ShapeMismatchError(
+            "out: expected a writable C-contiguous array; pass np.ascontiguousarray(out) or a fresh buffer"
+        )
     for j, part in enumerate(parts):
         if np.may_share_memory(out, part):
             raise ShapeMismatchError(f"out overlaps part {j}; fastfuse does not fuse in place")
@@ -247,13 +250,21 @@ def run_groups(groups: Sequence[Group]) -> None:
         dst = _address(out)
         for part in parts:
             tiling = k.tiling(part.strides[0], part.strides[1], part.dtype.itemsize, mode)
-            rows.append([
-                _address(part), part.strides[0], part.strides[1], part.shape[0], part.shape[1],
-                dst, out.strides[0], tiling, k.tile_count(part.shape[0], part.shape[1], tiling),
-            ])
+            rows.append(
+                [
+                    _address(part),
+                    part.strides[0],
+                    part.strides[1],
+                    part.shape[0],
+                    part.shape[1],
+                    dst,
+                    out.strides[0],
+                    tiling,
+                    k.tile_count(part.shape[0], part.shape[1], tiling),
+                ]
+            )
             dst += part.shape[0] * out.dtype.itemsize
     for (src_width, dst_width, mode), rows in batches.items():
         jobs = np.array(rows, dtype=np.int64).reshape(-1, k.JOB_COLUMNS)
         np.cumsum(jobs[:, k.J_TILE_END], out=jobs[:, k.J_TILE_END])
         k.transpose_parts(jobs, mode, _like(src_width), _like(dst_width))
-

@@ -28,7 +28,10 @@ def whisper_shapes(size: str, *, prefix: str = "model.") -> dict[str, tuple[int,
     """Key -> shape of a Hugging Face Whisper checkpoint of ``size`` (attention, MLP, norms, embeddings)."""
     d, encoder_layers, decoder_layers, vocab = WHISPER_SIZES[size]
     shapes: dict[str, tuple[int, ...]] = {}
-    for side, layers, blocks in (("encoder", encoder_layers, ("self_attn",)), ("decoder", decoder_layers, ("self_attn", "encoder_attn"))):
+    for side, layers, blocks in (
+        ("encoder", encoder_layers, ("self_attn",)),
+        ("decoder", decoder_layers, ("self_attn", "encoder_attn")),
+    ):
         base = f"{prefix}{side}"
         for i in range(layers):
             for block in blocks:
@@ -52,7 +55,9 @@ def whisper_shapes(size: str, *, prefix: str = "model.") -> dict[str, tuple[int,
     return shapes
 
 
-def whisper_checkpoint(size: str, dtype: Any = np.float32, *, seed: int = 0, prefix: str = "model.") -> dict[str, np.ndarray]:
+def whisper_checkpoint(
+    size: str, dtype: Any = np.float32, *, seed: int = 0, prefix: str = "model."
+) -> dict[str, np.ndarray]:
     """Random tensors with the names and shapes of :func:`whisper_shapes`."""
     rng = np.random.default_rng(seed)
     return {
@@ -74,8 +79,10 @@ def run(folder: Path, size: str = "tiny") -> bool:
     start = time.perf_counter()
     fusion = files.fuse_file(source, destination, overwrite_destination=True, cross_kv=True)
     took = time.perf_counter() - start
-    print(f"fused    {len(fusion.fused)} tensors ({', '.join(f'{g} x{n}' for g, n in fusion.layers.items())}) "
-          f"-> {destination} in {took:.2f} s (includes the first kernel compile or cache load)")
+    print(
+        f"fused    {len(fusion.fused)} tensors ({', '.join(f'{g} x{n}' for g, n in fusion.layers.items())}) "
+        f"-> {destination} in {took:.2f} s (includes the first kernel compile or cache load)"
+    )
     different = files.verify(destination)
     print(f"verify   {'ok: bit-exact' if not different else f'MISMATCH in {different}'}")
     loaded = files.load(source)

@@ -7,13 +7,13 @@ output is written. Messages name the key(s), what was expected and what was foun
 from __future__ import annotations
 
 __all__ = [
-    "FuseError",
-    "MissingTensorError",
-    "ShapeMismatchError",
     "DtypeMismatchError",
-    "MalformedFileError",
-    "SchemeNotDetectedError",
+    "FuseError",
     "KeyConflictError",
+    "MalformedFileError",
+    "MissingTensorError",
+    "SchemeNotDetectedError",
+    "ShapeMismatchError",
 ]
 
 

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from ._typing import FuseKwargs
 
-__all__ = ["load", "fuse_file", "verify", "unfuse", "parse_size"]
+__all__ = ["fuse_file", "load", "parse_size", "unfuse", "verify"]
 
 META_PREFIX = "fastfuse."
 TP_INDEX_NAME = "tensor_parallel.json"
@@ -111,10 +111,21 @@ def recorded_plan(metadata: Mapping[str, str], metas: Mapping[str, Any], path: o
         for key, entry in recipe.items():
             meta = metas[key]
             kind = "weight" if len(meta.shape) == 2 else "bias"
-            fused.append(FusedTensor(
-                key, "recorded", None, kind, tuple(entry["sources"]), tuple(entry["rows"]), tuple(meta.shape),
-                meta.dtype, tuple(entry["starts"]), bool(entry["transposed"]), layout,
-            ))
+            fused.append(
+                FusedTensor(
+                    key,
+                    "recorded",
+                    None,
+                    kind,
+                    tuple(entry["sources"]),
+                    tuple(entry["rows"]),
+                    tuple(meta.shape),
+                    meta.dtype,
+                    tuple(entry["starts"]),
+                    bool(entry["transposed"]),
+                    layout,
+                )
+            )
         dtypes = {key: entry["source_dtype"] for key, entry in recipe.items()}
         options = FuseOptions(layout=layout, tp=int(metadata.get(f"{META_PREFIX}tp", "1")))
     except (KeyError, TypeError, ValueError) as exc:
@@ -122,8 +133,15 @@ def recorded_plan(metadata: Mapping[str, str], metas: Mapping[str, Any], path: o
             f"{path}: no valid fastfuse recipe in __metadata__ ({exc.__class__.__name__}: {exc}); "
             "was it written by `fastfuse fuse`?"
         ) from None
-    fusion = Plan(metadata.get(f"{META_PREFIX}scheme", "recorded"), "", None, {}, tuple(fused),
-                  layout=options.layout, tp=options.tp)
+    fusion = Plan(
+        metadata.get(f"{META_PREFIX}scheme", "recorded"),
+        "",
+        None,
+        {},
+        tuple(fused),
+        layout=options.layout,
+        tp=options.tp,
+    )
     return fusion, dtypes
 
 
@@ -164,11 +182,21 @@ def parse_size(text: str | int) -> int:
     if isinstance(text, int):
         size = text
     else:
-        units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-                 "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+        units = {
+            "": 1,
+            "B": 1,
+            "KB": 10**3,
+            "MB": 10**6,
+            "GB": 10**9,
+            "TB": 10**12,
+            "KIB": 2**10,
+            "MIB": 2**20,
+            "GIB": 2**30,
+            "TIB": 2**40,
+        }
         number = text.strip().upper().rstrip("BIKMGT")
         try:
-            size = int(float(number) * units[text.strip().upper()[len(number):]])
+            size = int(float(number) * units[text.strip().upper()[len(number) :]])
         except (KeyError, ValueError):
             raise FuseError(f"max shard size {text!r}: expected bytes like 5GB, 500MB or 2GiB") from None
     if size <= 0:
@@ -231,15 +259,24 @@ def fuse_file(
         part = fusion.for_rank(rank)
         fused_keys = {t.key for t in part.fused}
         kept = [key for key in metas if key not in fusion.dropped and key not in fused_keys]
-        entries = [(key, metas[key].dtype, metas[key].shape) for key in kept] + [(t.key, t.dtype, t.shape) for t in part.fused]
-        jobs.append((rank, entries, {**base, **_describe(part, metas, rank)}, _filler(checkpoint, arrays, part, kept, progress)))
+        entries = [(key, metas[key].dtype, metas[key].shape) for key in kept] + [
+            (t.key, t.dtype, t.shape) for t in part.fused
+        ]
+        jobs.append(
+            (rank, entries, {**base, **_describe(part, metas, rank)}, _filler(checkpoint, arrays, part, kept, progress))
+        )
     if fusion.tp > 1:
         names = [f"rank-{rank}-of-{fusion.tp}.safetensors" for rank, *_ in jobs]
         index = {"tp": fusion.tp, "layout": fusion.layout, "ranks": names}
-        _write_folder(destination, [(name, *job[1:]) for name, job in zip(names, jobs)], TP_INDEX_NAME, index,
-                      overwrite=overwrite_destination)
+        _write_folder(
+            destination,
+            [(name, *job[1:]) for name, job in zip(names, jobs)],
+            TP_INDEX_NAME,
+            index,
+            overwrite=overwrite_destination,
+        )
         return fusion
-    (_, entries, metadata, fill), = jobs
+    ((_, entries, metadata, fill),) = jobs
     if single_file or (checkpoint.index is None and max_shard_size is None):
         _write(destination, entries, metadata, fill, overwrite=overwrite_destination)
         return fusion
@@ -249,12 +286,19 @@ def fuse_file(
     total = sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for _, dtype, shape in entries)
     weight_map = dict(sorted((key, name) for name, shard in zip(names, shards) for key, _, _ in shard))
     index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
-    _write_folder(destination, [(name, shard, metadata, fill) for name, shard in zip(names, shards)], INDEX_NAME, index,
-                  overwrite=overwrite_destination)
+    _write_folder(
+        destination,
+        [(name, shard, metadata, fill) for name, shard in zip(names, shards)],
+        INDEX_NAME,
+        index,
+        overwrite=overwrite_destination,
+    )
     return fusion
 
 
-def _filler(checkpoint: Checkpoint, arrays: Mapping[str, np.ndarray], fusion: Plan, kept: list[str], progress: Progress | None) -> Fill:
+def _filler(
+    checkpoint: Checkpoint, arrays: Mapping[str, np.ndarray], fusion: Plan, kept: list[str], progress: Progress | None
+) -> Fill:
     """Fill one output file: copy the kept originals it holds, then run the kernel into its map."""
 
     def fill(writer: st_format.AtomicWriter, offsets: dict[str, tuple[int, int]]) -> None:
@@ -290,7 +334,9 @@ def _write_folder(
     try:
         for name, entries, metadata, fill in files:
             _write(folder / name, entries, metadata, fill, overwrite=overwrite)
-        st_format.write_bytes_atomic(folder / index_name, json.dumps(index, indent=2).encode() + b"\n", overwrite=overwrite)
+        st_format.write_bytes_atomic(
+            folder / index_name, json.dumps(index, indent=2).encode() + b"\n", overwrite=overwrite
+        )
     except BaseException:
         if created:
             for path in paths:
@@ -345,7 +391,9 @@ def unfuse(src: PathLike, dst: PathLike, *, overwrite_destination: bool = False)
     pieces: dict[str, tuple[FusedTensor, int, int]] = {}
     for t in fusion.fused:
         if as_dtype(source_dtypes[t.key]) != t.dtype:
-            raise FuseError(f"{t.key!r} was widened from {source_dtypes[t.key]} to {t.dtype.name}; unfuse does not narrow")
+            raise FuseError(
+                f"{t.key!r} was widened from {source_dtypes[t.key]} to {t.dtype.name}; unfuse does not narrow"
+            )
         offset = 0
         for source, rows in zip(t.sources, t.rows):
             if source is not None and source not in metas:

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from . import rules
-from ._typing import DTypeLike, TensorLike
 from ._dtypes import check_movable, result_dtype
+from ._typing import DTypeLike, TensorLike
 from .errors import (
     DtypeMismatchError,
     FuseError,
@@ -27,7 +27,7 @@ from .errors import (
     ShapeMismatchError,
 )
 
-__all__ = ["FuseOptions", "FusedTensor", "Plan", "make_plan", "LAYOUTS"]
+__all__ = ["LAYOUTS", "FuseOptions", "FusedTensor", "Plan", "make_plan"]
 
 LAYOUTS = ("in_out", "out_in")  # [in, sum(out)] for x @ W (ours); [sum(out), in] for F.linear (vLLM, CTranslate2)
 
@@ -159,8 +159,14 @@ class Plan:
             "fused_bytes": self.nbytes,
             "dropped": sorted(self.dropped),
             "fused": [
-                {"key": t.key, "group": t.group, "rank": t.rank, "shape": list(t.shape), "dtype": t.dtype.name,
-                 "sources": list(t.sources)}
+                {
+                    "key": t.key,
+                    "group": t.group,
+                    "rank": t.rank,
+                    "shape": list(t.shape),
+                    "dtype": t.dtype.name,
+                    "sources": list(t.sources),
+                }
                 for t in self.fused
             ],
         }
@@ -172,7 +178,9 @@ def make_plan(tensors: Mapping[str, TensorLike], options: FuseOptions) -> Plan:
     names = options.names or {}
     unknown = set(names) - {g.name for g in chosen.groups}
     if unknown:
-        raise FuseError(f"names: unknown group(s) {sorted(unknown)}; {chosen.name} has {[g.name for g in chosen.groups]}")
+        raise FuseError(
+            f"names: unknown group(s) {sorted(unknown)}; {chosen.name} has {[g.name for g in chosen.groups]}"
+        )
     builder = _Builder(tensors, prefix, options)
     layers: dict[str, int] = {}
     for rule in chosen.groups:
@@ -194,7 +202,9 @@ def make_plan(tensors: Mapping[str, TensorLike], options: FuseOptions) -> Plan:
         raise FuseError(f"tp={options.tp}: nothing to split in this {chosen.name} checkpoint{hint}")
     _check_outputs(fused, tensors, options.overwrite)
     dropped = frozenset() if options.keep_originals else frozenset(builder.droppable)
-    return Plan(chosen.name, prefix, builder.d, layers, fused, dropped, options.layout, options.tp, chosen.already_fused)
+    return Plan(
+        chosen.name, prefix, builder.d, layers, fused, dropped, options.layout, options.tp, chosen.already_fused
+    )
 
 
 def _detect(tensors: Mapping[str, TensorLike], scheme: str) -> tuple[rules.Scheme, str]:
@@ -217,7 +227,10 @@ def _detect(tensors: Mapping[str, TensorLike], scheme: str) -> tuple[rules.Schem
                 scores[(candidate, prefix)] = hits
     if not scores:
         sample = ", ".join(repr(k) for k in list(tensors)[:3]) or "none"
-        known = "; ".join(f"{s.name} ({s.groups[0].source.format(prefix=s.prefixes[0], i=0, part=s.groups[0].parts[0], kind='weight')})" for s in candidates)
+        known = "; ".join(
+            f"{s.name} ({s.groups[0].source.format(prefix=s.prefixes[0], i=0, part=s.groups[0].parts[0], kind='weight')})"
+            for s in candidates
+        )
         raise SchemeNotDetectedError(
             f"no fusion scheme matches the {len(tensors)} keys (first: {sample}); expected keys like: {known}"
         )
@@ -295,15 +308,45 @@ class _Builder:
             starts, counts = self._split(rule, weights, rows, rank)
             total = sum(counts)
             shape = (d, total) if layout == "in_out" else (total, d)
-            self.fused.append(FusedTensor(name(kind="weight"), rule.name, layer, "weight", tuple(weights), counts,
-                                          shape, target, starts, transposed, layout, rank))
+            self.fused.append(
+                FusedTensor(
+                    name(kind="weight"),
+                    rule.name,
+                    layer,
+                    "weight",
+                    tuple(weights),
+                    counts,
+                    shape,
+                    target,
+                    starts,
+                    transposed,
+                    layout,
+                    rank,
+                )
+            )
             if any(b is not None for b in biases):
-                self.fused.append(FusedTensor(name(kind="bias"), rule.name, layer, "bias", tuple(biases), counts,
-                                              (total,), target, starts, False, layout, rank))
+                self.fused.append(
+                    FusedTensor(
+                        name(kind="bias"),
+                        rule.name,
+                        layer,
+                        "bias",
+                        tuple(biases),
+                        counts,
+                        (total,),
+                        target,
+                        starts,
+                        False,
+                        layout,
+                        rank,
+                    )
+                )
         if rule.drop_sources:
             self.droppable.extend(present)
 
-    def _split(self, rule: rules.GroupRule, weights: list[str], rows: tuple[int, ...], rank: int | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def _split(
+        self, rule: rules.GroupRule, weights: list[str], rows: tuple[int, ...], rank: int | None
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Row ranges (starts, counts) of each part that ``rank`` owns; all rows without TP."""
         if rank is None:
             return (0,) * len(rows), rows
@@ -315,10 +358,14 @@ class _Builder:
         if "heads" in rule.split:
             if heads is None:
                 key = weights[rule.split.index("heads")]
-                raise FuseError(f"tp={tp} needs the attention head count to split {key!r}: pass heads= (and kv_heads= for GQA)")
+                raise FuseError(
+                    f"tp={tp} needs the attention head count to split {key!r}: pass heads= (and kv_heads= for GQA)"
+                )
             q_rows = rows[rule.split.index("heads")]
             if q_rows % heads:
-                raise ShapeMismatchError(f"{weights[rule.split.index('heads')]!r}: {q_rows} rows do not divide into {heads} heads")
+                raise ShapeMismatchError(
+                    f"{weights[rule.split.index('heads')]!r}: {q_rows} rows do not divide into {heads} heads"
+                )
             head_dim = q_rows // heads
         ranges = []
         for kind, key, n in zip(rule.split, weights, rows):
@@ -360,7 +407,9 @@ class _Builder:
     def _meta(self, key: str) -> TensorLike:
         """The tensor at ``key``, checked to carry a numpy ``shape`` and ``dtype``."""
         value = self.tensors[key]
-        if not isinstance(getattr(value, "dtype", None), np.dtype) or not isinstance(getattr(value, "shape", None), tuple):
+        if not isinstance(getattr(value, "dtype", None), np.dtype) or not isinstance(
+            getattr(value, "shape", None), tuple
+        ):
             raise FuseError(
                 f"{key!r}: expected a numpy array, found {type(value).__name__}; convert it first (e.g. t.numpy())"
             )
@@ -375,9 +424,13 @@ class _Builder:
         rows, width = (stored[1], stored[0]) if rule.transposed else stored
         if self.d is None:
             self.d, self.d_key = width, key
-        expected = f"[{self.d}, {self.d}]" if rule.square else ("[{0}, *]" if rule.transposed else "[*, {0}]").format(self.d)
+        expected = (
+            f"[{self.d}, {self.d}]" if rule.square else ("[{0}, *]" if rule.transposed else "[*, {0}]").format(self.d)
+        )
         if width != self.d or (rule.square and rows != self.d):
-            raise ShapeMismatchError(f"{key!r}: expected {expected} (d of the model, from {self.d_key!r}), found {list(stored)}")
+            raise ShapeMismatchError(
+                f"{key!r}: expected {expected} (d of the model, from {self.d_key!r}), found {list(stored)}"
+            )
         return rows, width
 
     def _target_dtype(self, keys: Iterable[str]) -> np.dtype[Any]:

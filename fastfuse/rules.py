@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["GroupRule", "Scheme", "SCHEMES", "scheme_by_name"]
+__all__ = ["SCHEMES", "GroupRule", "Scheme", "scheme_by_name"]
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,16 @@ _QKV_SPLIT = ("heads", "kv_heads", "kv_heads")
 _KV_SPLIT = ("kv_heads", "kv_heads")
 
 
-def _whisper(name: str, description: str, source: str, parts: tuple[str, ...], kv: tuple[str, ...],
-             logits: tuple[str, ...], prefixes: tuple[str, ...], sides: tuple[str, str, str]) -> Scheme:
+def _whisper(
+    name: str,
+    description: str,
+    source: str,
+    parts: tuple[str, ...],
+    kv: tuple[str, ...],
+    logits: tuple[str, ...],
+    prefixes: tuple[str, ...],
+    sides: tuple[str, str, str],
+) -> Scheme:
     """The four Whisper groups in one naming; ``sides`` names encoder self, decoder self, cross blocks."""
     encoder, decoder, cross = sides
     return Scheme(
@@ -87,28 +95,66 @@ def _whisper(name: str, description: str, source: str, parts: tuple[str, ...], k
         description=description,
         prefixes=prefixes,
         groups=(
-            GroupRule("encoder_qkv", source % ("encoder", encoder), parts, "fused.enc.{i}.self_attn.qkv.{kind}",
-                      square=True, split=_QKV_SPLIT),
-            GroupRule("decoder_qkv", source % ("decoder", decoder), parts, "fused.dec.{i}.self_attn.qkv.{kind}",
-                      square=True, split=_QKV_SPLIT),
-            GroupRule("cross_kv", source % ("decoder", cross), kv, "fused.dec.{i}.encoder_attn.kv.{kind}",
-                      option="cross_kv", square=True, split=_KV_SPLIT),
-            GroupRule("logits", logits[0], ("",), "fused.dec.logits.{kind}", per_layer=False, option="logits",
-                      drop_sources=False, alternatives=logits[1:], split=("rows",)),
+            GroupRule(
+                "encoder_qkv",
+                source % ("encoder", encoder),
+                parts,
+                "fused.enc.{i}.self_attn.qkv.{kind}",
+                square=True,
+                split=_QKV_SPLIT,
+            ),
+            GroupRule(
+                "decoder_qkv",
+                source % ("decoder", decoder),
+                parts,
+                "fused.dec.{i}.self_attn.qkv.{kind}",
+                square=True,
+                split=_QKV_SPLIT,
+            ),
+            GroupRule(
+                "cross_kv",
+                source % ("decoder", cross),
+                kv,
+                "fused.dec.{i}.encoder_attn.kv.{kind}",
+                option="cross_kv",
+                square=True,
+                split=_KV_SPLIT,
+            ),
+            GroupRule(
+                "logits",
+                logits[0],
+                ("",),
+                "fused.dec.logits.{kind}",
+                per_layer=False,
+                option="logits",
+                drop_sources=False,
+                alternatives=logits[1:],
+                split=("rows",),
+            ),
         ),
     )
 
 
 HF_WHISPER = _whisper(
-    "hf-whisper", "Hugging Face transformers Whisper (WhisperForConditionalGeneration / WhisperModel)",
-    _HF_ATTN, ("q", "k", "v"), ("k", "v"), ("proj_out.{kind}", "{prefix}decoder.embed_tokens.{kind}"),
-    ("model.", ""), ("self_attn", "self_attn", "encoder_attn"),
+    "hf-whisper",
+    "Hugging Face transformers Whisper (WhisperForConditionalGeneration / WhisperModel)",
+    _HF_ATTN,
+    ("q", "k", "v"),
+    ("k", "v"),
+    ("proj_out.{kind}", "{prefix}decoder.embed_tokens.{kind}"),
+    ("model.", ""),
+    ("self_attn", "self_attn", "encoder_attn"),
 )
 
 OPENAI_WHISPER = _whisper(
-    "openai-whisper", "openai-whisper state dict (whisper.model.Whisper)",
-    _OPENAI_ATTN, ("query", "key", "value"), ("key", "value"), ("decoder.token_embedding.{kind}",),
-    ("",), ("attn", "attn", "cross_attn"),
+    "openai-whisper",
+    "openai-whisper state dict (whisper.model.Whisper)",
+    _OPENAI_ATTN,
+    ("query", "key", "value"),
+    ("key", "value"),
+    ("decoder.token_embedding.{kind}",),
+    ("",),
+    ("attn", "attn", "cross_attn"),
 )
 
 HF_DECODER = Scheme(
@@ -116,10 +162,20 @@ HF_DECODER = Scheme(
     description="Hugging Face decoder-only LLMs with separate projections: Llama, Mistral, Gemma, Qwen2 (q/k/v biases)",
     prefixes=("model.", ""),
     groups=(
-        GroupRule("qkv", "{prefix}layers.{i}.self_attn.{part}_proj.{kind}", ("q", "k", "v"),
-                  "fused.layers.{i}.self_attn.qkv.{kind}", split=_QKV_SPLIT),
-        GroupRule("gate_up", "{prefix}layers.{i}.mlp.{part}_proj.{kind}", ("gate", "up"),
-                  "fused.layers.{i}.mlp.gate_up.{kind}", split=("rows", "rows")),
+        GroupRule(
+            "qkv",
+            "{prefix}layers.{i}.self_attn.{part}_proj.{kind}",
+            ("q", "k", "v"),
+            "fused.layers.{i}.self_attn.qkv.{kind}",
+            split=_QKV_SPLIT,
+        ),
+        GroupRule(
+            "gate_up",
+            "{prefix}layers.{i}.mlp.{part}_proj.{kind}",
+            ("gate", "up"),
+            "fused.layers.{i}.mlp.gate_up.{kind}",
+            split=("rows", "rows"),
+        ),
     ),
 )
 
@@ -129,10 +185,20 @@ HF_PHI3 = Scheme(
     prefixes=("model.", ""),
     already_fused=True,
     groups=(
-        GroupRule("qkv", "{prefix}layers.{i}.self_attn.qkv_proj.{kind}", ("",),
-                  "fused.layers.{i}.self_attn.qkv.{kind}", option="convert"),
-        GroupRule("gate_up", "{prefix}layers.{i}.mlp.gate_up_proj.{kind}", ("",),
-                  "fused.layers.{i}.mlp.gate_up.{kind}", option="convert"),
+        GroupRule(
+            "qkv",
+            "{prefix}layers.{i}.self_attn.qkv_proj.{kind}",
+            ("",),
+            "fused.layers.{i}.self_attn.qkv.{kind}",
+            option="convert",
+        ),
+        GroupRule(
+            "gate_up",
+            "{prefix}layers.{i}.mlp.gate_up_proj.{kind}",
+            ("",),
+            "fused.layers.{i}.mlp.gate_up.{kind}",
+            option="convert",
+        ),
     ),
 )
 
@@ -142,8 +208,14 @@ GPT2 = Scheme(
     prefixes=("transformer.", ""),
     already_fused=True,
     groups=(
-        GroupRule("qkv", "{prefix}h.{i}.attn.c_attn.{kind}", ("",), "fused.layers.{i}.self_attn.qkv.{kind}",
-                  option="convert", transposed=True),
+        GroupRule(
+            "qkv",
+            "{prefix}h.{i}.attn.c_attn.{kind}",
+            ("",),
+            "fused.layers.{i}.self_attn.qkv.{kind}",
+            option="convert",
+            transposed=True,
+        ),
     ),
 )
 

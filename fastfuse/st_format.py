@@ -35,15 +35,54 @@ from .errors import DtypeMismatchError, FuseError, MalformedFileError
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["DTYPES", "MAX_HEADER_BYTES", "AtomicWriter", "Header", "OutputTensor", "TensorInfo",
-           "dtype_code", "dtype_of", "layout", "map_tensors", "read_header", "read_index",
-           "write_bytes_atomic"]
+__all__ = [
+    "DTYPES",
+    "MAX_HEADER_BYTES",
+    "AtomicWriter",
+    "Header",
+    "OutputTensor",
+    "TensorInfo",
+    "dtype_code",
+    "dtype_of",
+    "layout",
+    "map_tensors",
+    "read_header",
+    "read_index",
+    "write_bytes_atomic",
+]
 
 MAX_HEADER_BYTES = 100_000_000  # as the reference reader (safetensors) limits it
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-             "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-_NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
-          "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
+_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
+_NUMPY = {
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U64": "<u8",
+    "U32": "<u4",
+    "U16": "<u2",
+    "U8": "u1",
+    "BOOL": "?",
+}
 _ML_DTYPES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 _FIELDS = ["data_offsets", "dtype", "shape"]
 _O_TMPFILE: int = getattr(os, "O_TMPFILE", 0)  # tests set 0 to exercise the named fallback
@@ -85,8 +124,9 @@ def dtype_code(dtype: DTypeLike) -> str:
     if not codes and dt.name in _ML_DTYPES.values():
         codes = [c for c in _ML_DTYPES if dt == dtype_of(c)]
     if not codes:
-        raise DtypeMismatchError(f"dtype {dt.str} ({dt}) cannot be stored in safetensors; "
-                                 f"supported (little-endian): {', '.join(_ITEMSIZE)}")
+        raise DtypeMismatchError(
+            f"dtype {dt.str} ({dt}) cannot be stored in safetensors; supported (little-endian): {', '.join(_ITEMSIZE)}"
+        )
     return codes[0]
 
 
@@ -147,8 +187,9 @@ def _pread(fd: int, n: int, offset: int, path: str) -> bytes:
     while got < n:
         chunk = os.pread(fd, min(n - got, 1 << 30), offset + got)
         if not chunk:
-            raise MalformedFileError(f"{path}: file ended at byte {offset + got}, expected {n} "
-                                     f"bytes from byte {offset}")
+            raise MalformedFileError(
+                f"{path}: file ended at byte {offset + got}, expected {n} bytes from byte {offset}"
+            )
         parts.append(chunk)
         got += len(chunk)
     return b"".join(parts)
@@ -208,15 +249,16 @@ def read_header(path: PathLike) -> Header:
     fd, size = _open_regular(p)
     try:
         if size < 8:
-            raise MalformedFileError(f"{p}: file is {size} bytes, too short for a safetensors "
-                                     "file (it starts with an 8-byte header length)")
+            raise MalformedFileError(
+                f"{p}: file is {size} bytes, too short for a safetensors file (it starts with an 8-byte header length)"
+            )
         n = int.from_bytes(_pread(fd, 8, 0, p), "little")
         if n > MAX_HEADER_BYTES:
-            raise MalformedFileError(f"{p}: header length {n} exceeds the limit of "
-                                     f"{MAX_HEADER_BYTES} bytes")
+            raise MalformedFileError(f"{p}: header length {n} exceeds the limit of {MAX_HEADER_BYTES} bytes")
         if n > size - 8:
-            raise MalformedFileError(f"{p}: header length {n} runs past the end of the file "
-                                     f"({size} bytes, so at most {size - 8})")
+            raise MalformedFileError(
+                f"{p}: header length {n} runs past the end of the file ({size} bytes, so at most {size - 8})"
+            )
         raw = _pread(fd, n, 8, p)
     finally:
         os.close(fd)
@@ -225,12 +267,12 @@ def read_header(path: PathLike) -> Header:
         raise MalformedFileError(f"{p}: header is a {_kind(obj)}, expected an object")
     meta = obj.pop("__metadata__", None)
     if meta is not None and not isinstance(meta, dict):
-        raise MalformedFileError(f"{p}: __metadata__ is a {_kind(meta)}, expected an object "
-                                 "of string to string")
+        raise MalformedFileError(f"{p}: __metadata__ is a {_kind(meta)}, expected an object of string to string")
     for key, value in (meta or {}).items():
         if not isinstance(value, str):
-            raise MalformedFileError(f"{p}: __metadata__ key {key!r} holds a {_kind(value)} "
-                                     f"{_show(value)}, expected a string")
+            raise MalformedFileError(
+                f"{p}: __metadata__ key {key!r} holds a {_kind(value)} {_show(value)}, expected a string"
+            )
     data_size = size - 8 - n
     tensors = {name: _tensor(p, name, entry, data_size) for name, entry in obj.items()}
     _check_coverage(p, tensors.values(), data_size)
@@ -244,19 +286,24 @@ def _tensor(path: str, name: str, entry: Any, data_size: int) -> TensorInfo:
         raise MalformedFileError(f"{where} entry has {found}, expected exactly the keys {_FIELDS}")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
-        raise MalformedFileError(f"{where} has unsupported dtype {_show(dtype)} "
-                                 f"(supported: {', '.join(_ITEMSIZE)})")
+        raise MalformedFileError(f"{where} has unsupported dtype {_show(dtype)} (supported: {', '.join(_ITEMSIZE)})")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise MalformedFileError(f"{where} shape {_show(shape)} is not a list of non-negative "
-                                 "integers")
-    if not (isinstance(offsets, list) and len(offsets) == 2
-            and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
-        raise MalformedFileError(f"{where} data_offsets {_show(offsets)} are not [start, end] "
-                                 "integers with 0 <= start <= end")
+        raise MalformedFileError(f"{where} shape {_show(shape)} is not a list of non-negative integers")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(o) is int for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
+        raise MalformedFileError(
+            f"{where} data_offsets {_show(offsets)} are not [start, end] integers with 0 <= start <= end"
+        )
     start, end = offsets
     if end > data_size:
-        raise MalformedFileError(f"{where} data_offsets [{start}, {end}] run past the end of the "
-                                 f"data section ({data_size} bytes; is the file truncated?)")
+        raise MalformedFileError(
+            f"{where} data_offsets [{start}, {end}] run past the end of the "
+            f"data section ({data_size} bytes; is the file truncated?)"
+        )
     need = 0 if 0 in shape else _ITEMSIZE[dtype]
     for d in shape:  # Python ints, stopped past 2**64: no overflow and no huge products
         if need > 2**64:
@@ -264,8 +311,10 @@ def _tensor(path: str, name: str, entry: Any, data_size: int) -> TensorInfo:
         need *= d
     if need != end - start:
         needs = str(need) if need <= 2**64 else "more than 2**64 (it overflows)"
-        raise MalformedFileError(f"{where} data_offsets [{start}, {end}] hold {end - start} "
-                                 f"bytes but shape {_show(shape)} of {dtype} needs {needs}")
+        raise MalformedFileError(
+            f"{where} data_offsets [{start}, {end}] hold {end - start} "
+            f"bytes but shape {_show(shape)} of {dtype} needs {needs}"
+        )
     return TensorInfo(name, dtype, tuple(shape), start, end)
 
 
@@ -274,15 +323,21 @@ def _check_coverage(path: str, tensors: Iterable[TensorInfo], data_size: int) ->
     for t in sorted(tensors, key=lambda t: (t.start, t.end)):
         if t.start > end:
             after = f"tensor {prev.name!r} [{prev.start}, {prev.end}]" if prev else "the data section start"
-            raise MalformedFileError(f"{path}: gap of {t.start - end} bytes between {after} and "
-                                     f"tensor {t.name!r} [{t.start}, {t.end}] (the format forbids gaps)")
+            raise MalformedFileError(
+                f"{path}: gap of {t.start - end} bytes between {after} and "
+                f"tensor {t.name!r} [{t.start}, {t.end}] (the format forbids gaps)"
+            )
         if t.start < end and prev is not None:
-            raise MalformedFileError(f"{path}: tensor {t.name!r} data_offsets [{t.start}, {t.end}] "
-                                     f"overlap tensor {prev.name!r} [{prev.start}, {prev.end}]")
+            raise MalformedFileError(
+                f"{path}: tensor {t.name!r} data_offsets [{t.start}, {t.end}] "
+                f"overlap tensor {prev.name!r} [{prev.start}, {prev.end}]"
+            )
         end, prev = t.end, t
     if end != data_size:
-        raise MalformedFileError(f"{path}: {data_size - end} trailing bytes after the last tensor "
-                                 f"(tensors end at {end}, the data section is {data_size} bytes)")
+        raise MalformedFileError(
+            f"{path}: {data_size - end} trailing bytes after the last tensor "
+            f"(tensors end at {end}, the data section is {data_size} bytes)"
+        )
 
 
 def map_tensors(header: Header) -> dict[str, np.ndarray[Any, Any]]:
@@ -296,16 +351,19 @@ def map_tensors(header: Header) -> dict[str, np.ndarray[Any, Any]]:
     fd, size = _open_regular(header.path)
     try:
         if size != header.file_size:
-            raise MalformedFileError(f"{header.path}: file is now {size} bytes but was "
-                                     f"{header.file_size} when its header was read")
+            raise MalformedFileError(
+                f"{header.path}: file is now {size} bytes but was {header.file_size} when its header was read"
+            )
         mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)  # size >= 8: never an empty map
     except OSError as e:
         raise MalformedFileError(f"{header.path}: cannot memory-map the file: {e.strerror}") from None
     finally:
         os.close(fd)
     whole, base = np.frombuffer(mm, dtype=np.uint8), header.data_offset
-    return {name: whole[base + t.start:base + t.end].view(dtype_of(t.dtype)).reshape(t.shape)
-            for name, t in header.tensors.items()}
+    return {
+        name: whole[base + t.start : base + t.end].view(dtype_of(t.dtype)).reshape(t.shape)
+        for name, t in header.tensors.items()
+    }
 
 
 def read_index(path: PathLike) -> dict[str, str]:
@@ -324,13 +382,15 @@ def read_index(path: PathLike) -> dict[str, str]:
         os.close(fd)
     weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(weight_map, dict):
-        raise MalformedFileError(f'{p}: index has no "weight_map" object mapping tensor names '
-                                 f"to shard files (found {_show(weight_map)})")
+        raise MalformedFileError(
+            f'{p}: index has no "weight_map" object mapping tensor names to shard files (found {_show(weight_map)})'
+        )
     folder, out = os.path.dirname(os.path.abspath(p)), {}
     for key, shard in weight_map.items():
         if not isinstance(shard, str) or shard in ("", ".", "..") or any(c in shard for c in "/\\\0"):
-            raise MalformedFileError(f"{p}: weight_map[{key!r}] = {_show(shard)} is not a plain "
-                                     "file name in the index's folder")
+            raise MalformedFileError(
+                f"{p}: weight_map[{key!r}] = {_show(shard)} is not a plain file name in the index's folder"
+            )
         out[key] = os.path.join(folder, shard)
     return out
 
@@ -352,8 +412,9 @@ class OutputTensor:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def layout(tensors: Sequence[OutputTensor],
-           metadata: Mapping[str, str] | None) -> tuple[bytes, dict[str, tuple[int, int]]]:
+def layout(
+    tensors: Sequence[OutputTensor], metadata: Mapping[str, str] | None
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
     """The file prefix (length + compact JSON, ``__metadata__`` first, padded with spaces so
     the data starts at a multiple of 8) and each tensor's (start, end) in the data section.
 
@@ -370,11 +431,12 @@ def layout(tensors: Sequence[OutputTensor],
     pos = 0
     for t in sorted(tensors, key=lambda t: (-t.dtype.itemsize, t.name)):
         if t.name in offsets or t.name == "__metadata__" or min(t.shape, default=0) < 0:
-            raise FuseError(f"output tensor {t.name!r} shape {list(t.shape)}: the name is "
-                            "duplicated or reserved, or the shape is negative")
+            raise FuseError(
+                f"output tensor {t.name!r} shape {list(t.shape)}: the name is "
+                "duplicated or reserved, or the shape is negative"
+            )
         offsets[t.name] = (pos, pos + t.nbytes)
-        header[t.name] = {"dtype": dtype_code(t.dtype), "shape": list(t.shape),
-                          "data_offsets": [pos, pos + t.nbytes]}
+        header[t.name] = {"dtype": dtype_code(t.dtype), "shape": list(t.shape), "data_offsets": [pos, pos + t.nbytes]}
         pos += t.nbytes
     try:
         raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
@@ -403,8 +465,7 @@ class AtomicWriter:
     writing through it would change the published file.
     """
 
-    def __init__(self, dst: PathLike, prefix: bytes, data_size: int, *,
-                 overwrite: bool = False) -> None:
+    def __init__(self, dst: PathLike, prefix: bytes, data_size: int, *, overwrite: bool = False) -> None:
         if data_size < 0:
             raise ValueError(f"data_size must be >= 0, got {data_size}")
         self.dst, self.prefix, self.data_size = os.fspath(dst), bytes(prefix), data_size
@@ -460,26 +521,25 @@ class AtomicWriter:
                 done += os.pwrite(self._fd, self.prefix[done:], done)
             if self.data_size:
                 self._mm = mmap.mmap(self._fd, total, access=mmap.ACCESS_WRITE)
-                self._data = np.frombuffer(self._mm, np.uint8)[len(self.prefix):]
+                self._data = np.frombuffer(self._mm, np.uint8)[len(self.prefix) :]
         except BaseException as e:
             self._abort()
             if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise FuseError(f"{self.folder}: not enough space for {self.dst}: it needs "
-                                f"{total} bytes ({e.strerror})") from None
+                raise FuseError(
+                    f"{self.folder}: not enough space for {self.dst}: it needs {total} bytes ({e.strerror})"
+                ) from None
             if isinstance(e, OSError):
-                raise FuseError(f"{self.dst}: cannot create a temporary file in {self.folder}: "
-                                f"{e.strerror}") from None
+                raise FuseError(f"{self.dst}: cannot create a temporary file in {self.folder}: {e.strerror}") from None
             raise
         return self
 
-    def view(self, start: int, end: int, dtype: DTypeLike,
-             shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
+    def view(self, start: int, end: int, dtype: DTypeLike, shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
         """Writable zero-copy view of data bytes ``[start, end)`` as ``dtype`` and ``shape``."""
         dt = np.dtype(dtype)
-        if (self._fd < 0 or not 0 <= start <= end <= self.data_size
-                or math.prod(shape) * dt.itemsize != end - start):
-            raise ValueError(f"view [{start}, {end}) as {dt} {shape} does not fit the open data "
-                             f"section of {self.data_size} bytes")
+        if self._fd < 0 or not 0 <= start <= end <= self.data_size or math.prod(shape) * dt.itemsize != end - start:
+            raise ValueError(
+                f"view [{start}, {end}) as {dt} {shape} does not fit the open data section of {self.data_size} bytes"
+            )
         self._populate(len(self.prefix) + start, len(self.prefix) + end)
         return self._data[start:end].view(dt).reshape(shape)
 
@@ -500,8 +560,10 @@ class AtomicWriter:
         """Copy ``length`` bytes at ``src_offset`` of ``src`` (fd or path) to data byte ``start``
         file to file: copy_file_range, else preadv straight into the map (no buffer)."""
         if self._fd < 0 or min(src_offset, start, length) < 0 or start + length > self.data_size:
-            raise ValueError(f"copy of {length} bytes to data byte {start} does not fit the open "
-                             f"data section of {self.data_size} bytes")
+            raise ValueError(
+                f"copy of {length} bytes to data byte {start} does not fit the open "
+                f"data section of {self.data_size} bytes"
+            )
         if not isinstance(src, int):
             fd = _open_regular(os.fspath(src))[0]
             try:
@@ -517,22 +579,25 @@ class AtomicWriter:
                 else:
                     assert self._mm is not None  # length > 0, so there is a mapped data section
                     stop = at + min(length, done + _CHUNK)
-                    with memoryview(self._mm) as whole, whole[at + done:stop] as part:
+                    with memoryview(self._mm) as whole, whole[at + done : stop] as part:
                         n = os.preadv(src, [part], src_offset + done)
             except OSError as e:
-                if fast and e.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL,
-                                        errno.EPERM):
+                if fast and e.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
                     fast = False  # not between these files: copy through the map instead
                     continue
-                raise FuseError(f"{self.dst}: copying {length} bytes from byte {src_offset} of "
-                                f"the source failed: {e.strerror}") from None
+                raise FuseError(
+                    f"{self.dst}: copying {length} bytes from byte {src_offset} of the source failed: {e.strerror}"
+                ) from None
             if n == 0:
-                raise MalformedFileError(f"source ended at byte {src_offset + done} while copying "
-                                         f"{length} bytes from byte {src_offset} into {self.dst}")
+                raise MalformedFileError(
+                    f"source ended at byte {src_offset + done} while copying "
+                    f"{length} bytes from byte {src_offset} into {self.dst}"
+                )
             done += n
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         try:
             if exc_type is not None:
                 return
@@ -547,8 +612,7 @@ class AtomicWriter:
                 self._tmp = ""
             else:  # a named temporary, now a second name, is unlinked by _abort below
                 source = self._tmp or f"/proc/self/fd/{self._fd}"
-                os.link(source, self._name, src_dir_fd=self._dir, dst_dir_fd=self._dir,
-                        follow_symlinks=True)
+                os.link(source, self._name, src_dir_fd=self._dir, dst_dir_fd=self._dir, follow_symlinks=True)
             with contextlib.suppress(OSError):  # some file systems cannot fsync a folder
                 os.fsync(self._dir)
         except FileExistsError:

@@ -20,7 +20,9 @@ class Meta:
         self.shape, self.dtype = shape, np.dtype(dtype)
 
 
-def hf_whisper_shapes(d: int, encoder_layers: int, decoder_layers: int, vocab: int, prefix: str = "model.") -> dict[str, tuple[int, ...]]:
+def hf_whisper_shapes(
+    d: int, encoder_layers: int, decoder_layers: int, vocab: int, prefix: str = "model."
+) -> dict[str, tuple[int, ...]]:
     """Attention, embedding and norm keys as transformers' WhisperForConditionalGeneration saves them."""
     shapes: dict[str, tuple[int, ...]] = {}
     for side, layers in (("encoder", encoder_layers), ("decoder", decoder_layers)):

@@ -16,7 +16,9 @@ from safetensors.numpy import save_file
 
 def fastfuse(*args: str | Path, check: int | None = 0) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONWARNINGS": "error"}
-    result = subprocess.run([sys.executable, "-m", "fastfuse", *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "fastfuse", *map(str, args)], capture_output=True, text=True, env=env, timeout=300
+    )
     if check is not None:
         assert result.returncode == check, result.stderr
     return result
@@ -92,7 +94,10 @@ def test_verify_mismatch_exits_1_naming_the_key(tmp_path: Path, checkpoint: Path
     tensors["fused.enc.1.self_attn.qkv.bias"][0] += 1
     save_file(tensors, str(tmp_path / "tampered.safetensors"), metadata=metadata)
     result = fastfuse("verify", tmp_path / "tampered.safetensors", check=1)
-    assert result.stderr == "fastfuse: error: 'fused.enc.1.self_attn.qkv.bias' differs from its recomputation (1 tensor(s) differ)\n"
+    assert (
+        result.stderr
+        == "fastfuse: error: 'fused.enc.1.self_attn.qkv.bias' differs from its recomputation (1 tensor(s) differ)\n"
+    )
 
 
 def test_demo(tmp_path: Path) -> None:
@@ -123,8 +128,13 @@ def test_progress_bar_on_a_terminal_only(tmp_path: Path, checkpoint: Path) -> No
     primary, secondary = pty.openpty()
     fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
     try:
-        process = subprocess.run([sys.executable, "-m", "fastfuse", "fuse", str(checkpoint), str(tmp_path / "tty.safetensors")],
-                                 stdout=subprocess.PIPE, stderr=secondary, text=True, timeout=300)
+        process = subprocess.run(
+            [sys.executable, "-m", "fastfuse", "fuse", str(checkpoint), str(tmp_path / "tty.safetensors")],
+            stdout=subprocess.PIPE,
+            stderr=secondary,
+            text=True,
+            timeout=300,
+        )
         os.close(secondary)
         shown = b""
         while True:

@@ -52,12 +52,19 @@ def test_gqa_one_matmul_equals_projections(bias: bool) -> None:
     fused = fastfuse.fuse(tensors)
     x = np.random.default_rng(1).standard_normal((3, D)).astype(np.float32)
     got = x @ fused["fused.layers.1.self_attn.qkv.weight"] + (fused["fused.layers.1.self_attn.qkv.bias"] if bias else 0)
-    expected = np.concatenate([
-        x @ tensors[LAYER.format(1, "self_attn", p, "weight")].T + (tensors[LAYER.format(1, "self_attn", p, "bias")] if bias else 0)
-        for p in "qkv"], axis=1)
+    expected = np.concatenate(
+        [
+            x @ tensors[LAYER.format(1, "self_attn", p, "weight")].T
+            + (tensors[LAYER.format(1, "self_attn", p, "bias")] if bias else 0)
+            for p in "qkv"
+        ],
+        axis=1,
+    )
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     gate_up = x @ fused["fused.layers.0.mlp.gate_up.weight"]
-    np.testing.assert_allclose(gate_up[:, :FFN], x @ tensors[LAYER.format(0, "mlp", "gate", "weight")].T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        gate_up[:, :FFN], x @ tensors[LAYER.format(0, "mlp", "gate", "weight")].T, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_out_in_layout_is_a_row_concatenation() -> None:
@@ -70,21 +77,34 @@ def test_out_in_layout_is_a_row_concatenation() -> None:
 
 
 def test_phi3_is_recognised_and_left_alone_unless_converted() -> None:
-    shapes = {"model.layers.0.self_attn.qkv_proj.weight": (3 * D, D), "model.layers.0.mlp.gate_up_proj.weight": (2 * FFN, D),
-              "model.layers.0.self_attn.o_proj.weight": (D, D)}
+    shapes = {
+        "model.layers.0.self_attn.qkv_proj.weight": (3 * D, D),
+        "model.layers.0.mlp.gate_up_proj.weight": (2 * FFN, D),
+        "model.layers.0.self_attn.o_proj.weight": (D, D),
+    }
     tensors = random_tensors(shapes)
     plan = fastfuse.plan(tensors)
     assert (plan.scheme, plan.already_fused, plan.fused) == ("hf-phi3", True, ())
     assert fastfuse.fuse(tensors).keys() == tensors.keys()
     converted = fastfuse.fuse(tensors, convert=True)
-    assert same_bits(converted["fused.layers.0.self_attn.qkv.weight"], tensors["model.layers.0.self_attn.qkv_proj.weight"].T)
-    assert same_bits(fastfuse.fuse(tensors, convert=True, layout="out_in")["fused.layers.0.mlp.gate_up.weight"],
-                     tensors["model.layers.0.mlp.gate_up_proj.weight"])
+    assert same_bits(
+        converted["fused.layers.0.self_attn.qkv.weight"], tensors["model.layers.0.self_attn.qkv_proj.weight"].T
+    )
+    assert same_bits(
+        fastfuse.fuse(tensors, convert=True, layout="out_in")["fused.layers.0.mlp.gate_up.weight"],
+        tensors["model.layers.0.mlp.gate_up_proj.weight"],
+    )
 
 
 def test_gpt2_conv1d_is_already_in_out() -> None:
-    tensors = random_tensors({"transformer.h.0.attn.c_attn.weight": (D, 3 * D), "transformer.h.0.attn.c_attn.bias": (3 * D,),
-                              "transformer.h.1.attn.c_attn.weight": (D, 3 * D), "transformer.h.1.attn.c_attn.bias": (3 * D,)})
+    tensors = random_tensors(
+        {
+            "transformer.h.0.attn.c_attn.weight": (D, 3 * D),
+            "transformer.h.0.attn.c_attn.bias": (3 * D,),
+            "transformer.h.1.attn.c_attn.weight": (D, 3 * D),
+            "transformer.h.1.attn.c_attn.bias": (3 * D,),
+        }
+    )
     plan = fastfuse.plan(tensors, convert=True)
     assert (plan.scheme, plan.prefix, plan.layers) == ("gpt2", "transformer.", {"qkv": 2})
     same = fastfuse.fuse(tensors, convert=True)
@@ -129,9 +149,18 @@ def test_tensor_parallel_ranks_reassemble(tp: int, kv_heads: int, layout: str) -
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"tp": 2, "rank": 0}, "tp=2 needs the attention head count to split 'model.layers.0.self_attn.q_proj.weight': pass heads="),
-        ({"tp": 3, "rank": 0, "heads": HEADS, "kv_heads": KV_HEADS}, "'model.layers.0.self_attn.q_proj.weight': 8 heads do not divide among tp=3 ranks"),
-        ({"tp": 2, "rank": 0, "heads": 5}, "'model.layers.0.self_attn.q_proj.weight': 64 rows do not divide into 5 heads"),
+        (
+            {"tp": 2, "rank": 0},
+            "tp=2 needs the attention head count to split 'model.layers.0.self_attn.q_proj.weight': pass heads=",
+        ),
+        (
+            {"tp": 3, "rank": 0, "heads": HEADS, "kv_heads": KV_HEADS},
+            "'model.layers.0.self_attn.q_proj.weight': 8 heads do not divide among tp=3 ranks",
+        ),
+        (
+            {"tp": 2, "rank": 0, "heads": 5},
+            "'model.layers.0.self_attn.q_proj.weight': 64 rows do not divide into 5 heads",
+        ),
         ({"tp": 2, "heads": HEADS}, "tp=2: fuse builds one rank in memory; pass rank="),
         ({"tp": 2, "rank": 2}, "rank=2: expected 0 <= rank < tp=2"),
         ({"tp": 0}, "tp=0: expected a positive number of tensor-parallel ranks"),
@@ -147,7 +176,10 @@ def test_option_errors(options: dict[str, object], message: str) -> None:
 
 def test_kv_heads_that_ranks_cannot_share() -> None:
     shapes = llama_shapes(1) | {LAYER.format(0, "self_attn", p, "weight"): (3 * HEAD_DIM, D) for p in "kv"}
-    with pytest.raises(ShapeMismatchError, match=re.escape("'model.layers.0.self_attn.k_proj.weight': 3 heads cannot be shared by tp=4 ranks")):
+    with pytest.raises(
+        ShapeMismatchError,
+        match=re.escape("'model.layers.0.self_attn.k_proj.weight': 3 heads cannot be shared by tp=4 ranks"),
+    ):
         fastfuse.plan(metas(shapes), tp=4, heads=HEADS, kv_heads=3)
 
 
@@ -171,7 +203,9 @@ def test_tensor_parallel_files_with_config(tmp_path: Path) -> None:
         with safe_open(str(tmp_path / "tp" / f"rank-{rank}-of-4.safetensors"), framework="numpy") as f:
             assert f.metadata()["fastfuse.rank"] == str(rank)
             expected = fastfuse.fuse(tensors, tp=4, rank=rank, heads=HEADS, kv_heads=KV_HEADS, layout="out_in")
-            assert same_bits(f.get_tensor("fused.layers.1.self_attn.qkv.weight"), expected["fused.layers.1.self_attn.qkv.weight"])
+            assert same_bits(
+                f.get_tensor("fused.layers.1.self_attn.qkv.weight"), expected["fused.layers.1.self_attn.qkv.weight"]
+            )
     assert fastfuse.verify(tmp_path / "tp") == []
     with pytest.raises(FuseError, match="holds one tensor-parallel rank's slices"):
         fastfuse.unfuse(tmp_path / "tp" / "rank-0-of-4.safetensors", tmp_path / "back.safetensors")
@@ -183,7 +217,9 @@ def test_files_in_both_layouts_verify_and_unfuse(tmp_path: Path, layout: str) ->
     save_file(tensors, str(tmp_path / "src.safetensors"))
     fastfuse.fuse_file(tmp_path / "src.safetensors", tmp_path / "kept.safetensors", layout=layout)
     assert fastfuse.verify(tmp_path / "kept.safetensors") == []
-    fastfuse.fuse_file(tmp_path / "src.safetensors", tmp_path / "fused.safetensors", layout=layout, keep_originals=False)
+    fastfuse.fuse_file(
+        tmp_path / "src.safetensors", tmp_path / "fused.safetensors", layout=layout, keep_originals=False
+    )
     fastfuse.unfuse(tmp_path / "fused.safetensors", tmp_path / "back.safetensors")
     with safe_open(str(tmp_path / "back.safetensors"), framework="numpy") as f:
         assert set(f.keys()) == set(tensors) and all(same_bits(f.get_tensor(k), tensors[k]) for k in tensors)

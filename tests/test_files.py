@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -18,15 +18,22 @@ import pytest
 from conftest import hf_whisper_shapes, openai_whisper_shapes, random_tensors
 from naive import same_bits
 from safetensors import safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 import fastfuse
 from fastfuse import FuseError, KeyConflictError, MalformedFileError, MissingTensorError
 from fastfuse.files import fuse_file, unfuse, verify
 
 # Real layer counts of every Whisper size, with a small d and vocab to keep files tiny.
-LAYOUTS = {"tiny": (4, 4), "base": (6, 6), "small": (12, 12), "medium": (24, 24), "large-v3": (32, 32),
-           "large-v3-turbo": (32, 4), "distil-large-v3": (32, 2)}
+LAYOUTS = {
+    "tiny": (4, 4),
+    "base": (6, 6),
+    "small": (12, 12),
+    "medium": (24, 24),
+    "large-v3": (32, 32),
+    "large-v3-turbo": (32, 4),
+    "distil-large-v3": (32, 2),
+}
 DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16]
 
 
@@ -45,7 +52,12 @@ def test_round_trip_every_size_layout(tmp_path: Path, size: str) -> None:
     tensors = random_tensors(hf_whisper_shapes(8, *LAYOUTS[size], 11), np.float16)
     src = write(tmp_path / "src.safetensors", tensors)
     plan = fuse_file(src, tmp_path / "dst.safetensors", cross_kv=True, logits=True)
-    assert plan.layers == {"encoder_qkv": LAYOUTS[size][0], "decoder_qkv": LAYOUTS[size][1], "cross_kv": LAYOUTS[size][1], "logits": 1}
+    assert plan.layers == {
+        "encoder_qkv": LAYOUTS[size][0],
+        "decoder_qkv": LAYOUTS[size][1],
+        "cross_kv": LAYOUTS[size][1],
+        "logits": 1,
+    }
     written = read(tmp_path / "dst.safetensors")
     expected = fastfuse.fuse(tensors, cross_kv=True, logits=True)
     assert written.keys() == expected.keys()
@@ -84,7 +96,9 @@ def test_metadata_kept_and_recorded(tmp_path: Path) -> None:
 
 
 def test_output_order_is_deterministic_and_aligned(tmp_path: Path) -> None:
-    src = write(tmp_path / "src.safetensors", random_tensors(hf_whisper_shapes(8, 1, 1, 10)) | {"odd": np.ones(3, np.int8)})
+    src = write(
+        tmp_path / "src.safetensors", random_tensors(hf_whisper_shapes(8, 1, 1, 10)) | {"odd": np.ones(3, np.int8)}
+    )
     fuse_file(src, tmp_path / "a.safetensors")
     fuse_file(src, tmp_path / "b.safetensors")
     a, b = (tmp_path / "a.safetensors").read_bytes(), (tmp_path / "b.safetensors").read_bytes()
@@ -133,7 +147,9 @@ def shard(tmp_path: Path, tensors: dict[str, np.ndarray], assign: dict[str, int]
 def test_sharded_input_with_q_k_v_in_different_shards(tmp_path: Path) -> None:
     tensors = random_tensors(hf_whisper_shapes(8, 2, 2, 10), np.float16)
     prefix = "model.encoder.layers.1.self_attn."
-    index = shard(tmp_path, tensors, {prefix + "k_proj.weight": 1, prefix + "v_proj.weight": 2, prefix + "v_proj.bias": 1}, 3)
+    index = shard(
+        tmp_path, tensors, {prefix + "k_proj.weight": 1, prefix + "v_proj.weight": 2, prefix + "v_proj.bias": 1}, 3
+    )
     expected = fastfuse.fuse(tensors)
     for source in (index, tmp_path):
         loaded = fastfuse.load(source)
@@ -170,7 +186,10 @@ def test_sharded_input_gives_sharded_output(tmp_path: Path) -> None:
 
 def test_max_shard_size_shards_a_single_file(tmp_path: Path, source: Path) -> None:
     fuse_file(source, tmp_path / "out", max_shard_size=10**9)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model-00001-of-00001.safetensors", "model.safetensors.index.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "model-00001-of-00001.safetensors",
+        "model.safetensors.index.json",
+    ]
 
 
 @pytest.mark.parametrize("size", ["5XB", "-1", "0"])
@@ -186,14 +205,19 @@ def test_index_naming_a_key_its_shard_lacks(tmp_path: Path) -> None:
     data = json.loads(index.read_text())
     data["weight_map"]["ghost.weight"] = "model-00001-of-00001.safetensors"
     index.write_text(json.dumps(data))
-    with pytest.raises(MalformedFileError, match="weight_map names 'ghost.weight' in .*model-00001-of-00001.safetensors, which does not hold it"):
+    with pytest.raises(
+        MalformedFileError,
+        match="weight_map names 'ghost.weight' in .*model-00001-of-00001.safetensors, which does not hold it",
+    ):
         fastfuse.load(index)
 
 
 def test_key_in_two_shards(tmp_path: Path) -> None:
     tensors = random_tensors(hf_whisper_shapes(8, 1, 1, 10))
     write(tmp_path / "a.safetensors", tensors)
-    write(tmp_path / "b.safetensors", {"model.decoder.embed_tokens.weight": tensors["model.decoder.embed_tokens.weight"]})
+    write(
+        tmp_path / "b.safetensors", {"model.decoder.embed_tokens.weight": tensors["model.decoder.embed_tokens.weight"]}
+    )
     weight_map = {k: "a.safetensors" for k in tensors} | {"model.decoder.embed_tokens.weight": "b.safetensors"}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(MalformedFileError, match="tensor 'model.decoder.embed_tokens.weight' is in two shards"):
@@ -201,7 +225,10 @@ def test_key_in_two_shards(tmp_path: Path) -> None:
 
 
 def test_folder_without_a_checkpoint(tmp_path: Path) -> None:
-    with pytest.raises(FuseError, match="expected model.safetensors.index.json, model.safetensors or exactly one .safetensors file in the folder, found 0"):
+    with pytest.raises(
+        FuseError,
+        match="expected model.safetensors.index.json, model.safetensors or exactly one .safetensors file in the folder, found 0",
+    ):
         fastfuse.load(tmp_path)
 
 
@@ -258,11 +285,24 @@ def check_read_only_folder_as_nobody(base: Path) -> None:
     read_only = base / "ro"
     read_only.mkdir(mode=0o555)
     read_only.chmod(0o555)
-    command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-               sys.executable, "-m", "fastfuse", "fuse", str(src), str(read_only / "dst.safetensors")]
+    command = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        sys.executable,
+        "-m",
+        "fastfuse",
+        "fuse",
+        str(src),
+        str(read_only / "dst.safetensors"),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=base)
     assert result.returncode == 1, result.stderr
-    assert result.stderr == f"fastfuse: error: {read_only / 'dst.safetensors'}: destination folder {read_only} is not writable\n"
+    assert (
+        result.stderr
+        == f"fastfuse: error: {read_only / 'dst.safetensors'}: destination folder {read_only} is not writable\n"
+    )
     assert os.listdir(read_only) == []
     src.chmod(0o600)  # now the source is unreadable for nobody
     command[-1] = str(base / "dst.safetensors")
@@ -341,7 +381,9 @@ def test_load_of_a_fused_file_returns_it_as_stored(tmp_path: Path, source: Path)
     loaded = fastfuse.load(tmp_path / "dst.safetensors")
     assert loaded.keys() == read(tmp_path / "dst.safetensors").keys()
     assert not loaded["fused.dec.0.encoder_attn.kv.weight"].flags.writeable  # a view of the file
-    with pytest.raises(FuseError, match=r"was already fused by fastfuse; load it without options \(got \['cross_kv'\]\)"):
+    with pytest.raises(
+        FuseError, match=r"was already fused by fastfuse; load it without options \(got \['cross_kv'\]\)"
+    ):
         fastfuse.load(tmp_path / "dst.safetensors", cross_kv=True)
 
 

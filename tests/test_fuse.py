@@ -32,13 +32,30 @@ def test_one_matmul_equals_three_projections(tiny_hf, dtype) -> None:  # type: i
     x = np.random.default_rng(9).standard_normal((5, 24)).astype(dtype)
     for i in range(2):
         got = x @ fused[f"fused.enc.{i}.self_attn.qkv.weight"] + fused[f"fused.enc.{i}.self_attn.qkv.bias"]
-        np.testing.assert_allclose(got, projections(tensors, f"model.encoder.layers.{i}.self_attn.{{}}_proj.{{}}", "qkv", x), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            got,
+            projections(tensors, f"model.encoder.layers.{i}.self_attn.{{}}_proj.{{}}", "qkv", x),
+            rtol=1e-5,
+            atol=1e-5,
+        )
     for i in range(3):
         got = x @ fused[f"fused.dec.{i}.self_attn.qkv.weight"] + fused[f"fused.dec.{i}.self_attn.qkv.bias"]
-        np.testing.assert_allclose(got, projections(tensors, f"model.decoder.layers.{i}.self_attn.{{}}_proj.{{}}", "qkv", x), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            got,
+            projections(tensors, f"model.decoder.layers.{i}.self_attn.{{}}_proj.{{}}", "qkv", x),
+            rtol=1e-5,
+            atol=1e-5,
+        )
         got = x @ fused[f"fused.dec.{i}.encoder_attn.kv.weight"] + fused[f"fused.dec.{i}.encoder_attn.kv.bias"]
-        np.testing.assert_allclose(got, projections(tensors, f"model.decoder.layers.{i}.encoder_attn.{{}}_proj.{{}}", "kv", x), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(x @ fused["fused.dec.logits.weight"], x @ tensors["model.decoder.embed_tokens.weight"].T, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            got,
+            projections(tensors, f"model.decoder.layers.{i}.encoder_attn.{{}}_proj.{{}}", "kv", x),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    np.testing.assert_allclose(
+        x @ fused["fused.dec.logits.weight"], x @ tensors["model.decoder.embed_tokens.weight"].T, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_same_weights_as_the_original_loop(tiny_hf) -> None:  # type: ignore[no-untyped-def]
@@ -85,7 +102,9 @@ def test_widening_to_float32(tiny_hf) -> None:  # type: ignore[no-untyped-def]
         fused = fastfuse.fuse(tensors, dtype="float32")
         w = fused["fused.dec.2.self_attn.qkv.weight"]
         assert w.dtype == np.float32
-        expected = np.concatenate([tensors[DEC.format(2, "self_attn", p, "weight")].T.astype(np.float32) for p in "qkv"], 1)
+        expected = np.concatenate(
+            [tensors[DEC.format(2, "self_attn", p, "weight")].T.astype(np.float32) for p in "qkv"], 1
+        )
         assert same_bits(w, expected)
 
 
@@ -106,5 +125,7 @@ def test_readonly_inputs(tiny_hf) -> None:  # type: ignore[no-untyped-def]
 def test_non_numpy_values_are_named() -> None:
     tensors: dict[str, object] = dict(random_tensors(hf_whisper_shapes(8, 1, 1, 10)))
     tensors[ENC.format(0, "q", "weight")] = [[0.0] * 8] * 8
-    with pytest.raises(FuseError, match="'model.encoder.layers.0.self_attn.q_proj.weight': expected a numpy array, found list"):
+    with pytest.raises(
+        FuseError, match="'model.encoder.layers.0.self_attn.q_proj.weight': expected a numpy array, found list"
+    ):
         fastfuse.fuse(tensors)  # type: ignore[arg-type]

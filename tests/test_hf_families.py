@@ -26,15 +26,23 @@ D, HEADS, KV_HEADS, FFN, LAYERS, VOCAB = 64, 8, 2, 96, 2, 100
 HEAD_DIM = D // HEADS
 Q_OUT, KV_OUT = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
 TOKENS = {"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
-LLM = {"hidden_size": D, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
-       "intermediate_size": FFN, "num_hidden_layers": LAYERS, "attn_implementation": "eager", **TOKENS}
+LLM = {
+    "hidden_size": D,
+    "num_attention_heads": HEADS,
+    "num_key_value_heads": KV_HEADS,
+    "intermediate_size": FFN,
+    "num_hidden_layers": LAYERS,
+    "attn_implementation": "eager",
+    **TOKENS,
+}
 CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(**LLM),
     "qwen2": lambda: transformers.Qwen2Config(**LLM),
     "mistral": lambda: transformers.MistralConfig(**LLM),
     "phi3": lambda: transformers.Phi3Config(**LLM),
-    "gpt2": lambda: transformers.GPT2Config(n_embd=D, n_head=HEADS, n_layer=LAYERS, n_positions=32,
-                                            attn_implementation="eager", **TOKENS),
+    "gpt2": lambda: transformers.GPT2Config(
+        n_embd=D, n_head=HEADS, n_layer=LAYERS, n_positions=32, attn_implementation="eager", **TOKENS
+    ),
 }
 QKV, GATE_UP = "fused.layers.{i}.self_attn.qkv.{kind}", "fused.layers.{i}.mlp.gate_up.{kind}"
 
@@ -107,7 +115,9 @@ def test_one_fused_qkv_matmul_gives_the_module_projections(saved, x, family) -> 
     for i in range(LAYERS):
         attn = model.layer(i).self_attn
         assert_bits(fused[QKV.format(i=i, kind="weight")], qkv_t(attn))
-        for got, projection in zip(projections(x, fused, i, bias=family == "qwen2"), (attn.q_proj, attn.k_proj, attn.v_proj)):
+        for got, projection in zip(
+            projections(x, fused, i, bias=family == "qwen2"), (attn.q_proj, attn.k_proj, attn.v_proj)
+        ):
             close(got, projection(x))
 
 
@@ -117,7 +127,9 @@ def test_qwen2_fused_bias_is_the_concat_of_q_k_v_biases(saved) -> None:
     fused = fastfuse.fuse(model.tensors)
     for i in range(LAYERS):
         attn = model.layer(i).self_attn
-        assert_bits(fused[QKV.format(i=i, kind="bias")], torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
+        assert_bits(
+            fused[QKV.format(i=i, kind="bias")], torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+        )
 
 
 @torch.no_grad()
@@ -186,7 +198,9 @@ def test_gpt2_convert_in_out_is_a_bit_exact_copy(saved) -> None:
     fused = fastfuse.fuse(tensors, convert=True)
     for i in range(LAYERS):
         for kind in ("weight", "bias"):
-            assert_bits(fused[QKV.format(i=i, kind=kind)], torch.from_numpy(tensors[f"transformer.h.{i}.attn.c_attn.{kind}"]))
+            assert_bits(
+                fused[QKV.format(i=i, kind=kind)], torch.from_numpy(tensors[f"transformer.h.{i}.attn.c_attn.{kind}"])
+            )
 
 
 def rank_slices(tensors: dict[str, np.ndarray], tp: int, i: int) -> list[tuple[np.ndarray, ...]]:
@@ -225,7 +239,8 @@ def test_fuse_file_tensor_parallel_reads_heads_from_config_json(saved, tmp_path,
     out = tmp_path / "tp"
     fastfuse.fuse_file(model.folder, out, tp=tp)  # no heads=: from config.json beside model.safetensors
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [*(f"rank-{r}-of-{tp}.safetensors" for r in range(tp)), "tensor_parallel.json"])
+        [*(f"rank-{r}-of-{tp}.safetensors" for r in range(tp)), "tensor_parallel.json"]
+    )
     for rank in range(tp):
         expected = fastfuse.fuse(model.tensors, tp=tp, rank=rank, heads=HEADS, kv_heads=KV_HEADS)
         with safe_open(out / f"rank-{rank}-of-{tp}.safetensors", "np") as f:
@@ -271,6 +286,8 @@ def test_gqa_kv_heads_are_inferred_from_the_q_head_size(saved) -> None:
 
 
 def test_tensor_parallel_of_an_already_fused_checkpoint_is_refused(saved, tmp_path) -> None:
-    with pytest.raises(fastfuse.FuseError, match=r"tp=2: nothing to split in this hf-phi3 checkpoint \(it is stored already fused"):
+    with pytest.raises(
+        fastfuse.FuseError, match=r"tp=2: nothing to split in this hf-phi3 checkpoint \(it is stored already fused"
+    ):
         fastfuse.fuse_file(saved("phi3").folder, tmp_path / "tp", tp=2)
     assert not (tmp_path / "tp").exists()

@@ -34,10 +34,22 @@ SITE_IDS = [f"{side}{i}" for side, i in SITES]
 def whisper_config() -> transformers.WhisperConfig:
     """A tiny Whisper; token ids inside the vocabulary, eager attention (the reference we copy)."""
     return transformers.WhisperConfig(
-        d_model=D, encoder_layers=LAYERS, decoder_layers=LAYERS, encoder_attention_heads=HEADS,
-        decoder_attention_heads=HEADS, encoder_ffn_dim=2 * D, decoder_ffn_dim=2 * D, vocab_size=VOCAB,
-        num_mel_bins=80, max_source_positions=30, max_target_positions=20, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, attn_implementation="eager",
+        d_model=D,
+        encoder_layers=LAYERS,
+        decoder_layers=LAYERS,
+        encoder_attention_heads=HEADS,
+        decoder_attention_heads=HEADS,
+        encoder_ffn_dim=2 * D,
+        decoder_ffn_dim=2 * D,
+        vocab_size=VOCAB,
+        num_mel_bins=80,
+        max_source_positions=30,
+        max_target_positions=20,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+        attn_implementation="eager",
     )
 
 

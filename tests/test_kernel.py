@@ -37,6 +37,7 @@ def path(request: pytest.FixtureRequest) -> Iterator[str]:
     with forced(request.param):
         yield request.param
 
+
 DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16, np.float64, np.int8, np.uint16]
 SHAPES = [
     [(1, 1)],
@@ -164,19 +165,56 @@ def test_property_any_shapes(rows: list[int], width: int, dtype: object, seed: i
     ("parts", "kwargs", "error", "message"),
     [
         ([], {}, ShapeMismatchError, r"needs a non-empty sequence of 2-D arrays"),
-        (np.zeros((2, 2)), {}, ShapeMismatchError, r"needs a non-empty sequence of 2-D arrays, e\.g\. \[q, k, v\]; found ndarray"),
+        (
+            np.zeros((2, 2)),
+            {},
+            ShapeMismatchError,
+            r"needs a non-empty sequence of 2-D arrays, e\.g\. \[q, k, v\]; found ndarray",
+        ),
         ([np.zeros(3)], {}, ShapeMismatchError, r"part 0: expected 2 dimensions \[out, in\], found shape \[3\]"),
-        ([np.zeros((2, 3)), np.zeros((2, 4))], {}, ShapeMismatchError, r"part 1: expected shape \[\*, 3\] like part 0, found \[2, 4\]"),
-        ([np.zeros((2, 3)), np.zeros((2, 3), np.float16)], {}, DtypeMismatchError, r"part 1: expected dtype float64 like part 0, found float16"),
+        (
+            [np.zeros((2, 3)), np.zeros((2, 4))],
+            {},
+            ShapeMismatchError,
+            r"part 1: expected shape \[\*, 3\] like part 0, found \[2, 4\]",
+        ),
+        (
+            [np.zeros((2, 3)), np.zeros((2, 3), np.float16)],
+            {},
+            DtypeMismatchError,
+            r"part 1: expected dtype float64 like part 0, found float16",
+        ),
         ([np.zeros((2, 3), "U3")], {}, DtypeMismatchError, r"dtype <U3 is not a plain 1, 2, 4 or 8-byte element type"),
-        ([np.zeros((2, 3), np.float32)], {"dtype": "float16"}, DtypeMismatchError, r"cannot fuse float32 parts into float16"),
-        ([np.zeros((2, 3), np.float32)], {"dtype": "no-such-type"}, DtypeMismatchError, r"unknown dtype 'no-such-type'"),
-        ([np.zeros((2, 3))], {"out": np.zeros((3, 3))}, ShapeMismatchError, r"out: expected shape \[3, 2\] of float64, found \[3, 3\] of float64"),
-        ([np.zeros((2, 3))], {"out": np.zeros((2, 3)).T}, ShapeMismatchError, r"out: expected a writable C-contiguous array"),
+        (
+            [np.zeros((2, 3), np.float32)],
+            {"dtype": "float16"},
+            DtypeMismatchError,
+            r"cannot fuse float32 parts into float16",
+        ),
+        (
+            [np.zeros((2, 3), np.float32)],
+            {"dtype": "no-such-type"},
+            DtypeMismatchError,
+            r"unknown dtype 'no-such-type'",
+        ),
+        (
+            [np.zeros((2, 3))],
+            {"out": np.zeros((3, 3))},
+            ShapeMismatchError,
+            r"out: expected shape \[3, 2\] of float64, found \[3, 3\] of float64",
+        ),
+        (
+            [np.zeros((2, 3))],
+            {"out": np.zeros((2, 3)).T},
+            ShapeMismatchError,
+            r"out: expected a writable C-contiguous array",
+        ),
         ([np.zeros((2, 3))], {"out": [[0.0]]}, ShapeMismatchError, r"out: expected a numpy array, found list"),
     ],
 )
-def test_errors_name_what_was_expected_and_found(parts: object, kwargs: dict[str, object], error: type, message: str) -> None:
+def test_errors_name_what_was_expected_and_found(
+    parts: object, kwargs: dict[str, object], error: type, message: str
+) -> None:
     with pytest.raises(error, match=message):
         transpose_concat(parts, **kwargs)  # type: ignore[arg-type]
 

@@ -39,10 +39,10 @@ def test_every_whisper_size_real_shapes(size: str, prefix: str) -> None:
     assert plan.layers == {"encoder_qkv": enc, "decoder_qkv": dec, "cross_kv": dec, "logits": 1}
     shapes = {t.key: t.shape for t in plan.fused}
     assert shapes[f"fused.enc.{enc - 1}.self_attn.qkv.weight"] == (d, 3 * d)
-    assert shapes[f"fused.enc.0.self_attn.qkv.bias"] == (3 * d,)
+    assert shapes["fused.enc.0.self_attn.qkv.bias"] == (3 * d,)
     assert shapes[f"fused.dec.{dec - 1}.self_attn.qkv.weight"] == (d, 3 * d)
-    assert shapes[f"fused.dec.0.encoder_attn.kv.weight"] == (d, 2 * d)
-    assert shapes[f"fused.dec.0.encoder_attn.kv.bias"] == (2 * d,)
+    assert shapes["fused.dec.0.encoder_attn.kv.weight"] == (d, 2 * d)
+    assert shapes["fused.dec.0.encoder_attn.kv.bias"] == (2 * d,)
     assert shapes["fused.dec.logits.weight"] == (d, vocab)
     assert "fused.dec.logits.bias" not in shapes
     assert len(shapes) == 2 * enc + 4 * dec + 1
@@ -130,38 +130,100 @@ ENC = "model.encoder.layers.{}.self_attn.{}_proj.{}"
 @pytest.mark.parametrize(
     ("shapes", "options", "error", "message"),
     [
-        (without(BASE, ENC.format(1, "k", "weight")), {}, MissingTensorError,
-         "missing tensor 'model.encoder.layers.1.self_attn.k_proj.weight' of group encoder_qkv layer 1"),
-        (without(BASE, *[k for k in BASE if ".layers.1." in k and "encoder" in k]), {}, MissingTensorError,
-         "missing tensor 'model.encoder.layers.1.self_attn.q_proj.weight': layers run 0..2 but layer 1 is absent"),
-        (renamed(BASE, ENC.format(2, "q", "weight"), ENC.format("02", "q", "weight")), {}, FuseError,
-         "'model.encoder.layers.02.self_attn.q_proj.weight': layer index '02' is not canonical; expected 2"),
-        (BASE | {ENC.format(1, "v", "weight"): (8, 9)}, {}, ShapeMismatchError,
-         "'model.encoder.layers.1.self_attn.v_proj.weight': expected [8, 8] (d of the model, from "
-         "'model.encoder.layers.0.self_attn.q_proj.weight'), found [8, 9]"),
-        (BASE | {"model.decoder.layers.0.self_attn.q_proj.weight": (16, 16)}, {}, ShapeMismatchError,
-         "'model.decoder.layers.0.self_attn.q_proj.weight': expected [8, 8] (d of the model"),
-        (BASE | {ENC.format(0, "k", "weight"): (8, 8, 1)}, {}, ShapeMismatchError,
-         "'model.encoder.layers.0.self_attn.k_proj.weight': expected 2 dimensions [out, in], found shape [8, 8, 1]"),
-        (BASE | {ENC.format(0, "v", "bias"): (7,)}, {}, ShapeMismatchError,
-         "'model.encoder.layers.0.self_attn.v_proj.bias': expected shape [8] (the rows of "
-         "'model.encoder.layers.0.self_attn.v_proj.weight'), found [7]"),
-        (BASE | {"fused.enc.0.self_attn.qkv.weight": (8, 24)}, {}, KeyConflictError,
-         "the input already holds 'fused.enc.0.self_attn.qkv.weight', a key fastfuse would write; pass overwrite=True"),
-        ({"lm_head.weight": (4, 4), "x": (1,)}, {}, SchemeNotDetectedError,
-         "no fusion scheme matches the 2 keys (first: 'lm_head.weight', 'x'); expected keys like: "
-         "hf-whisper (model.encoder.layers.0.self_attn.q_proj.weight)"),
+        (
+            without(BASE, ENC.format(1, "k", "weight")),
+            {},
+            MissingTensorError,
+            "missing tensor 'model.encoder.layers.1.self_attn.k_proj.weight' of group encoder_qkv layer 1",
+        ),
+        (
+            without(BASE, *[k for k in BASE if ".layers.1." in k and "encoder" in k]),
+            {},
+            MissingTensorError,
+            "missing tensor 'model.encoder.layers.1.self_attn.q_proj.weight': layers run 0..2 but layer 1 is absent",
+        ),
+        (
+            renamed(BASE, ENC.format(2, "q", "weight"), ENC.format("02", "q", "weight")),
+            {},
+            FuseError,
+            "'model.encoder.layers.02.self_attn.q_proj.weight': layer index '02' is not canonical; expected 2",
+        ),
+        (
+            BASE | {ENC.format(1, "v", "weight"): (8, 9)},
+            {},
+            ShapeMismatchError,
+            "'model.encoder.layers.1.self_attn.v_proj.weight': expected [8, 8] (d of the model, from "
+            "'model.encoder.layers.0.self_attn.q_proj.weight'), found [8, 9]",
+        ),
+        (
+            BASE | {"model.decoder.layers.0.self_attn.q_proj.weight": (16, 16)},
+            {},
+            ShapeMismatchError,
+            "'model.decoder.layers.0.self_attn.q_proj.weight': expected [8, 8] (d of the model",
+        ),
+        (
+            BASE | {ENC.format(0, "k", "weight"): (8, 8, 1)},
+            {},
+            ShapeMismatchError,
+            "'model.encoder.layers.0.self_attn.k_proj.weight': expected 2 dimensions [out, in], found shape [8, 8, 1]",
+        ),
+        (
+            BASE | {ENC.format(0, "v", "bias"): (7,)},
+            {},
+            ShapeMismatchError,
+            "'model.encoder.layers.0.self_attn.v_proj.bias': expected shape [8] (the rows of "
+            "'model.encoder.layers.0.self_attn.v_proj.weight'), found [7]",
+        ),
+        (
+            BASE | {"fused.enc.0.self_attn.qkv.weight": (8, 24)},
+            {},
+            KeyConflictError,
+            "the input already holds 'fused.enc.0.self_attn.qkv.weight', a key fastfuse would write; pass overwrite=True",
+        ),
+        (
+            {"lm_head.weight": (4, 4), "x": (1,)},
+            {},
+            SchemeNotDetectedError,
+            "no fusion scheme matches the 2 keys (first: 'lm_head.weight', 'x'); expected keys like: "
+            "hf-whisper (model.encoder.layers.0.self_attn.q_proj.weight)",
+        ),
         ({}, {}, SchemeNotDetectedError, "no fusion scheme matches the 0 keys (first: none)"),
-        (BASE, {"scheme": "llama"}, SchemeNotDetectedError,
-         "unknown scheme 'llama'; expected 'auto' or one of ['hf-whisper', 'openai-whisper', 'hf-llama', 'hf-phi3', 'gpt2']"),
-        (BASE | hf_whisper_shapes(8, 3, 2, 10, prefix=""), {}, SchemeNotDetectedError,
-         "ambiguous checkpoint: keys match hf-whisper with prefix 'model.', hf-whisper with prefix '' equally; pass scheme="),
-        (without(BASE, *[k for k in BASE if "encoder_attn" in k]), {"cross_kv": True}, MissingTensorError,
-         "cross_kv=True but the checkpoint has no cross_kv group: missing 'model.decoder.layers.0.encoder_attn.k_proj.weight'"),
-        (without(BASE, "model.decoder.embed_tokens.weight"), {"logits": True}, MissingTensorError,
-         "missing tensor 'model.decoder.embed_tokens.weight' of group logits"),
-        (BASE, {"names": {"encoder_qkv": "same.{kind}"}}, KeyConflictError, "two fused tensors would be called 'same.weight'"),
-        (BASE, {"names": {"attention": "x.{i}.{kind}"}}, FuseError, "names: unknown group(s) ['attention']; hf-whisper has"),
+        (
+            BASE,
+            {"scheme": "llama"},
+            SchemeNotDetectedError,
+            "unknown scheme 'llama'; expected 'auto' or one of ['hf-whisper', 'openai-whisper', 'hf-llama', 'hf-phi3', 'gpt2']",
+        ),
+        (
+            BASE | hf_whisper_shapes(8, 3, 2, 10, prefix=""),
+            {},
+            SchemeNotDetectedError,
+            "ambiguous checkpoint: keys match hf-whisper with prefix 'model.', hf-whisper with prefix '' equally; pass scheme=",
+        ),
+        (
+            without(BASE, *[k for k in BASE if "encoder_attn" in k]),
+            {"cross_kv": True},
+            MissingTensorError,
+            "cross_kv=True but the checkpoint has no cross_kv group: missing 'model.decoder.layers.0.encoder_attn.k_proj.weight'",
+        ),
+        (
+            without(BASE, "model.decoder.embed_tokens.weight"),
+            {"logits": True},
+            MissingTensorError,
+            "missing tensor 'model.decoder.embed_tokens.weight' of group logits",
+        ),
+        (
+            BASE,
+            {"names": {"encoder_qkv": "same.{kind}"}},
+            KeyConflictError,
+            "two fused tensors would be called 'same.weight'",
+        ),
+        (
+            BASE,
+            {"names": {"attention": "x.{i}.{kind}"}},
+            FuseError,
+            "names: unknown group(s) ['attention']; hf-whisper has",
+        ),
         (BASE, {"dtype": "float64"}, DtypeMismatchError, "cannot fuse float16 parts into float64"),
     ],
 )
@@ -173,10 +235,13 @@ def test_plan_errors(shapes: dict[str, tuple[int, ...]], options: dict[str, obje
 def test_mixed_dtypes_name_the_keys() -> None:
     tensors = metas(BASE)
     tensors[ENC.format(0, "k", "weight")] = Meta((8, 8), np.float32)
-    with pytest.raises(DtypeMismatchError, match=re.escape(
-        "parts of one group must share a dtype: 'model.encoder.layers.0.self_attn.q_proj.weight' is float16, "
-        "'model.encoder.layers.0.self_attn.k_proj.weight' is float32, "
-    )):
+    with pytest.raises(
+        DtypeMismatchError,
+        match=re.escape(
+            "parts of one group must share a dtype: 'model.encoder.layers.0.self_attn.q_proj.weight' is float16, "
+            "'model.encoder.layers.0.self_attn.k_proj.weight' is float32, "
+        ),
+    ):
         fastfuse.plan(tensors)
 
 

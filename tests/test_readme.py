@@ -10,7 +10,7 @@ README = (ROOT / "README.md").read_text()
 
 
 def test_readme_python_examples_run() -> None:
-    blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", README, flags=re.DOTALL)
     assert blocks, "the README lost its Python example"
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})

@@ -67,8 +67,9 @@ def entry(dtype: Any, shape: Any, start: Any, end: Any = None) -> dict[str, Any]
     return {"dtype": dtype, "shape": shape, "data_offsets": offsets}
 
 
-def write(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None,
-          **kwargs: Any) -> dict[str, tuple[int, int]]:
+def write(
+    path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None, **kwargs: Any
+) -> dict[str, tuple[int, int]]:
     """Write ``arrays`` with layout + AtomicWriter (the way fastfuse writes files)."""
     prefix, offsets = layout([OutputTensor(k, a.dtype, a.shape) for k, a in arrays.items()], metadata)
     size = max((end for _, end in offsets.values()), default=0)
@@ -126,8 +127,23 @@ def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 
 def test_dtypes_table() -> None:
-    assert list(DTYPES) == ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U64", "U32",
-                            "U16", "U8", "BOOL", "F8_E4M3", "F8_E5M2"]
+    assert list(DTYPES) == [
+        "F64",
+        "F32",
+        "F16",
+        "BF16",
+        "I64",
+        "I32",
+        "I16",
+        "I8",
+        "U64",
+        "U32",
+        "U16",
+        "U8",
+        "BOOL",
+        "F8_E4M3",
+        "F8_E5M2",
+    ]
     assert DTYPES["BF16"] == BF16 and DTYPES["F32"] == np.float32 and DTYPES["BOOL"] == np.bool_
     assert DTYPES["F8_E4M3"] == ml_dtypes.float8_e4m3fn and DTYPES["F8_E5M2"] == ml_dtypes.float8_e5m2
     for code, dt in DTYPES.items():
@@ -152,7 +168,7 @@ def test_round_trip_vs_reference(tmp_path: Path) -> None:
     n = int.from_bytes(path.read_bytes()[:8], "little")
     assert header.path == str(path) and header.data_offset == 8 + n
     assert header.file_size == path.stat().st_size and header.metadata == {"format": "pt"}
-    file_order = [k for k in json.loads(path.read_bytes()[8:8 + n]) if k != "__metadata__"]
+    file_order = [k for k in json.loads(path.read_bytes()[8 : 8 + n]) if k != "__metadata__"]
     assert list(header.tensors) == file_order
     views = map_tensors(header)
     assert list(views) == file_order
@@ -178,8 +194,10 @@ def test_views_share_one_map_and_outlive_everything(tmp_path: Path) -> None:
 
 
 def test_f8_round_trip(tmp_path: Path) -> None:
-    arrays = {"e4": np.arange(-4, 4, dtype=np.float32).astype(ml_dtypes.float8_e4m3fn),
-              "e5": np.linspace(-2, 2, 6).astype(ml_dtypes.float8_e5m2).reshape(2, 3)}
+    arrays = {
+        "e4": np.arange(-4, 4, dtype=np.float32).astype(ml_dtypes.float8_e4m3fn),
+        "e5": np.linspace(-2, 2, 6).astype(ml_dtypes.float8_e5m2).reshape(2, 3),
+    }
     save_file(arrays, str(tmp_path / "ref.safetensors"))
     write(tmp_path / "ours.safetensors", arrays)
     for name in ("ref", "ours"):
@@ -212,8 +230,9 @@ def test_empty_and_zero_byte_tensors(tmp_path: Path) -> None:
     header = read_header(path)
     assert header.tensors == {} and header.metadata is None and header.data_size == 0
     assert map_tensors(header) == {}
-    path.write_bytes(raw_file({"__metadata__": None, "z": entry("BF16", [0, 3], 0, 0),
-                               "s": entry("F32", [2, 0], 0, 0)}))
+    path.write_bytes(
+        raw_file({"__metadata__": None, "z": entry("BF16", [0, 3], 0, 0), "s": entry("F32", [2, 0], 0, 0)})
+    )
     views = map_tensors(read_header(path))
     assert views["z"].shape == (0, 3) and views["z"].dtype == BF16 and views["s"].shape == (2, 0)
 
@@ -223,82 +242,179 @@ def _hostile() -> Iterator[Any]:
     f32 = entry("F32", [1], 0, 4)
     yield pytest.param(b"", "file is 0 bytes, too short", True, id="empty")
     yield pytest.param(b"\x01\x02", "file is 2 bytes, too short", True, id="lt8")
-    yield pytest.param(raw_file(b"{}", length=100), r"header length 100 runs past the end of the file "
-                       r"\(10 bytes, so at most 2\)", True, id="length-past-end")
-    yield pytest.param(raw_file(b"{}", length=2**40), "header length 1099511627776 exceeds the limit "
-                       f"of {MAX_HEADER_BYTES} bytes", True, id="huge-length")
+    yield pytest.param(
+        raw_file(b"{}", length=100),
+        r"header length 100 runs past the end of the file "
+        r"\(10 bytes, so at most 2\)",
+        True,
+        id="length-past-end",
+    )
+    yield pytest.param(
+        raw_file(b"{}", length=2**40),
+        f"header length 1099511627776 exceeds the limit of {MAX_HEADER_BYTES} bytes",
+        True,
+        id="huge-length",
+    )
     yield pytest.param(raw_file(b"{}", length=2**64 - 1), "exceeds the limit", True, id="u64-max-length")
     yield pytest.param(raw_file(b""), "header is not valid JSON: Expecting value", True, id="empty-header")
     yield pytest.param(raw_file(b"{nope"), "header is not valid JSON: .* line 1 column 2", True, id="not-json")
     yield pytest.param(raw_file(b"{}\x00\x00"), "header is not valid JSON: Extra data", True, id="nul-padding")
-    yield pytest.param(raw_file(b'{"\xff": 1}'), r"header is not valid UTF-8 \(byte 2 of the header\)",
-                       True, id="bad-utf8")
+    yield pytest.param(
+        raw_file(b'{"\xff": 1}'), r"header is not valid UTF-8 \(byte 2 of the header\)", True, id="bad-utf8"
+    )
     yield pytest.param(raw_file(b"[]"), "header is a JSON array, expected an object", True, id="array")
     yield pytest.param(raw_file(b"3"), "header is a JSON number, expected an object", True, id="number")
     yield pytest.param(raw_file(b"[" * 100_000 + b"]" * 100_000), "nested too deeply", True, id="deep")
-    yield pytest.param(raw_file(b'{"a": %s, "a": %s}' % ((json.dumps(f32).encode(),) * 2), bytes(4)),
-                       "header has duplicated key 'a' \\(the format forbids", False, id="dup-tensor")
-    yield pytest.param(raw_file(b'{"a": {"dtype": "F32", "dtype": "F32", "shape": [1], "data_offsets": '
-                                b'[0, 4]}}', bytes(4)), "duplicated key 'dtype'", False, id="dup-field")
-    yield pytest.param(raw_file({"__metadata__": {"k": 1}}), "__metadata__ key 'k' holds a JSON number 1, "
-                       "expected a string", True, id="meta-value")
-    yield pytest.param(raw_file({"__metadata__": ["x"]}), "__metadata__ is a JSON array, expected an object",
-                       True, id="meta-array")
-    yield pytest.param(raw_file({"a": [1]}), r"tensor 'a' entry has a JSON array, expected exactly the "
-                       r"keys \['data_offsets', 'dtype', 'shape'\]", True, id="entry-array")
-    yield pytest.param(raw_file({"a": {"dtype": "F32", "shape": [1]}}, bytes(4)),
-                       r"tensor 'a' entry has \['dtype', 'shape'\], expected exactly", True, id="missing-field")
-    yield pytest.param(raw_file({"a": {**f32, "extra": 1}}, bytes(4)),
-                       r"entry has \['data_offsets', 'dtype', 'extra', 'shape'\]", False, id="extra-field")
-    yield pytest.param(raw_file({"a": entry("F99", [1], 0, 4)}, bytes(4)),
-                       "tensor 'a' has unsupported dtype \"F99\" \\(supported: F64, F32", True, id="dtype")
-    yield pytest.param(raw_file({"a": entry("C64", [1], 0, 8)}, bytes(8)), "unsupported dtype \"C64\"",
-                       False, id="dtype-c64")
-    yield pytest.param(raw_file({"a": entry(4, [1], 0, 4)}, bytes(4)), "unsupported dtype 4", True,
-                       id="dtype-int")
-    for shape, shown, name in [([-1], r"\[-1\]", "neg"), ([1.0], r"\[1.0\]", "float"),
-                               ([True], r"\[true\]", "bool"), ("4", '"4"', "string"),
-                               (None, "null", "null"), ({"n": 1}, r'\{"n": 1\}', "object")]:
-        yield pytest.param(raw_file({"a": entry("F32", shape, 0, 4)}, bytes(4)),
-                           f"tensor 'a' shape {shown} is not a list of non-negative integers", True,
-                           id=f"shape-{name}")
-    yield pytest.param(raw_file({"a": entry("F32", [2**62, 2**62], 0, 4)}, bytes(4)),
-                       r"tensor 'a' data_offsets \[0, 4\] hold 4 bytes but shape \[4611686018427387904, "
-                       r"4611686018427387904\] of F32 needs more than 2\*\*64 \(it overflows\)",
-                       True, id="shape-overflow")
-    yield pytest.param(raw_file(b'{"a": {"dtype": "F32", "shape": [1%s], "data_offsets": [0, 4]}}' % (b"0" * 5000),
-                                bytes(4)), "header is not valid JSON: Exceeds the limit", True, id="long-int")
-    yield pytest.param(raw_file({"a.weight": entry("F32", [5, 5], 0, 99)}, bytes(99)),
-                       r"model.safetensors: tensor 'a.weight' data_offsets \[0, 99\] hold 99 bytes but "
-                       r"shape \[5, 5\] of F32 needs 100$", True, id="size-mismatch")
-    for offsets, shown, name in [([8, 4], r"\[8, 4\]", "start-gt-end"), ([-4, 0], r"\[-4, 0\]", "negative"),
-                                 ([0], r"\[0\]", "one"), ([0, 4, 4], r"\[0, 4, 4\]", "three"),
-                                 ([0.0, 4], r"\[0.0, 4\]", "float"), ([False, True], r"\[false, true\]",
-                                                                     "bool"), ("0,4", '"0,4"', "string")]:
-        yield pytest.param(raw_file({"a": entry("F32", [1], offsets)}, bytes(8)),
-                           f"tensor 'a' data_offsets {shown} are not \\[start, end\\] integers "
-                           "with 0 <= start <= end", True, id=f"offsets-{name}")
-    yield pytest.param(raw_file({"a": entry("F32", [2], 0, 8)}, bytes(4)),
-                       r"tensor 'a' data_offsets \[0, 8\] run past the end of the data section "
-                       r"\(4 bytes; is the file truncated\?\)", True, id="truncated-data")
-    yield pytest.param(raw_file({"a": entry("F32", [1], 2**64, 2**64 + 4)}, bytes(4)),
-                       r"data_offsets \[18446744073709551616, 18446744073709551620\] run past", True,
-                       id="offsets-out-of-range")
-    yield pytest.param(raw_file({"a": entry("F32", [2], 0, 8), "b": entry("F32", [2], 4, 12)}, bytes(12)),
-                       r"tensor 'b' data_offsets \[4, 12\] overlap tensor 'a' \[0, 8\]", True, id="overlap")
-    yield pytest.param(raw_file({"b": entry("F32", [1], 0, 4), "a": entry("F32", [1], 0, 4)}, bytes(4)),
-                       r"tensor 'a' data_offsets \[0, 4\] overlap tensor 'b' \[0, 4\]", True,
-                       id="same-range")
-    yield pytest.param(raw_file({"a": entry("F32", [2], 0, 8), "z": entry("F32", [0], 4, 4)}, bytes(8)),
-                       r"tensor 'z' data_offsets \[4, 4\] overlap tensor 'a'", True, id="empty-inside")
-    yield pytest.param(raw_file({"a": entry("F32", [1], 0, 4), "b": entry("F32", [1], 8, 12)}, bytes(12)),
-                       r"gap of 4 bytes between tensor 'a' \[0, 4\] and tensor 'b' \[8, 12\] "
-                       r"\(the format forbids gaps\)", True, id="gap")
-    yield pytest.param(raw_file({"a": entry("F32", [1], 4, 8)}, bytes(8)),
-                       r"gap of 4 bytes between the data section start and tensor 'a' \[4, 8\]", True,
-                       id="gap-at-start")
-    yield pytest.param(raw_file({"a": f32}, bytes(6)), r"2 trailing bytes after the last tensor "
-                       r"\(tensors end at 4, the data section is 6 bytes\)", True, id="trailing")
+    yield pytest.param(
+        raw_file(b'{"a": %s, "a": %s}' % ((json.dumps(f32).encode(),) * 2), bytes(4)),
+        "header has duplicated key 'a' \\(the format forbids",
+        False,
+        id="dup-tensor",
+    )
+    yield pytest.param(
+        raw_file(b'{"a": {"dtype": "F32", "dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', bytes(4)),
+        "duplicated key 'dtype'",
+        False,
+        id="dup-field",
+    )
+    yield pytest.param(
+        raw_file({"__metadata__": {"k": 1}}),
+        "__metadata__ key 'k' holds a JSON number 1, expected a string",
+        True,
+        id="meta-value",
+    )
+    yield pytest.param(
+        raw_file({"__metadata__": ["x"]}), "__metadata__ is a JSON array, expected an object", True, id="meta-array"
+    )
+    yield pytest.param(
+        raw_file({"a": [1]}),
+        r"tensor 'a' entry has a JSON array, expected exactly the "
+        r"keys \['data_offsets', 'dtype', 'shape'\]",
+        True,
+        id="entry-array",
+    )
+    yield pytest.param(
+        raw_file({"a": {"dtype": "F32", "shape": [1]}}, bytes(4)),
+        r"tensor 'a' entry has \['dtype', 'shape'\], expected exactly",
+        True,
+        id="missing-field",
+    )
+    yield pytest.param(
+        raw_file({"a": {**f32, "extra": 1}}, bytes(4)),
+        r"entry has \['data_offsets', 'dtype', 'extra', 'shape'\]",
+        False,
+        id="extra-field",
+    )
+    yield pytest.param(
+        raw_file({"a": entry("F99", [1], 0, 4)}, bytes(4)),
+        "tensor 'a' has unsupported dtype \"F99\" \\(supported: F64, F32",
+        True,
+        id="dtype",
+    )
+    yield pytest.param(
+        raw_file({"a": entry("C64", [1], 0, 8)}, bytes(8)), 'unsupported dtype "C64"', False, id="dtype-c64"
+    )
+    yield pytest.param(raw_file({"a": entry(4, [1], 0, 4)}, bytes(4)), "unsupported dtype 4", True, id="dtype-int")
+    for shape, shown, name in [
+        ([-1], r"\[-1\]", "neg"),
+        ([1.0], r"\[1.0\]", "float"),
+        ([True], r"\[true\]", "bool"),
+        ("4", '"4"', "string"),
+        (None, "null", "null"),
+        ({"n": 1}, r'\{"n": 1\}', "object"),
+    ]:
+        yield pytest.param(
+            raw_file({"a": entry("F32", shape, 0, 4)}, bytes(4)),
+            f"tensor 'a' shape {shown} is not a list of non-negative integers",
+            True,
+            id=f"shape-{name}",
+        )
+    yield pytest.param(
+        raw_file({"a": entry("F32", [2**62, 2**62], 0, 4)}, bytes(4)),
+        r"tensor 'a' data_offsets \[0, 4\] hold 4 bytes but shape \[4611686018427387904, "
+        r"4611686018427387904\] of F32 needs more than 2\*\*64 \(it overflows\)",
+        True,
+        id="shape-overflow",
+    )
+    yield pytest.param(
+        raw_file(b'{"a": {"dtype": "F32", "shape": [1%s], "data_offsets": [0, 4]}}' % (b"0" * 5000), bytes(4)),
+        "header is not valid JSON: Exceeds the limit",
+        True,
+        id="long-int",
+    )
+    yield pytest.param(
+        raw_file({"a.weight": entry("F32", [5, 5], 0, 99)}, bytes(99)),
+        r"model.safetensors: tensor 'a.weight' data_offsets \[0, 99\] hold 99 bytes but "
+        r"shape \[5, 5\] of F32 needs 100$",
+        True,
+        id="size-mismatch",
+    )
+    for offsets, shown, name in [
+        ([8, 4], r"\[8, 4\]", "start-gt-end"),
+        ([-4, 0], r"\[-4, 0\]", "negative"),
+        ([0], r"\[0\]", "one"),
+        ([0, 4, 4], r"\[0, 4, 4\]", "three"),
+        ([0.0, 4], r"\[0.0, 4\]", "float"),
+        ([False, True], r"\[false, true\]", "bool"),
+        ("0,4", '"0,4"', "string"),
+    ]:
+        yield pytest.param(
+            raw_file({"a": entry("F32", [1], offsets)}, bytes(8)),
+            f"tensor 'a' data_offsets {shown} are not \\[start, end\\] integers with 0 <= start <= end",
+            True,
+            id=f"offsets-{name}",
+        )
+    yield pytest.param(
+        raw_file({"a": entry("F32", [2], 0, 8)}, bytes(4)),
+        r"tensor 'a' data_offsets \[0, 8\] run past the end of the data section "
+        r"\(4 bytes; is the file truncated\?\)",
+        True,
+        id="truncated-data",
+    )
+    yield pytest.param(
+        raw_file({"a": entry("F32", [1], 2**64, 2**64 + 4)}, bytes(4)),
+        r"data_offsets \[18446744073709551616, 18446744073709551620\] run past",
+        True,
+        id="offsets-out-of-range",
+    )
+    yield pytest.param(
+        raw_file({"a": entry("F32", [2], 0, 8), "b": entry("F32", [2], 4, 12)}, bytes(12)),
+        r"tensor 'b' data_offsets \[4, 12\] overlap tensor 'a' \[0, 8\]",
+        True,
+        id="overlap",
+    )
+    yield pytest.param(
+        raw_file({"b": entry("F32", [1], 0, 4), "a": entry("F32", [1], 0, 4)}, bytes(4)),
+        r"tensor 'a' data_offsets \[0, 4\] overlap tensor 'b' \[0, 4\]",
+        True,
+        id="same-range",
+    )
+    yield pytest.param(
+        raw_file({"a": entry("F32", [2], 0, 8), "z": entry("F32", [0], 4, 4)}, bytes(8)),
+        r"tensor 'z' data_offsets \[4, 4\] overlap tensor 'a'",
+        True,
+        id="empty-inside",
+    )
+    yield pytest.param(
+        raw_file({"a": entry("F32", [1], 0, 4), "b": entry("F32", [1], 8, 12)}, bytes(12)),
+        r"gap of 4 bytes between tensor 'a' \[0, 4\] and tensor 'b' \[8, 12\] "
+        r"\(the format forbids gaps\)",
+        True,
+        id="gap",
+    )
+    yield pytest.param(
+        raw_file({"a": entry("F32", [1], 4, 8)}, bytes(8)),
+        r"gap of 4 bytes between the data section start and tensor 'a' \[4, 8\]",
+        True,
+        id="gap-at-start",
+    )
+    yield pytest.param(
+        raw_file({"a": f32}, bytes(6)),
+        r"2 trailing bytes after the last tensor "
+        r"\(tensors end at 4, the data section is 6 bytes\)",
+        True,
+        id="trailing",
+    )
     yield pytest.param(raw_file(b"{}", bytes(3)), "3 trailing bytes", True, id="trailing-no-tensors")
 
 
@@ -387,32 +503,43 @@ def test_map_tensors_detects_changed_file(tmp_path: Path) -> None:
 
 def test_read_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     index = tmp_path / "model.safetensors.index.json"
-    index.write_text(json.dumps({"metadata": {"total_size": 8},
-                                 "weight_map": {"b": "model-00002.safetensors", "a": "model-00001.safetensors"}}))
-    assert read_index(index) == {"b": str(tmp_path / "model-00002.safetensors"),
-                                 "a": str(tmp_path / "model-00001.safetensors")}
+    index.write_text(
+        json.dumps(
+            {
+                "metadata": {"total_size": 8},
+                "weight_map": {"b": "model-00002.safetensors", "a": "model-00001.safetensors"},
+            }
+        )
+    )
+    assert read_index(index) == {
+        "b": str(tmp_path / "model-00002.safetensors"),
+        "a": str(tmp_path / "model-00001.safetensors"),
+    }
     assert list(read_index(index)) == ["b", "a"]
     monkeypatch.chdir(tmp_path)  # a relative index path still resolves to absolute shard paths
     assert read_index("model.safetensors.index.json")["a"] == str(tmp_path / "model-00001.safetensors")
 
 
-@pytest.mark.parametrize(("content", "match"), [
-    (b"{", "index is not valid JSON"),
-    (b"\xff", "index is not valid UTF-8"),
-    (b"[]", r'index has no "weight_map" object .*\(found null\)'),
-    (b'{"metadata": {}}', 'index has no "weight_map" object'),
-    (b'{"weight_map": []}', r'no "weight_map" object .*\(found \[\]\)'),
-    (b'{"weight_map": {"a": "x", "a": "y"}}', "index has duplicated key 'a'"),
-    (b'{"weight_map": {"a": 3}}', r"weight_map\['a'\] = 3 is not a plain file name"),
-    (b'{"weight_map": {"a": null}}', r"weight_map\['a'\] = null is not"),
-    (b'{"weight_map": {"a": "/etc/passwd"}}', r"weight_map\['a'\] = \"/etc/passwd\" is not a plain"),
-    (b'{"weight_map": {"a": "../x.safetensors"}}', r"weight_map\['a'\] = \"../x.safetensors\""),
-    (b'{"weight_map": {"a": ".."}}', r"weight_map\['a'\] = \"..\""),
-    (b'{"weight_map": {"a": ""}}', r"weight_map\['a'\] = \"\""),
-    (b'{"weight_map": {"a": "sub/x.safetensors"}}', "sub/x.safetensors"),
-    (b'{"weight_map": {"a": "sub\\\\x"}}', r"weight_map\['a'\]"),
-    (b'{"weight_map": {"a": "x\\u0000"}}', r"weight_map\['a'\]"),
-])
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"{", "index is not valid JSON"),
+        (b"\xff", "index is not valid UTF-8"),
+        (b"[]", r'index has no "weight_map" object .*\(found null\)'),
+        (b'{"metadata": {}}', 'index has no "weight_map" object'),
+        (b'{"weight_map": []}', r'no "weight_map" object .*\(found \[\]\)'),
+        (b'{"weight_map": {"a": "x", "a": "y"}}', "index has duplicated key 'a'"),
+        (b'{"weight_map": {"a": 3}}', r"weight_map\['a'\] = 3 is not a plain file name"),
+        (b'{"weight_map": {"a": null}}', r"weight_map\['a'\] = null is not"),
+        (b'{"weight_map": {"a": "/etc/passwd"}}', r"weight_map\['a'\] = \"/etc/passwd\" is not a plain"),
+        (b'{"weight_map": {"a": "../x.safetensors"}}', r"weight_map\['a'\] = \"../x.safetensors\""),
+        (b'{"weight_map": {"a": ".."}}', r"weight_map\['a'\] = \"..\""),
+        (b'{"weight_map": {"a": ""}}', r"weight_map\['a'\] = \"\""),
+        (b'{"weight_map": {"a": "sub/x.safetensors"}}', "sub/x.safetensors"),
+        (b'{"weight_map": {"a": "sub\\\\x"}}', r"weight_map\['a'\]"),
+        (b'{"weight_map": {"a": "x\\u0000"}}', r"weight_map\['a'\]"),
+    ],
+)
 def test_read_index_bad(tmp_path: Path, content: bytes, match: str) -> None:
     index = tmp_path / "model.safetensors.index.json"
     index.write_bytes(content)
@@ -425,9 +552,14 @@ def test_read_index_bad(tmp_path: Path, content: bytes, match: str) -> None:
 
 
 def test_layout_order_alignment_and_json() -> None:
-    tensors = [OutputTensor("z.u8", np.dtype("u1"), (3,)), OutputTensor("b.f16", np.dtype("f2"), (3,)),
-               OutputTensor("a.f16", np.dtype("f2"), (1,)), OutputTensor("y.f64", np.dtype("f8"), (2, 1)),
-               OutputTensor("bf", BF16, (0,)), OutputTensor("c.f32", np.dtype("f4"), ())]
+    tensors = [
+        OutputTensor("z.u8", np.dtype("u1"), (3,)),
+        OutputTensor("b.f16", np.dtype("f2"), (3,)),
+        OutputTensor("a.f16", np.dtype("f2"), (1,)),
+        OutputTensor("y.f64", np.dtype("f8"), (2, 1)),
+        OutputTensor("bf", BF16, (0,)),
+        OutputTensor("c.f32", np.dtype("f4"), ()),
+    ]
     prefix, offsets = layout(tensors, {"format": "pt", "fastfuse": "1"})
     assert list(offsets) == ["y.f64", "c.f32", "a.f16", "b.f16", "bf", "z.u8"]
     assert list(offsets.values()) == [(0, 16), (16, 20), (20, 22), (22, 28), (28, 28), (28, 31)]
@@ -447,14 +579,21 @@ def test_layout_without_metadata_and_empty() -> None:
     assert b"__metadata__" not in layout([OutputTensor("a", np.dtype("f4"), (1,))], None)[0]
 
 
-@pytest.mark.parametrize(("tensors", "metadata", "error", "match"), [
-    ([OutputTensor("a", np.dtype("f4"), (1,)), OutputTensor("a", np.dtype("u1"), (1,))], None,
-     FuseError, "output tensor 'a' shape \\[1\\]: the name is duplicated"),
-    ([OutputTensor("__metadata__", np.dtype("f4"), (1,))], None, FuseError, "reserved"),
-    ([OutputTensor("a", np.dtype("f4"), (-1,))], None, FuseError, "the shape is negative"),
-    ([OutputTensor("a", np.dtype("c8"), (1,))], None, DtypeMismatchError, "complex64"),
-    ([], {"k": 1}, FuseError, "metadata must map str to str"),
-])
+@pytest.mark.parametrize(
+    ("tensors", "metadata", "error", "match"),
+    [
+        (
+            [OutputTensor("a", np.dtype("f4"), (1,)), OutputTensor("a", np.dtype("u1"), (1,))],
+            None,
+            FuseError,
+            "output tensor 'a' shape \\[1\\]: the name is duplicated",
+        ),
+        ([OutputTensor("__metadata__", np.dtype("f4"), (1,))], None, FuseError, "reserved"),
+        ([OutputTensor("a", np.dtype("f4"), (-1,))], None, FuseError, "the shape is negative"),
+        ([OutputTensor("a", np.dtype("c8"), (1,))], None, DtypeMismatchError, "complex64"),
+        ([], {"k": 1}, FuseError, "metadata must map str to str"),
+    ],
+)
 def test_layout_errors(tensors: list[OutputTensor], metadata: Any, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         layout(tensors, metadata)
@@ -685,8 +824,9 @@ def test_sigkill_leaves_destination_alone(tmp_path: Path, mode: str, existing: b
         dst.write_bytes(b"old bytes")
     before = listing(tmp_path)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    with subprocess.Popen([sys.executable, "-c", CHILD, str(dst), mode], stdout=subprocess.PIPE,
-                          env=env, text=True) as child:
+    with subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(dst), mode], stdout=subprocess.PIPE, env=env, text=True
+    ) as child:
         assert child.stdout is not None
         assert child.stdout.readline() == "ready\n"
         child.kill()
@@ -706,8 +846,9 @@ CODES = ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U64", "U32", "
 
 @st.composite
 def tensor_sets(draw: st.DrawFn) -> dict[str, np.ndarray]:
-    names = draw(st.lists(st.text(min_size=1, max_size=6).filter(lambda s: s != "__metadata__"),
-                          max_size=6, unique=True))
+    names = draw(
+        st.lists(st.text(min_size=1, max_size=6).filter(lambda s: s != "__metadata__"), max_size=6, unique=True)
+    )
     arrays = {}
     for name in names:
         dtype = DTYPES[draw(st.sampled_from(CODES))]
