@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
 __all__ = ["execute", "fuse", "plan", "run_groups", "transpose_concat"]
 
 Group = tuple[Sequence[np.ndarray], np.ndarray]
+
+# One kernel launch at a time: each already uses every core, and numba's workqueue threading
+# layer (used where neither TBB nor OpenMP is installed) aborts the process on concurrent launches.
+_KERNEL_LOCK = threading.Lock()
 
 
 def plan(tensors: Mapping[str, TensorLike] | PathLike, **options: Unpack[FuseKwargs]) -> Plan:
@@ -267,4 +272,5 @@ def run_groups(groups: Sequence[Group]) -> None:
     for (src_width, dst_width, mode), rows in batches.items():
         jobs = np.array(rows, dtype=np.int64).reshape(-1, k.JOB_COLUMNS)
         np.cumsum(jobs[:, k.J_TILE_END], out=jobs[:, k.J_TILE_END])
-        k.transpose_parts(jobs, mode, _like(src_width), _like(dst_width))
+        with _KERNEL_LOCK:
+            k.transpose_parts(jobs, mode, _like(src_width), _like(dst_width))

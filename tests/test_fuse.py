@@ -129,3 +129,25 @@ def test_non_numpy_values_are_named() -> None:
         FuseError, match="'model.encoder.layers.0.self_attn.q_proj.weight': expected a numpy array, found list"
     ):
         fastfuse.fuse(tensors)  # type: ignore[arg-type]
+
+
+def test_concurrent_calls_from_threads() -> None:
+    """Loaders fuse from thread pools: concurrent kernel launches must neither crash nor mix results."""
+    import threading
+
+    from naive import fused_reference
+
+    rng = np.random.default_rng(5)
+    jobs = [[rng.standard_normal((2048, 1536)).astype(np.float32) for _ in range(3)] for _ in range(4)]
+    results: dict[int, np.ndarray] = {}
+
+    def work(i: int) -> None:
+        for _ in range(3):
+            results[i] = fastfuse.transpose_concat(jobs[i])  # 38 MB out: the numba kernel, not the numpy path
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(same_bits(results[i], fused_reference(jobs[i])) for i in range(4))
