@@ -164,6 +164,28 @@ _transpose_block_stream = _block_intrinsic(streaming=True)
 
 
 @intrinsic
+def _pointer(typingctx, address, like):  # type: ignore[no-untyped-def]
+    """A typed pointer to ``like``'s element type at a byte address (for ``numba.carray``)."""
+    sig = types.CPointer(like.dtype)(types.intp, like)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.inttoptr(args[0], context.get_value_type(like.dtype).as_pointer())
+
+    return sig, codegen
+
+
+@intrinsic
+def _f32_bits(typingctx, value):  # type: ignore[no-untyped-def]
+    """The uint32 bit pattern of a float32 (a bitcast, no conversion)."""
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@intrinsic
 def _copy_bytes(typingctx, dst, src, count):  # type: ignore[no-untyped-def]
     """``memcpy(dst, src, count)`` on byte addresses (the ranges never overlap)."""
     sig = types.void(types.intp, types.intp, types.intp)
@@ -191,6 +213,12 @@ def _store_fence(typingctx):  # type: ignore[no-untyped-def]
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@_jit
+def _row(address, count, like):  # type: ignore[no-untyped-def]
+    """``count`` elements of ``like``'s type at a byte address, as an array (vectorizable loops)."""
+    return numba.carray(_pointer(address, like), count)
 
 
 if numba.config.DISABLE_JIT:  # pragma: no cover - exercised by the NUMBA_DISABLE_JIT test run
@@ -222,34 +250,33 @@ if numba.config.DISABLE_JIT:  # pragma: no cover - exercised by the NUMBA_DISABL
     def _copy_bytes(dst, src, count):  # type: ignore[no-redef,no-untyped-def]
         ctypes.memmove(int(dst), int(src), int(count))
 
+    def _row(address, count, like):  # type: ignore[no-redef,no-untyped-def]
+        return _view(address, like.dtype, count)
 
-@_jit
-def _f16_bits_to_f32_bits(h):  # type: ignore[no-untyped-def]
-    """Exact IEEE half -> single on bit patterns; NaN payloads are kept (shifted), not quieted."""
-    h = np.uint32(h)
-    sign = (h & np.uint32(0x8000)) << np.uint32(16)
-    magnitude = h & np.uint32(0x7FFF)
-    if magnitude >= np.uint32(0x7C00):  # inf / NaN
-        return sign | np.uint32(0x7F800000) | ((magnitude & np.uint32(0x3FF)) << np.uint32(13))
-    if magnitude >= np.uint32(0x0400):  # normal: rebias the exponent 15 -> 127
-        return sign | ((magnitude << np.uint32(13)) + np.uint32(112 << 23))
-    if magnitude == np.uint32(0):
-        return sign
-    exponent = np.uint32(113)  # subnormal: normalize the mantissa
-    while magnitude < np.uint32(0x0400):
-        magnitude <<= np.uint32(1)
-        exponent -= np.uint32(1)
-    return sign | (exponent << np.uint32(23)) | ((magnitude & np.uint32(0x3FF)) << np.uint32(13))
+    def _f32_bits(value):  # type: ignore[no-redef,no-untyped-def]
+        return np.float32(value).view(np.uint32)
 
 
 @_jit
 def _convert(bits, mode, like_dst):  # type: ignore[no-untyped-def]
-    """The destination element for one source element, by conversion mode."""
-    if mode == MODE_F16_TO_F32:
-        return like_dst.dtype.type(_f16_bits_to_f32_bits(bits))
+    """The destination element for one source element's bits, by conversion mode.
+
+    Widening is exact and branch-free (selects, so a row of them vectorizes): bf16 is the top
+    half of f32; f16 normals rebias the exponent, subnormals are ``m * 2**-24`` (exact in f32),
+    inf and NaN keep their payload shifted into the f32 mantissa, never quieted.
+    """
+    if mode == MODE_COPY:
+        return like_dst.dtype.type(bits)
+    h = np.uint32(bits)
     if mode == MODE_BF16_TO_F32:
-        return like_dst.dtype.type(np.uint32(bits) << np.uint32(16))
-    return like_dst.dtype.type(bits)
+        return like_dst.dtype.type(h << np.uint32(16))
+    sign = (h & np.uint32(0x8000)) << np.uint32(16)
+    magnitude = h & np.uint32(0x7FFF)
+    normal = (magnitude << np.uint32(13)) + np.uint32(112 << 23)
+    special = np.uint32(0x7F800000) | ((magnitude & np.uint32(0x3FF)) << np.uint32(13))
+    subnormal = _f32_bits(np.float32(magnitude) * np.float32(2.0**-24))
+    value = special if magnitude >= np.uint32(0x7C00) else (normal if magnitude >= np.uint32(0x0400) else subnormal)
+    return like_dst.dtype.type(value | sign)
 
 
 @_jit
@@ -329,6 +356,31 @@ def _copy_rows(job, tile, width):  # type: ignore[no-untyped-def]
 
 
 @_jit
+def _widen_tile(job, r0, r1, c0, c1, mode, like_src, like_dst):  # type: ignore[no-untyped-def]
+    """A converting tile: line blocks transposed into a scratch block, then widened row by row.
+
+    The scratch block keeps the source reads sequential (as for copies) and turns the
+    conversion into contiguous rows the compiler vectorizes. Ragged edges go element by element.
+    """
+    width, dst_width = like_src.itemsize, like_dst.itemsize
+    side = LINE // width
+    scratch = np.empty(side * side, like_src.dtype)
+    block = scratch.ctypes.data
+    src_row, dst_row = job[J_SRC_ROW], job[J_DST_ROW]
+    c_end = c0 + (c1 - c0) // side * side
+    r_end = r0 + (r1 - r0) // side * side
+    for c in range(c0, c_end, side):
+        for r in range(r0, r_end, side):
+            _transpose_block(job[J_SRC] + c * src_row + r * width, src_row, block, LINE, like_src)
+            for i in range(side):
+                out = _row(job[J_DST] + (r + i) * dst_row + c * dst_width, side, like_dst)
+                for j in range(side):
+                    out[j] = _convert(scratch[i * side + j], mode, like_dst)
+    _move_elements(job, r0, r1, c_end, c1, mode, like_src, like_dst)
+    _move_elements(job, r_end, r1, c0, c_end, mode, like_src, like_dst)
+
+
+@_jit
 def _move_tile(job, tile, mode, like_src, like_dst):  # type: ignore[no-untyped-def]
     """Tile ``tile`` of ``job``: bands of line blocks, or elements if too small or converting."""
     width = like_src.itemsize
@@ -343,8 +395,11 @@ def _move_tile(job, tile, mode, like_src, like_dst):  # type: ignore[no-untyped-
     c_shift = _grid_shift(job[J_DST], job[J_DST_ROW], width) if blocks else -1
     r0, r1 = _tile_span(tile_r, tiles_across, TILE_COLS, 0, cols)
     c0, c1 = _tile_span(tile_c, tiles_down, TILE_ROWS, max(c_shift, 0), rows)
-    if not blocks or r1 - r0 < side or c1 - c0 < side:
+    if r1 - r0 < side or c1 - c0 < side or job[J_SRC_COL] != width:
         _move_elements(job, r0, r1, c0, c1, mode, like_src, like_dst)
+        return
+    if not blocks:  # a conversion
+        _widen_tile(job, r0, r1, c0, c1, mode, like_src, like_dst)
         return
     streaming = c_shift >= 0
     c_grid = min(c1, c_shift) if streaming and tile_c == 0 else c0

@@ -31,7 +31,7 @@ def test_kernel_logic_without_jit() -> None:
             assert np.array_equal(transpose_concat(parts, out=out), expected), ("aligned", dtype, shapes)
             fortran = [np.asfortranarray(p) for p in parts]  # row copies
             assert np.array_equal(transpose_concat(fortran), expected), ("fortran", dtype, shapes)
-        half = rng.standard_normal((5, 3)).astype(np.float16)
+        half = rng.standard_normal((40, 70)).astype(np.float16)  # widening blocks and edges
         assert np.array_equal(transpose_concat([half], dtype="float32"), half.T.astype(np.float32))
         print("ok")
     """)
