@@ -17,6 +17,7 @@ from typing import Any
 
 from . import __version__
 from .errors import FuseError
+from .plan import Plan
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -34,15 +35,26 @@ def _human(n: float) -> str:
 
 
 @contextmanager
-def _progress(total: int, label: str, enabled: bool) -> Iterator[Callable[[int], None] | None]:
-    """A byte progress bar on a terminal (tqdm); nothing when piped or disabled."""
+def _progress(label: str, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A byte progress bar on a terminal (tqdm), drawn once the run knows its total; nothing
+    when piped or disabled."""
     if not enabled or not sys.stderr.isatty():
         yield None
         return
     from tqdm import tqdm
 
-    with tqdm(total=total, unit="B", unit_scale=True, desc=label, leave=False) as bar:
-        yield bar.update
+    bars: list[tqdm[Any]] = []
+
+    def update(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, unit="B", unit_scale=True, desc=label, leave=False))
+        bars[0].update(done)
+
+    try:
+        yield update
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 def _size_of(path: Path) -> int:
@@ -50,8 +62,8 @@ def _size_of(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors")) if path.is_dir() else path.stat().st_size
 
 
-def _print_plan(fusion: Any, stream: Any = None) -> None:
-    out = stream or sys.stdout
+def _print_plan(fusion: Plan) -> None:
+    out = sys.stdout
     layers = ", ".join(f"{name} x{count}" for name, count in fusion.layers.items()) or "none"
     dtypes = sorted({t.dtype.name for t in fusion.fused})
     print(
@@ -66,12 +78,10 @@ def _print_plan(fusion: Any, stream: Any = None) -> None:
 
 
 def _cmd_fuse(args: argparse.Namespace) -> int:
-    from .checkpoint import open_checkpoint
     from .files import fuse_file
 
     options = _options(args) | ({"keep_originals": False} if args.drop_originals else {})
-    total = sum(h.file_size for h in open_checkpoint(args.src).headers)
-    with _progress(total, "fuse", not args.quiet and not args.json) as progress:
+    with _progress("fuse", not args.quiet and not args.json) as progress:
         fusion = fuse_file(
             args.src,
             args.dst,

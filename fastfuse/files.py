@@ -8,6 +8,7 @@ writes atomically: a temporary file in the destination folder, renamed on succes
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -34,7 +35,8 @@ __all__ = ["fuse_file", "load", "parse_size", "unfuse", "verify"]
 
 META_PREFIX = "fastfuse."
 TP_INDEX_NAME = "tensor_parallel.json"
-Progress = Callable[[int], None]
+Progress = Callable[[int, int], None]  # (bytes just written, bytes the whole run writes)
+Written = Callable[[int], None]  # bytes just written
 Entry = tuple[str, "np.dtype[Any]", tuple[int, ...]]  # name, dtype, shape of one output tensor
 Fill = Callable[[st_format.AtomicWriter, dict[str, tuple[int, int]]], None]
 
@@ -165,7 +167,7 @@ def _copy_originals(
     offsets: Mapping[str, tuple[int, int]],
     checkpoint: Checkpoint,
     keys: Iterable[str],
-    progress: Progress | None = None,
+    written: Written | None = None,
 ) -> None:
     """Copy tensors byte for byte from their shard into the destination (file to file)."""
     for key in keys:
@@ -173,8 +175,8 @@ def _copy_originals(
         header = checkpoint.headers[number]
         start, end = offsets[key]
         writer.copy_from(header.path, header.data_offset + info.start, start, end - start)
-        if progress:
-            progress(end - start)
+        if written:
+            written(end - start)
 
 
 def parse_size(text: str | int) -> int:
@@ -204,12 +206,16 @@ def parse_size(text: str | int) -> int:
     return size
 
 
+def _nbytes(entry: Entry) -> int:
+    return int(np.prod(entry[2], dtype=np.int64)) * entry[1].itemsize
+
+
 def _shards(entries: list[Entry], limit: int) -> list[list[Entry]]:
     """Split entries in order into shards of at most ``limit`` data bytes (a bigger tensor goes alone)."""
     shards: list[list[Entry]] = [[]]
     size = 0
     for entry in entries:
-        nbytes = int(np.prod(entry[2], dtype=np.int64)) * entry[1].itemsize
+        nbytes = _nbytes(entry)
         if shards[-1] and size + nbytes > limit:
             shards.append([])
             size = 0
@@ -238,7 +244,8 @@ def fuse_file(
     shard) unless ``single_file``; ``max_shard_size`` shards a single-file input too.
     ``overwrite_destination`` allows replacing existing files (CLI ``--force``). ``options``
     as for :func:`fastfuse.plan`; the input's ``__metadata__`` is kept and fastfuse adds its
-    recipe (``fastfuse.*`` keys). ``progress`` is called with byte counts as data is written.
+    recipe (``fastfuse.*`` keys). ``progress(done, total)`` is called as data is written, with
+    the bytes just written and the bytes the whole run writes.
     Returns the plan that was executed.
 
     Everything is validated before anything is created; on any error, no destination file is
@@ -254,17 +261,20 @@ def fuse_file(
     arrays = checkpoint.arrays()
     base = {k: v for k, v in checkpoint.metadata.items() if not k.startswith(META_PREFIX)}
     ranks = sorted({t.rank for t in fusion.fused}, key=lambda r: -1 if r is None else r) or [None]
-    jobs = []
+    parts = []
     for rank in ranks:
         part = fusion.for_rank(rank)
         fused_keys = {t.key for t in part.fused}
         kept = [key for key in metas if key not in fusion.dropped and key not in fused_keys]
-        entries = [(key, metas[key].dtype, metas[key].shape) for key in kept] + [
-            (t.key, t.dtype, t.shape) for t in part.fused
-        ]
-        jobs.append(
-            (rank, entries, {**base, **_describe(part, metas, rank)}, _filler(checkpoint, arrays, part, kept, progress))
-        )
+        entries = [(key, metas[key].dtype, metas[key].shape) for key in kept]
+        entries += [(t.key, t.dtype, t.shape) for t in part.fused]
+        parts.append((rank, part, kept, entries))
+    total = sum(_nbytes(entry) for *_, entries in parts for entry in entries)
+    written = None if progress is None else functools.partial(_report, progress, total)
+    jobs = [
+        (rank, entries, {**base, **_describe(part, metas, rank)}, _filler(checkpoint, arrays, part, kept, written))
+        for rank, part, kept, entries in parts
+    ]
     if fusion.tp > 1:
         names = [f"rank-{rank}-of-{fusion.tp}.safetensors" for rank, *_ in jobs]
         index = {"tp": fusion.tp, "layout": fusion.layout, "ranks": names}
@@ -283,7 +293,6 @@ def fuse_file(
     limit = parse_size(max_shard_size) if max_shard_size is not None else max(h.file_size for h in checkpoint.headers)
     shards = _shards(entries, limit)
     names = [f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors" for n in range(len(shards))]
-    total = sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for _, dtype, shape in entries)
     weight_map = dict(sorted((key, name) for name, shard in zip(names, shards) for key, _, _ in shard))
     index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
     _write_folder(
@@ -296,18 +305,22 @@ def fuse_file(
     return fusion
 
 
+def _report(progress: Progress, total: int, done: int) -> None:
+    progress(done, total)
+
+
 def _filler(
-    checkpoint: Checkpoint, arrays: Mapping[str, np.ndarray], fusion: Plan, kept: list[str], progress: Progress | None
+    checkpoint: Checkpoint, arrays: Mapping[str, np.ndarray], fusion: Plan, kept: list[str], written: Written | None
 ) -> Fill:
     """Fill one output file: copy the kept originals it holds, then run the kernel into its map."""
 
     def fill(writer: st_format.AtomicWriter, offsets: dict[str, tuple[int, int]]) -> None:
-        _copy_originals(writer, offsets, checkpoint, [key for key in kept if key in offsets], progress)
+        _copy_originals(writer, offsets, checkpoint, [key for key in kept if key in offsets], written)
         targets = [t for t in fusion.fused if t.key in offsets]
         outputs = {t.key: writer.view(*offsets[t.key], t.dtype, t.shape) for t in targets}
         execute(replace(fusion, fused=tuple(targets)), arrays, outputs)
-        if progress:
-            progress(sum(t.nbytes for t in targets))
+        if written:
+            written(sum(t.nbytes for t in targets))
 
     return fill
 

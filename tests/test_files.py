@@ -327,11 +327,21 @@ def test_existing_fused_keys_conflict(tmp_path: Path, source: Path) -> None:
     assert not (tmp_path / "twice.safetensors").exists()
 
 
+def test_progress_counts_every_byte_written(tmp_path: Path, source: Path) -> None:
+    calls: list[tuple[int, int]] = []
+    fuse_file(
+        source, tmp_path / "dst.safetensors", cross_kv=True, progress=lambda done, total: calls.append((done, total))
+    )
+    written = read(tmp_path / "dst.safetensors")
+    total = sum(a.nbytes for a in written.values())
+    assert {t for _, t in calls} == {total} and sum(d for d, _ in calls) == total
+
+
 def test_interrupt_mid_write_leaves_nothing(tmp_path: Path, source: Path) -> None:
     dst = tmp_path / "dst.safetensors"
     dst.write_bytes(b"precious")
 
-    def interrupt(_: int) -> None:
+    def interrupt(done: int, total: int) -> None:
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -346,7 +356,7 @@ def test_sigkill_mid_write_leaves_destination_intact(tmp_path: Path, source: Pat
     child = textwrap.dedent(f"""
         import sys, time
         from fastfuse.files import fuse_file
-        def stall(_):
+        def stall(done, total):
             print("ready", flush=True)
             time.sleep(60)
         fuse_file({str(source)!r}, {str(dst)!r}, overwrite_destination=True, progress=stall)
