@@ -30,32 +30,15 @@ def test_one_matmul_equals_three_projections(tiny_hf, dtype) -> None:  # type: i
     tensors = tiny_hf(dtype)
     fused = fastfuse.fuse(tensors, cross_kv=True, logits=True)
     x = np.random.default_rng(9).standard_normal((5, 24)).astype(dtype)
-    for i in range(2):
-        got = x @ fused[f"fused.enc.{i}.self_attn.qkv.weight"] + fused[f"fused.enc.{i}.self_attn.qkv.bias"]
-        np.testing.assert_allclose(
-            got,
-            projections(tensors, f"model.encoder.layers.{i}.self_attn.{{}}_proj.{{}}", "qkv", x),
-            rtol=1e-5,
-            atol=1e-5,
-        )
-    for i in range(3):
-        got = x @ fused[f"fused.dec.{i}.self_attn.qkv.weight"] + fused[f"fused.dec.{i}.self_attn.qkv.bias"]
-        np.testing.assert_allclose(
-            got,
-            projections(tensors, f"model.decoder.layers.{i}.self_attn.{{}}_proj.{{}}", "qkv", x),
-            rtol=1e-5,
-            atol=1e-5,
-        )
-        got = x @ fused[f"fused.dec.{i}.encoder_attn.kv.weight"] + fused[f"fused.dec.{i}.encoder_attn.kv.bias"]
-        np.testing.assert_allclose(
-            got,
-            projections(tensors, f"model.decoder.layers.{i}.encoder_attn.{{}}_proj.{{}}", "kv", x),
-            rtol=1e-5,
-            atol=1e-5,
-        )
-    np.testing.assert_allclose(
-        x @ fused["fused.dec.logits.weight"], x @ tensors["model.decoder.embed_tokens.weight"].T, rtol=1e-5, atol=1e-5
-    )
+    groups = [(f"fused.enc.{i}.self_attn.qkv", f"model.encoder.layers.{i}.self_attn", "qkv") for i in range(2)]
+    groups += [(f"fused.dec.{i}.self_attn.qkv", f"model.decoder.layers.{i}.self_attn", "qkv") for i in range(3)]
+    groups += [(f"fused.dec.{i}.encoder_attn.kv", f"model.decoder.layers.{i}.encoder_attn", "kv") for i in range(3)]
+    for key, block, parts in groups:
+        got = x @ fused[f"{key}.weight"] + fused[f"{key}.bias"]
+        expected = projections(tensors, block + ".{}_proj.{}", parts, x)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=key)
+    logits = x @ tensors["model.decoder.embed_tokens.weight"].T
+    np.testing.assert_allclose(x @ fused["fused.dec.logits.weight"], logits, rtol=1e-5, atol=1e-5)
 
 
 def test_same_weights_as_the_original_loop(tiny_hf) -> None:  # type: ignore[no-untyped-def]
