@@ -81,7 +81,7 @@ def run(folder: Path, size: str = "tiny") -> bool:
     took = time.perf_counter() - start
     print(
         f"fused    {len(fusion.fused)} tensors ({', '.join(f'{g} x{n}' for g, n in fusion.layers.items())}) "
-        f"-> {destination} in {took:.2f} s (includes the first kernel compile or cache load)"
+        f"-> {destination} in {took:.2f} s"
     )
     different = files.verify(destination)
     print(f"verify   {'ok: bit-exact' if not different else f'MISMATCH in {different}'}")
