@@ -148,9 +148,14 @@ def recorded_plan(metadata: Mapping[str, str], metas: Mapping[str, Any], path: o
 
 
 def _check_destination(sources: Iterable[PathLike], dst: Path) -> None:
+    """Refuse a destination that is a source file, or (for outputs that are folders) its folder."""
+    if not dst.exists():
+        return
     for source in sources:
-        if dst.exists() and os.path.samefile(source, dst):
-            raise FuseError(f"destination {dst} is the source file; write to a new path")
+        if os.path.samefile(source, dst) or (
+            dst.is_dir() and os.path.samefile(os.path.dirname(os.path.abspath(source)), dst)
+        ):
+            raise FuseError(f"destination {dst} is the source checkpoint or its folder; write to a new path")
 
 
 def _write(dst: Path, entries: list[Entry], metadata: Mapping[str, str], fill: Fill, *, overwrite: bool) -> None:

@@ -249,9 +249,18 @@ def test_existing_destination_needs_overwrite(tmp_path: Path, source: Path) -> N
 
 def test_destination_equal_to_source_is_refused(source: Path) -> None:
     before = source.read_bytes()
-    with pytest.raises(FuseError, match="is the source file; write to a new path"):
+    with pytest.raises(FuseError, match="is the source checkpoint or its folder; write to a new path"):
         fuse_file(source, source, overwrite_destination=True)
     assert source.read_bytes() == before
+
+
+def test_sharded_output_into_the_source_folder_is_refused(tmp_path: Path) -> None:
+    tensors = random_tensors(hf_whisper_shapes(8, 1, 1, 10))
+    index = shard(tmp_path, tensors, {}, 1)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(FuseError, match="is the source checkpoint or its folder"):
+        fuse_file(index, tmp_path, overwrite_destination=True)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_destination_in_a_missing_folder(tmp_path: Path, source: Path) -> None:
