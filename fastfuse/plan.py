@@ -136,10 +136,6 @@ class Plan:
         """Bytes of all fused tensors."""
         return sum(t.nbytes for t in self.fused)
 
-    @property
-    def groups(self) -> tuple[str, ...]:
-        return tuple(self.layers)
-
     def for_rank(self, rank: int | None) -> Plan:
         """The part of the plan one tensor-parallel rank writes."""
         return replace(self, fused=tuple(t for t in self.fused if t.rank == rank))
