@@ -224,7 +224,7 @@ def qkv_arrays(size: str, dtype: str) -> np.ndarray:
 
 def _fastfuse(qkv: np.ndarray, out_dtype: Any) -> tuple[np.ndarray, Callable[[], list[np.ndarray]]]:
     """A ``[groups, d, 3d]`` output (pages touched) and fastfuse filling all of it in one ``run_groups`` call."""
-    from fastfuse.core import run_groups
+    from fastfuse._engine import run_groups
 
     groups, _, rows, cols = qkv.shape
     out = np.full((groups, cols, 3 * rows), 0, out_dtype)
@@ -304,7 +304,7 @@ def llama_qkv(size: str) -> list[np.ndarray]:
 
 def _layouts(size: str, layout: str) -> dict[str, Impl | None]:
     """GQA parts (k, v smaller than q) fused in either layout, against a memcpy of the same bytes."""
-    from fastfuse.core import run_groups
+    from fastfuse._engine import run_groups
 
     layers = llama_qkv(size)
     d = layers[0].shape[1]

@@ -1,7 +1,8 @@
-"""Checkpoints on disk: resolve a file, an index or a folder; read and cross-check headers.
+"""Checkpoints on disk: resolve a file, an index or a folder, and read every shard with its reader.
 
-Knows paths and headers (through ``st_format``), not fusion: the sink in ``files`` and the
-public ``plan`` use it.
+Knows paths and which reader understands which bytes (``st_format`` for safetensors,
+``torch_format`` for ``torch.save`` archives), not fusion: everything downstream sees one
+:class:`Checkpoint` of :class:`~fastfuse.stored.StoredTensor` entries, whatever the format.
 """
 
 from __future__ import annotations
@@ -18,37 +19,45 @@ from . import st_format
 from ._typing import PathLike
 from .errors import FuseError, MalformedFileError
 from .plan import FuseOptions
+from .stored import StoredFile, StoredTensor, map_arrays, open_regular
 
-__all__ = ["INDEX_NAME", "SINGLE_NAME", "Checkpoint", "open_checkpoint"]
+__all__ = ["INDEX_NAME", "SINGLE_NAME", "Checkpoint", "open_checkpoint", "read_file"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-
-
-@dataclass(frozen=True)
-class _Meta:
-    """Shape and dtype of a tensor known from a header only (what planning needs)."""
-
-    shape: tuple[int, ...]
-    dtype: np.dtype[Any]
+TORCH_INDEX_NAME = "pytorch_model.bin.index.json"
+TORCH_SINGLE_NAME = "pytorch_model.bin"
+# A folder is read through the first of these it holds (Hugging Face's names, safetensors first).
+STANDARD_NAMES = (INDEX_NAME, SINGLE_NAME, TORCH_INDEX_NAME, TORCH_SINGLE_NAME)
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A checkpoint on disk: its shard files, each tensor's header entry and shard."""
+    """A checkpoint on disk: its files (shards), and each tensor's file and entry."""
 
     path: Path
     index: Path | None
-    headers: tuple[st_format.Header, ...]
-    location: dict[str, tuple[int, st_format.TensorInfo]]  # key -> (shard number, header entry)
+    files: tuple[StoredFile, ...]
+    location: dict[str, tuple[int, StoredTensor]]  # key -> (file number, entry)
 
     @property
     def metadata(self) -> dict[str, str]:
-        """The first shard's ``__metadata__`` (shards of one checkpoint share it)."""
-        return dict(self.headers[0].metadata or {})
+        """The first file's metadata (shards of one checkpoint share it)."""
+        return dict(self.files[0].metadata)
 
-    def metas(self) -> dict[str, _Meta]:
-        return {key: _Meta(info.shape, st_format.dtype_of(info.dtype)) for key, (_, info) in self.location.items()}
+    @property
+    def format(self) -> str:
+        return self.files[0].format
+
+    @property
+    def size(self) -> int:
+        """Bytes of all its files."""
+        return sum(f.file_size for f in self.files)
+
+    def metas(self) -> dict[str, StoredTensor]:
+        """Key -> entry (shape and dtype: what planning needs), in file then file order."""
+        return {key: entry for key, (_, entry) in self.location.items()}
 
     def with_config(self, options: FuseOptions) -> FuseOptions:
         """``options`` with head counts from a ``config.json`` beside the checkpoint, if needed and found.
@@ -67,48 +76,89 @@ class Checkpoint:
             raise MalformedFileError(f"{config_path}: not a readable JSON config ({exc})") from None
         return replace(options, heads=options.heads or heads, kv_heads=options.kv_heads or kv_heads)
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        """Read-only zero-copy views of every tensor, in shard then header order."""
-        arrays: dict[str, np.ndarray] = {}
-        for header in self.headers:
-            arrays.update(st_format.map_tensors(header))
+    def arrays(self, *, writeable: bool = False) -> dict[str, np.ndarray[Any, Any]]:
+        """Zero-copy views of every tensor over copy-on-write maps (see ``stored.map_arrays``)."""
+        arrays: dict[str, np.ndarray[Any, Any]] = {}
+        for stored in self.files:
+            arrays.update(map_arrays(stored, writeable=writeable))
         return arrays
+
+    def byte_range(self, key: str) -> tuple[str, int] | None:
+        """(file path, offset) where ``key``'s bytes lie as one C-ordered run, else None."""
+        number, entry = self.location[key]
+        return (self.files[number].path, entry.offset) if entry.contiguous else None
+
+
+def read_file(path: PathLike) -> StoredFile:
+    """Read one checkpoint file with the reader its first bytes call for.
+
+    Raises MalformedFileError naming the file (also for a file of neither format),
+    FuseFileNotFoundError / FusePermissionError for a missing or unreadable path.
+    """
+    fd, _ = open_regular(path)
+    try:
+        head = os.pread(fd, 16, 0)
+    finally:
+        os.close(fd)
+    from . import torch_format
+
+    if torch_format.claims(head):
+        return torch_format.read_torch(path)
+    if len(head) < 9 or st_format.claims(head):
+        return st_format.read_safetensors(path)
+    raise MalformedFileError(
+        f"{path}: not a safetensors or PyTorch checkpoint (it starts with {head[:8]!r}; safetensors starts "
+        "with an 8-byte header length and '{', a torch.save archive with 'PK')"
+    )
+
+
+def _in_folder(folder: Path) -> Path:
+    """The checkpoint a folder holds: a standard name, else its only checkpoint file."""
+    for name in STANDARD_NAMES:
+        if (folder / name).exists():
+            return folder / name
+    found = sorted(p for p in folder.iterdir() if p.name.endswith(CHECKPOINT_SUFFIXES) and not p.is_dir())
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise FuseError(
+            f"{folder}: no checkpoint in the folder (expected {', '.join(STANDARD_NAMES)} "
+            f"or one file ending in {', '.join(CHECKPOINT_SUFFIXES)})"
+        )
+    names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
+    raise FuseError(f"{folder}: holds {len(found)} checkpoint files ({names}); pass the one to read")
 
 
 def open_checkpoint(path: PathLike) -> Checkpoint:
-    """Resolve ``path`` (a file, an index, or a folder holding either) and read every header.
+    """Resolve ``path`` (a file, an index, or a folder holding either) and read every file.
 
     Raises MalformedFileError for a bad file or index, a key held by two shards, or an index
-    naming a key its shard does not hold; FuseError for a path that is not a checkpoint.
+    naming a key its shard does not hold; FuseError for a folder that holds no checkpoint or
+    several; FuseFileNotFoundError / FusePermissionError for missing or unreadable paths.
     """
     path = Path(path)
     if os.path.isdir(path):  # unlike Path.is_dir, never raises (an unreadable path fails below, named)
-        candidates = [path / INDEX_NAME, path / SINGLE_NAME]
-        found = [c for c in candidates if c.exists()] or sorted(path.glob("*.safetensors"))
-        if len(found) != 1 and not (found and found[0].name in (INDEX_NAME, SINGLE_NAME)):
-            raise FuseError(
-                f"{path}: expected {INDEX_NAME}, {SINGLE_NAME} or exactly one .safetensors file in the folder, "
-                f"found {len(found)}"
-            )
-        path = found[0]
+        path = _in_folder(path)
     if path.name.endswith(".json"):
         weight_map = st_format.read_index(path)
         shards = list(dict.fromkeys(weight_map.values()))
-        headers = tuple(st_format.read_header(shard) for shard in shards)
+        files = tuple(read_file(shard) for shard in shards)
         index: Path | None = path
     else:
         weight_map = None
-        headers = (st_format.read_header(path),)
+        files = (read_file(path),)
         index = None
-    location: dict[str, tuple[int, st_format.TensorInfo]] = {}
-    for number, header in enumerate(headers):
-        for key, info in header.tensors.items():
+    location: dict[str, tuple[int, StoredTensor]] = {}
+    for number, stored in enumerate(files):
+        for key, entry in stored.tensors.items():
             if key in location:
-                other = headers[location[key][0]].path
-                raise MalformedFileError(f"tensor {key!r} is in two shards: {other} and {header.path}")
-            location[key] = (number, info)
+                other = files[location[key][0]].path
+                raise MalformedFileError(f"tensor {key!r} is in two shards: {other} and {stored.path}")
+            location[key] = (number, entry)
     if weight_map is not None:
         for key, shard in weight_map.items():
-            if key not in location or os.path.abspath(headers[location[key][0]].path) != os.path.abspath(shard):
+            if key not in location or os.path.abspath(files[location[key][0]].path) != os.path.abspath(shard):
                 raise MalformedFileError(f"{index}: weight_map names {key!r} in {shard}, which does not hold it")
-    return Checkpoint(path, index, headers, location)
+        if len({f.format for f in files}) > 1:
+            raise MalformedFileError(f"{index}: its shards mix safetensors and torch files")
+    return Checkpoint(path, index, files, location)

@@ -110,7 +110,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             f"note     {args.file} is stored already fused ({fusion.scheme}); --convert rewrites it in --layout",
             file=sys.stderr,
         )
-    size = sum(h.file_size for h in checkpoint.headers)
+    size = checkpoint.size
     if args.json:
         print(
             json.dumps(

@@ -1,23 +1,21 @@
-"""Arrays in, fused arrays out: the public in-memory API and the bridge to the kernels.
+"""Arrays in, fused arrays out: the public in-memory API.
 
 ``transpose_concat`` is the primitive; ``fuse`` plans a checkpoint and ``execute`` runs a plan:
-every part of every fused tensor goes through one parallel kernel call (``run_groups``), which
-is also how ``load`` and ``fuse_file`` fill memory maps.
+every part of every fused tensor goes to the engine in one call (``_engine.run_groups``: one
+parallel kernel launch, or numpy until the kernels are loaded), which is also how ``load`` and
+``fuse_file`` fill memory maps.
 """
 
 from __future__ import annotations
 
-import functools
 import os
-import sys
-import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._dtypes import WIDENINGS as _WIDENINGS
 from ._dtypes import check_movable, result_dtype
+from ._engine import Group, run_groups
 from .errors import DtypeMismatchError, FuseError, ShapeMismatchError
 from .plan import FusedTensor, FuseOptions, Plan, make_plan
 
@@ -26,13 +24,7 @@ if TYPE_CHECKING:
 
     from ._typing import DTypeLike, FuseKwargs, PathLike, TensorLike
 
-__all__ = ["execute", "fuse", "plan", "run_groups", "transpose_concat"]
-
-Group = tuple[Sequence[np.ndarray], np.ndarray]
-
-# One kernel launch at a time: each already uses every core, and numba's workqueue threading
-# layer (used where neither TBB nor OpenMP is installed) aborts the process on concurrent launches.
-_KERNEL_LOCK = threading.Lock()
+__all__ = ["execute", "fuse", "plan", "transpose_concat"]
 
 
 def plan(tensors: Mapping[str, TensorLike] | PathLike, **options: Unpack[FuseKwargs]) -> Plan:
@@ -213,64 +205,3 @@ def _check_out(out: np.ndarray, shape: tuple[int, int], dtype: np.dtype[Any], pa
     for j, part in enumerate(parts):
         if np.may_share_memory(out, part):
             raise ShapeMismatchError(f"out overlaps part {j}; fastfuse does not fuse in place")
-
-
-@functools.cache
-def _like(itemsize: int) -> np.ndarray:
-    """An empty array of the unsigned integer type of ``itemsize`` bytes: selects a kernel."""
-    return np.empty(0, np.dtype(f"u{itemsize}"))
-
-
-def _address(array: np.ndarray) -> int:
-    return int(array.__array_interface__["data"][0])
-
-
-def _use_kernel(nbytes: int) -> bool:
-    """The numba kernel, unless the job is small and numba is not loaded yet (see ``_small``)."""
-    from ._small import SMALL_BYTES
-
-    return nbytes > SMALL_BYTES or "fastfuse._kernels" in sys.modules
-
-
-def run_groups(groups: Sequence[Group]) -> None:
-    """Fill each group's output (``[in, sum(o_j)]``, C-contiguous) from its parts.
-
-    Trusts its input: shapes, dtypes and conversions were validated by the caller. All groups
-    sharing a conversion go through one parallel kernel call.
-    """
-    if not _use_kernel(sum(out.nbytes for _, out in groups)):
-        from ._small import move_with_numpy
-
-        move_with_numpy(groups)
-        return
-    from . import _kernels as k
-
-    batches: dict[tuple[int, int, int], list[list[int]]] = {}
-    for parts, out in groups:
-        if out.size == 0:
-            continue
-        mode = 0 if parts[0].dtype == out.dtype else _WIDENINGS[(parts[0].dtype.name, out.dtype.name)]
-        key = (parts[0].dtype.itemsize, out.dtype.itemsize, mode)
-        rows = batches.setdefault(key, [])
-        dst = _address(out)
-        for part in parts:
-            tiling = k.tiling(part.strides[0], part.strides[1], part.dtype.itemsize, mode)
-            rows.append(
-                [
-                    _address(part),
-                    part.strides[0],
-                    part.strides[1],
-                    part.shape[0],
-                    part.shape[1],
-                    dst,
-                    out.strides[0],
-                    tiling,
-                    k.tile_count(part.shape[0], part.shape[1], tiling),
-                ]
-            )
-            dst += part.shape[0] * out.dtype.itemsize
-    for (src_width, dst_width, mode), rows in batches.items():
-        jobs = np.array(rows, dtype=np.int64).reshape(-1, k.JOB_COLUMNS)
-        np.cumsum(jobs[:, k.J_TILE_END], out=jobs[:, k.J_TILE_END])
-        with _KERNEL_LOCK:
-            k.transpose_parts(jobs, mode, _like(src_width), _like(dst_width))

@@ -9,6 +9,8 @@ from __future__ import annotations
 __all__ = [
     "DtypeMismatchError",
     "FuseError",
+    "FuseFileNotFoundError",
+    "FusePermissionError",
     "KeyConflictError",
     "MalformedFileError",
     "MissingTensorError",
@@ -37,7 +39,15 @@ class DtypeMismatchError(FuseError, TypeError):
 
 
 class MalformedFileError(FuseError):
-    """A safetensors file (or index) breaks the format: header, offsets, sizes or paths."""
+    """A checkpoint file (or index) breaks its format: header, pickle, members, offsets, sizes or paths."""
+
+
+class FuseFileNotFoundError(FuseError, FileNotFoundError):
+    """A path fastfuse was given does not exist (also a FileNotFoundError, as loaders expect)."""
+
+
+class FusePermissionError(FuseError, PermissionError):
+    """A path cannot be read, or a destination folder cannot be written (also a PermissionError)."""
 
 
 class SchemeNotDetectedError(FuseError):

@@ -21,6 +21,7 @@ import numpy as np
 from . import st_format
 from ._dtypes import as_dtype
 from ._typing import PathLike
+from .atomic import AtomicWriter, write_bytes_atomic
 from .checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from .core import execute, transpose_concat
 from .errors import FuseError, MalformedFileError, MissingTensorError
@@ -38,7 +39,7 @@ TP_INDEX_NAME = "tensor_parallel.json"
 Progress = Callable[[int, int], None]  # (bytes just written, bytes the whole run writes)
 Written = Callable[[int], None]  # bytes just written
 Entry = tuple[str, "np.dtype[Any]", tuple[int, ...]]  # name, dtype, shape of one output tensor
-Fill = Callable[[st_format.AtomicWriter, dict[str, tuple[int, int]]], None]
+Fill = Callable[[AtomicWriter, dict[str, tuple[int, int]]], None]
 
 
 def _settings(checkpoint: Checkpoint, options: Mapping[str, Any]) -> FuseOptions:
@@ -163,23 +164,28 @@ def _write(dst: Path, entries: list[Entry], metadata: Mapping[str, str], fill: F
     outputs = [st_format.OutputTensor(name, dtype, shape) for name, dtype, shape in entries]
     prefix, offsets = st_format.layout(outputs, metadata)
     data_size = max((end for _, end in offsets.values()), default=0)
-    with st_format.AtomicWriter(dst, prefix, data_size, overwrite=overwrite) as writer:
+    with AtomicWriter(dst, prefix, data_size, overwrite=overwrite) as writer:
         fill(writer, offsets)
 
 
 def _copy_originals(
-    writer: st_format.AtomicWriter,
+    writer: AtomicWriter,
     offsets: Mapping[str, tuple[int, int]],
     checkpoint: Checkpoint,
     keys: Iterable[str],
     written: Written | None = None,
 ) -> None:
     """Copy tensors byte for byte from their shard into the destination (file to file)."""
+    arrays: dict[str, np.ndarray] | None = None
     for key in keys:
-        number, info = checkpoint.location[key]
-        header = checkpoint.headers[number]
         start, end = offsets[key]
-        writer.copy_from(header.path, header.data_offset + info.start, start, end - start)
+        source = checkpoint.byte_range(key)
+        if source is not None:
+            writer.copy_from(source[0], source[1], start, end - start)
+        else:  # a strided view (torch files): through the maps
+            arrays = arrays if arrays is not None else checkpoint.arrays()
+            view = writer.view(start, end, arrays[key].dtype, arrays[key].shape)
+            np.copyto(view, arrays[key])
         if written:
             written(end - start)
 
@@ -258,7 +264,7 @@ def fuse_file(
     """
     checkpoint = open_checkpoint(src)
     destination = Path(dst)
-    _check_destination((h.path for h in checkpoint.headers), destination)
+    _check_destination((f.path for f in checkpoint.files), destination)
     metas = checkpoint.metas()
     fusion = make_plan(metas, _settings(checkpoint, options))
     if fusion.tp > 1 and max_shard_size is not None:
@@ -295,7 +301,7 @@ def fuse_file(
     if single_file or (checkpoint.index is None and max_shard_size is None):
         _write(destination, entries, metadata, fill, overwrite=overwrite_destination)
         return fusion
-    limit = parse_size(max_shard_size) if max_shard_size is not None else max(h.file_size for h in checkpoint.headers)
+    limit = parse_size(max_shard_size) if max_shard_size is not None else max(f.file_size for f in checkpoint.files)
     shards = _shards(entries, limit)
     names = [f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors" for n in range(len(shards))]
     weight_map = dict(sorted((key, name) for name, shard in zip(names, shards) for key, _, _ in shard))
@@ -319,7 +325,7 @@ def _filler(
 ) -> Fill:
     """Fill one output file: copy the kept originals it holds, then run the kernel into its map."""
 
-    def fill(writer: st_format.AtomicWriter, offsets: dict[str, tuple[int, int]]) -> None:
+    def fill(writer: AtomicWriter, offsets: dict[str, tuple[int, int]]) -> None:
         _copy_originals(writer, offsets, checkpoint, [key for key in kept if key in offsets], written)
         targets = [t for t in fusion.fused if t.key in offsets]
         outputs = {t.key: writer.view(*offsets[t.key], t.dtype, t.shape) for t in targets}
@@ -352,7 +358,7 @@ def _write_folder(
     try:
         for name, entries, metadata, fill in files:
             _write(folder / name, entries, metadata, fill, overwrite=overwrite)
-        st_format.write_bytes_atomic(
+        write_bytes_atomic(
             folder / index_name, json.dumps(index, indent=2).encode() + b"\n", overwrite=overwrite
         )
     except BaseException:
@@ -401,7 +407,7 @@ def unfuse(src: PathLike, dst: PathLike, *, overwrite_destination: bool = False)
     """
     checkpoint = open_checkpoint(src)
     destination = Path(dst)
-    _check_destination((h.path for h in checkpoint.headers), destination)
+    _check_destination((f.path for f in checkpoint.files), destination)
     metas = checkpoint.metas()
     fusion, source_dtypes = recorded_plan(checkpoint.metadata, metas, checkpoint.path)
     if fusion.tp > 1:
@@ -423,7 +429,7 @@ def unfuse(src: PathLike, dst: PathLike, *, overwrite_destination: bool = False)
     entries += [(source, t.dtype, _source_shape(t, rows)) for source, (t, _, rows) in pieces.items()]
     metadata = {k: v for k, v in checkpoint.metadata.items() if not k.startswith(META_PREFIX)}
 
-    def fill(writer: st_format.AtomicWriter, offsets: dict[str, tuple[int, int]]) -> None:
+    def fill(writer: AtomicWriter, offsets: dict[str, tuple[int, int]]) -> None:
         _copy_originals(writer, offsets, checkpoint, kept)
         arrays = checkpoint.arrays()
         for source, (t, offset, rows) in pieces.items():

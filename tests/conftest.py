@@ -6,7 +6,7 @@ to spell the key names.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -71,3 +71,13 @@ def tiny_hf() -> Callable[..., dict[str, np.ndarray]]:
         return random_tensors(hf_whisper_shapes(24, 2, 3, 50, prefix), dtype, seed)
 
     return make
+
+
+ENGINES = ["numba", "numpy"]
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Run the test on one engine, whatever the job size and what ran before (child processes too)."""
+    monkeypatch.setenv("FASTFUSE_ENGINE", request.param)
+    yield request.param

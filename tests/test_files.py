@@ -227,7 +227,8 @@ def test_key_in_two_shards(tmp_path: Path) -> None:
 def test_folder_without_a_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(
         FuseError,
-        match="expected model.safetensors.index.json, model.safetensors or exactly one .safetensors file in the folder, found 0",
+        match=r"no checkpoint in the folder \(expected model.safetensors.index.json, model.safetensors, "
+        r"pytorch_model.bin.index.json, pytorch_model.bin or one file ending in .safetensors, .bin, .pt, .pth\)",
     ):
         fastfuse.load(tmp_path)
 

@@ -1,42 +1,21 @@
 """transpose_concat against numpy references: dtypes, sizes, part counts, memory layouts.
 
-Every behaviour test runs on both paths: the numba kernel, and the numpy path a first small job
-takes before numba is loaded (``fastfuse._small``); both must give the same bits.
+Every behaviour test runs on both engines (the ``engine`` fixture of ``conftest.py``): the numba
+kernels, and the numpy path calls take before the kernels are loaded; both must give the same bits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from naive import fused_reference, same_bits
 
-from fastfuse import DtypeMismatchError, ShapeMismatchError, core, transpose_concat
+from fastfuse import DtypeMismatchError, ShapeMismatchError, transpose_concat
 
-PATHS = ["kernel", "numpy"]
-
-
-@contextmanager
-def forced(path: str) -> Iterator[None]:
-    """Route run_groups to one path whatever the job size."""
-    original = core._use_kernel
-    core._use_kernel = lambda nbytes: path == "kernel"
-    try:
-        yield
-    finally:
-        core._use_kernel = original
-
-
-@pytest.fixture(params=PATHS)
-def path(request: pytest.FixtureRequest) -> Iterator[str]:
-    with forced(request.param):
-        yield request.param
-
+pytestmark = pytest.mark.usefixtures("engine")
 
 DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16, np.float64, np.int8, np.uint16]
 SHAPES = [
@@ -59,7 +38,7 @@ def random_bits(shape: tuple[int, ...], dtype: object, rng: np.random.Generator)
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("shapes", SHAPES, ids=lambda s: f"{len(s)}x{s[0][1]}")
-def test_matches_numpy_bit_for_bit(dtype: object, shapes: list[tuple[int, int]], path: str) -> None:
+def test_matches_numpy_bit_for_bit(dtype: object, shapes: list[tuple[int, int]]) -> None:
     rng = np.random.default_rng(len(shapes))
     parts = [random_bits(s, dtype, rng) for s in shapes]
     assert same_bits(transpose_concat(parts), fused_reference(parts))
@@ -87,14 +66,14 @@ def reversed_rows(a: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("layout", [fortran, strided, readonly, reversed_rows])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int8, np.float64], ids=lambda d: np.dtype(d).name)
-def test_any_input_layout(layout: object, dtype: object, path: str) -> None:
+def test_any_input_layout(layout: object, dtype: object) -> None:
     rng = np.random.default_rng(1)
     parts = [random_bits(s, dtype, rng) for s in [(33, 70), (17, 70), (40, 70)]]
     views = [layout(p) for p in parts]  # type: ignore[operator]
     assert same_bits(transpose_concat(views), fused_reference(parts))
 
 
-def test_memory_mapped_inputs_and_output(tmp_path: object, path: str) -> None:
+def test_memory_mapped_inputs_and_output(tmp_path: object) -> None:
     rng = np.random.default_rng(2)
     parts = [random_bits((64, 96), np.float16, rng) for _ in range(3)]
     path = f"{tmp_path}/parts.bin"
@@ -107,7 +86,7 @@ def test_memory_mapped_inputs_and_output(tmp_path: object, path: str) -> None:
     assert same_bits(np.fromfile(out_path, np.float16).reshape(96, 192), fused_reference(parts))
 
 
-def test_out_is_a_slice_of_a_bigger_buffer(path: str) -> None:
+def test_out_is_a_slice_of_a_bigger_buffer() -> None:
     rng = np.random.default_rng(3)
     parts = [random_bits((7, 9), np.float32, rng) for _ in range(3)]
     buffer = np.full(9 * 21 + 10, -1.0, np.float32)
@@ -117,13 +96,13 @@ def test_out_is_a_slice_of_a_bigger_buffer(path: str) -> None:
     assert (buffer[:5] == -1).all() and (buffer[-5:] == -1).all()
 
 
-def test_nan_payloads_and_signed_zero_survive(path: str) -> None:
+def test_nan_payloads_and_signed_zero_survive() -> None:
     bits = np.array([[0x7E01, 0xFE02, 0x7C01, 0x8000], [0x0000, 0x0001, 0x7BFF, 0xFFFF]], np.uint16)
     out = transpose_concat([bits.view(np.float16)])
     assert same_bits(out.view(np.uint16), bits.T)
 
 
-def test_widens_every_float16_pattern_exactly(path: str) -> None:
+def test_widens_every_float16_pattern_exactly() -> None:
     patterns = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).reshape(256, 256)
     out = transpose_concat([patterns], dtype="float32")
     expected = patterns.T.astype(np.float32)
@@ -135,25 +114,24 @@ def test_widens_every_float16_pattern_exactly(path: str) -> None:
     assert (out.view(np.uint32)[~finite] == nan_expected[~finite]).all()
 
 
-def test_widens_every_bfloat16_pattern_exactly(path: str) -> None:
+def test_widens_every_bfloat16_pattern_exactly() -> None:
     bits = np.arange(65536, dtype=np.uint32).astype(np.uint16).reshape(512, 128)
     out = transpose_concat([bits.view(ml_dtypes.bfloat16)], dtype="float32")
     assert same_bits(out.view(np.uint32), bits.T.astype(np.uint32) << 16)
 
 
-@settings(max_examples=60, deadline=None)
+# The engine fixture only sets an environment variable: sharing it across examples is fine.
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     rows=st.lists(st.integers(0, 70), min_size=1, max_size=4),
     width=st.integers(1, 70),
     dtype=st.sampled_from([np.uint8, np.float16, np.float32, np.int64]),
     seed=st.integers(0, 2**32 - 1),
-    path=st.sampled_from(PATHS),
 )
-def test_property_any_shapes(rows: list[int], width: int, dtype: object, seed: int, path: str) -> None:
+def test_property_any_shapes(rows: list[int], width: int, dtype: object, seed: int) -> None:
     rng = np.random.default_rng(seed)
     parts = [random_bits((r, width), dtype, rng) for r in rows]
-    with forced(path):
-        fused = transpose_concat(parts)
+    fused = transpose_concat(parts)
     assert same_bits(fused, fused_reference(parts))
     # and splitting the fused tensor gives the inputs back
     starts = np.cumsum([0, *rows])

@@ -13,6 +13,7 @@ import textwrap
 def test_kernel_logic_without_jit() -> None:
     code = textwrap.dedent("""
         import numpy as np
+        import fastfuse
         from fastfuse import transpose_concat
         rng = np.random.default_rng(0)
         cases = [
@@ -33,8 +34,11 @@ def test_kernel_logic_without_jit() -> None:
             assert np.array_equal(transpose_concat(fortran), expected), ("fortran", dtype, shapes)
         half = rng.standard_normal((40, 70)).astype(np.float16)  # widening blocks and edges
         assert np.array_equal(transpose_concat([half], dtype="float32"), half.T.astype(np.float32))
-        print("ok")
+        import sys, fastfuse._kernels as k
+        assert k.numba.config.DISABLE_JIT and k.run_tiles.__module__ == "fastfuse._kernels", "compiled?"
+        print("ok", sorted(fastfuse._engine.status()["ready"]))
     """)
-    env = {**os.environ, "NUMBA_DISABLE_JIT": "1"}
+    # FASTFUSE_ENGINE=numba: these inputs are small, and would otherwise take the numpy engine.
+    env = {**os.environ, "NUMBA_DISABLE_JIT": "1", "FASTFUSE_ENGINE": "numba"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert result.stdout == "ok\n", result.stderr
+    assert result.stdout == "ok [(0, 1), (0, 2), (0, 4), (0, 8), (1, 2)]\n", result.stderr

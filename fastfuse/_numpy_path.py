@@ -1,9 +1,7 @@
-"""The numpy path for small jobs: the same bits as the numba kernels, without loading numba.
+"""The numpy engine: the same bits as the numba kernels, without loading numba.
 
-Loading numba and the cached kernels costs about 0.3 s in a fresh process, more than numpy
-needs to move a few tens of megabytes (a whole whisper-tiny is 14 MB of QKV). ``run_groups``
-sends a job here when it is small and numba is not loaded yet; the results are bit-identical
-(tests run both paths against the same references).
+``_engine.run_groups`` sends work here until the kernels are loaded (see its policy); the
+results are bit-identical (tests run both engines against the same references).
 """
 
 from __future__ import annotations
@@ -11,8 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-
-SMALL_BYTES = 32 << 20  # output bytes below which a first call avoids loading numba
 
 
 def widen_bits(bits: np.ndarray, source: str) -> np.ndarray:

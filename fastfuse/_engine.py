@@ -1,0 +1,210 @@
+"""Which engine moves the bits: numpy now, or the numba kernels once they are loaded.
+
+Every fusion ends in :func:`run_groups`. Two engines give the same bits: the numba kernels
+(``_kernels``: parallel, at memory speed) and numpy (``_numpy_path``: one thread, 4-8x slower,
+nothing to load). Loading the kernels costs about 0.5 s in a fresh process when numba's on-disk
+cache is warm, and several seconds when it is cold (numba compiles them: the first run after an
+install, or every run where the cache is not kept). The policy, per process:
+
+- Output bytes asked for are counted. Until ``LOAD_AFTER_BYTES`` (whisper-tiny's QKV is 14 MB),
+  everything runs on numpy and numba is never imported: a small job costs what numpy costs.
+- Past it, a background thread loads the kernels a job needs (from the cache, or compiling
+  them) while calls keep running on numpy. A call in progress hands its remaining groups to the
+  kernels the moment they are ready; every later call uses them. No call waits for a compile,
+  so a first run is never slower than numpy, and a per-layer loop reaches kernel speed as soon
+  as the process has seen enough work to pay for it, whatever the size of each call.
+- ``FASTFUSE_ENGINE=numba`` loads (or compiles) the kernels in the calling thread and always
+  uses them; ``FASTFUSE_ENGINE=numpy`` never loads numba. :func:`warm_up` compiles every
+  kernel into numba's cache (``fastfuse warmup``), so that the next process starts warm.
+
+Kernel launches take turns (one lock): each already uses every core, and numba's workqueue
+threading layer (used where neither TBB nor OpenMP is installed) aborts the process on
+concurrent launches.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from ._dtypes import WIDENINGS
+from .errors import FuseError
+
+__all__ = ["ENGINES", "LOAD_AFTER_BYTES", "Group", "run_groups", "status", "warm_up"]
+
+Group = tuple[Sequence[np.ndarray], np.ndarray]  # parts [o_j, in] -> output [in, sum(o_j)]
+Spec = tuple[int, int]  # (0 copy or 1 widen, source element width): one kernel worker
+
+LOAD_AFTER_BYTES = 32 << 20
+ALL_SPECS: frozenset[Spec] = frozenset({(0, 1), (0, 2), (0, 4), (0, 8), (1, 2)})
+ENGINES = ("auto", "numba", "numpy")
+
+_state_lock = threading.Lock()  # guards the fields below; never held while compiling
+_seen_bytes = 0
+_wanted: set[Spec] = set()
+_ready: frozenset[Spec] = frozenset()  # replaced, never mutated: read without the lock
+_loader: threading.Thread | None = None
+_failure: BaseException | None = None
+_launch_lock = threading.Lock()
+
+
+def _engine() -> str:
+    choice = os.environ.get("FASTFUSE_ENGINE", "auto") or "auto"
+    if choice not in ENGINES:
+        raise FuseError(f"FASTFUSE_ENGINE={choice!r}: expected one of {list(ENGINES)}")
+    return choice
+
+
+def _mode(parts: Sequence[np.ndarray], out: np.ndarray) -> int:
+    """The kernels' conversion mode: 0 copies, else a widening (``_dtypes.WIDENINGS``)."""
+    source = parts[0].dtype
+    return 0 if source == out.dtype else WIDENINGS[(source.name, out.dtype.name)]
+
+
+def _spec(parts: Sequence[np.ndarray], out: np.ndarray) -> Spec:
+    return (min(_mode(parts, out), 1), parts[0].dtype.itemsize)
+
+
+def _kernels() -> ModuleType:
+    from . import _kernels
+
+    return _kernels
+
+
+def _load(specs: Iterable[Spec]) -> None:
+    """Load or compile the driver and the workers of ``specs`` in this thread; mark them ready."""
+    global _ready
+    kernels = _kernels()
+    kernels.run_tiles(np.zeros((0, kernels.JOB_COLUMNS), np.int64), 0)  # the driver, for every width
+    for spec in specs:
+        kernels.worker(*spec)
+        with _state_lock:
+            _ready = _ready | {spec}
+
+
+def _background() -> None:
+    """The loader thread: load what is wanted until nothing is left, then end."""
+    global _loader, _failure
+    while True:
+        with _state_lock:
+            todo = sorted(_wanted - _ready)
+            if not todo or _failure is not None:
+                _loader = None
+                return
+        try:
+            _load(todo)
+        except BaseException as e:  # noqa: BLE001 - recorded; the process stays on numpy
+            with _state_lock:
+                _failure = e
+
+
+def _request(specs: set[Spec], nbytes: int) -> None:
+    """Count ``nbytes``; once past ``LOAD_AFTER_BYTES``, have the loader thread load ``specs``."""
+    global _seen_bytes, _loader
+    with _state_lock:
+        _seen_bytes += nbytes
+        if _seen_bytes < LOAD_AFTER_BYTES or _failure is not None:
+            return
+        _wanted.update(specs)
+        if _loader is None and not specs <= _ready:
+            _loader = threading.Thread(target=_background, name="fastfuse-kernel-loader", daemon=True)
+            _loader.start()
+
+
+def run_groups(groups: Sequence[Group]) -> None:
+    """Fill each group's output (``[in, sum(o_j)]``, C-contiguous) from its parts.
+
+    Trusts its input: shapes, dtypes and conversions were validated by the caller. On the
+    kernels, all groups go through one parallel call per worker kind.
+    """
+    work = [(parts, out) for parts, out in groups if out.size]
+    if not work:
+        return
+    specs = {_spec(parts, out) for parts, out in work}
+    engine = _engine()
+    if engine == "numba":
+        if not specs <= _ready:
+            _load(specs)
+        _run_kernels(work)
+        return
+    if engine == "auto" and specs <= _ready:
+        _run_kernels(work)
+        return
+    if engine == "auto":
+        _request(specs, sum(out.nbytes for _, out in work))
+    from ._numpy_path import move_with_numpy
+
+    for index, group in enumerate(work):
+        if engine == "auto" and index and specs <= _ready:  # loaded meanwhile: the rest at kernel speed
+            _run_kernels(work[index:])
+            return
+        move_with_numpy([group])
+
+
+def _run_kernels(work: Sequence[Group]) -> None:
+    """One job table per worker, one parallel launch each."""
+    kernels = _kernels()
+    tables: dict[Spec, list[list[int]]] = {}
+    for parts, out in work:
+        mode = _mode(parts, out)
+        rows = tables.setdefault(_spec(parts, out), [])
+        dst = _address(out)
+        for part in parts:
+            tiling = kernels.tiling(part.strides[0], part.strides[1], part.dtype.itemsize, mode)
+            rows.append(
+                [
+                    _address(part),
+                    part.strides[0],
+                    part.strides[1],
+                    part.shape[0],
+                    part.shape[1],
+                    dst,
+                    out.strides[0],
+                    tiling,
+                    mode,
+                    kernels.tile_count(part.shape[0], part.shape[1], tiling),
+                ]
+            )
+            dst += part.shape[0] * out.dtype.itemsize
+    for spec, rows in tables.items():
+        jobs = np.array(rows, dtype=np.int64).reshape(-1, kernels.JOB_COLUMNS)
+        np.cumsum(jobs[:, kernels.J_TILE_END], out=jobs[:, kernels.J_TILE_END])
+        worker = kernels.worker(*spec)
+        with _launch_lock:
+            kernels.run_tiles(jobs, worker)
+
+
+def _address(array: np.ndarray) -> int:
+    return int(array.__array_interface__["data"][0])
+
+
+def warm_up(*, wait: bool = True) -> None:
+    """Load or compile every kernel specialisation (numba caches them on disk for later processes).
+
+    ``wait=False`` does it in the background thread and returns at once; calls keep running on
+    numpy until it is done. Raises (when waiting) whatever compiling raised.
+    """
+    if wait:
+        _load(sorted(ALL_SPECS))
+        return
+    global _seen_bytes
+    with _state_lock:
+        _seen_bytes = max(_seen_bytes, LOAD_AFTER_BYTES)
+    _request(set(ALL_SPECS), 0)
+
+
+def status() -> dict[str, Any]:
+    """What the engine knows: bytes seen, kernels ready, loading, the failure that stopped it."""
+    with _state_lock:
+        return {
+            "engine": _engine(),
+            "seen_bytes": _seen_bytes,
+            "ready": sorted(_ready),
+            "loading": _loader is not None,
+            "failure": None if _failure is None else f"{type(_failure).__name__}: {_failure}",
+        }
