@@ -155,7 +155,7 @@ def safe_open_numpy(path: Path) -> dict[str, np.ndarray]:
 
 
 def _fuse_file(src: str, dst: str) -> None:
-    from fastfuse.files import fuse_file
+    from fastfuse.sink import fuse_file
 
     fuse_file(src, dst, overwrite_destination=True)
 

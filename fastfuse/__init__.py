@@ -9,24 +9,32 @@ the first time they run.
 
 from __future__ import annotations
 
+from ._engine import warm_up
 from .core import execute, fuse, plan, transpose_concat
 from .errors import (
     DtypeMismatchError,
     FuseError,
+    FuseFileNotFoundError,
+    FusePermissionError,
     KeyConflictError,
     MalformedFileError,
     MissingTensorError,
     SchemeNotDetectedError,
     ShapeMismatchError,
 )
-from .files import fuse_file, load, unfuse, verify
+from .inverse import unfuse
+from .loader import load
 from .plan import FusedTensor, Plan
+from .recipe import verify
+from .sink import fuse_file
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DtypeMismatchError",
     "FuseError",
+    "FuseFileNotFoundError",
+    "FusePermissionError",
     "FusedTensor",
     "KeyConflictError",
     "MalformedFileError",
@@ -43,4 +51,5 @@ __all__ = [
     "transpose_concat",
     "unfuse",
     "verify",
+    "warm_up",
 ]

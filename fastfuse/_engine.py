@@ -35,7 +35,7 @@ import numpy as np
 from ._dtypes import WIDENINGS
 from .errors import FuseError
 
-__all__ = ["ENGINES", "LOAD_AFTER_BYTES", "Group", "run_groups", "status", "warm_up"]
+__all__ = ["ENGINES", "LOAD_AFTER_BYTES", "Group", "cache_report", "expect", "run_groups", "status", "warm_up"]
 
 Group = tuple[Sequence[np.ndarray], np.ndarray]  # parts [o_j, in] -> output [in, sum(o_j)]
 Spec = tuple[int, int]  # (0 copy or 1 widen, source element width): one kernel worker
@@ -116,6 +116,14 @@ def _request(specs: set[Spec], nbytes: int) -> None:
             _loader.start()
 
 
+def expect(conversions: Iterable[tuple[np.dtype[Any], np.dtype[Any]]], nbytes: int) -> None:
+    """A caller is about to fuse ``nbytes`` with these (source, output) dtypes: count them now,
+    so that the kernels they need start loading in the background while it does other work
+    (a file sink copies the originals first)."""
+    if _engine() == "auto" and nbytes:
+        _request({(0 if source == out else 1, source.itemsize) for source, out in conversions}, nbytes)
+
+
 def run_groups(groups: Sequence[Group]) -> None:
     """Fill each group's output (``[in, sum(o_j)]``, C-contiguous) from its parts.
 
@@ -139,6 +147,9 @@ def run_groups(groups: Sequence[Group]) -> None:
         _request(specs, sum(out.nbytes for _, out in work))
     from ._numpy_path import move_with_numpy
 
+    # Largest first: if the kernels arrive meanwhile, the many small groups (biases) go to them in
+    # one launch instead of each paying a hand-over of the GIL to the loader thread.
+    work.sort(key=lambda group: group[1].nbytes, reverse=True)
     for index, group in enumerate(work):
         if engine == "auto" and index and specs <= _ready:  # loaded meanwhile: the rest at kernel speed
             _run_kernels(work[index:])
@@ -196,6 +207,12 @@ def warm_up(*, wait: bool = True) -> None:
     with _state_lock:
         _seen_bytes = max(_seen_bytes, LOAD_AFTER_BYTES)
     _request(set(ALL_SPECS), 0)
+
+
+def cache_report() -> dict[str, Any]:
+    """Where numba caches the kernels (None: nowhere writable) and which are loaded."""
+    kernels = _kernels()
+    return {"cache": kernels.cache_location(), "kernels": [f"{'widen' if k else 'copy'}-{w}" for k, w in sorted(_ready)]}
 
 
 def status() -> dict[str, Any]:

@@ -550,3 +550,15 @@ def worker(mode: int, width: int) -> Any:
                 compiled = _compile(lambda cache: numba.cfunc(signature, cache=cache, error_model="numpy")(function))
                 _WORKERS[key] = compiled.address
         return _WORKERS[key]
+
+
+def cache_location() -> str | None:
+    """The folder numba caches the kernels in (None: caching is off, nowhere was writable).
+
+    Read from numba's cache object (not a public API: any surprise there reads as None).
+    """
+    try:
+        cache = run_tiles._cache
+        return str(cache.cache_path) if type(cache).__name__ != "NullCache" else None
+    except AttributeError:
+        return None

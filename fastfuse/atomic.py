@@ -8,12 +8,18 @@ sink fills the data section through :meth:`AtomicWriter.view` (a writable memory
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import fcntl
+import functools
 import math
 import mmap
 import os
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -24,11 +30,36 @@ from .stored import open_regular
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["AtomicWriter", "write_bytes_atomic"]
+__all__ = ["AtomicWriter", "CopyRange", "write_bytes_atomic"]
 
 _O_TMPFILE: int = getattr(os, "O_TMPFILE", 0)  # tests set 0 to exercise the named fallback
 _CHUNK = 16 << 20  # largest preadv when copy_file_range is unavailable
+_COPY_CHUNK = 64 << 20  # a parallel copy's unit of work, and of early write-back
+_COPY_THREADS = 2
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux's value; Python < 3.13 lacks the name
+_SYNC_FILE_RANGE_WRITE = 2
+_TEMP_MARK = ".fastfuse-"  # hidden temporaries are ".{name}.fastfuse-{random}.tmp"
+
+
+class CopyRange(NamedTuple):
+    """``length`` bytes at ``offset`` of the file ``source``, to data byte ``start``."""
+
+    source: str
+    offset: int
+    start: int
+    length: int
+
+
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``sync_file_range`` (Linux), which Python's ``os`` lacks; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    function = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+    if function is not None:
+        function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        function.restype = ctypes.c_int
+    return function
 
 
 class AtomicWriter:
@@ -39,13 +70,16 @@ class AtomicWriter:
     directory and, unless ``overwrite``, does not exist) and creates nothing. ``__enter__``
     creates an unnamed O_TMPFILE in the destination folder (else a hidden
     ``.{name}.fastfuse-XXXXXXXX.tmp``), reserves its space (disk full is a FuseError now, not
-    a SIGBUS later), writes the prefix and maps the data section; fill it with :meth:`view`
-    and :meth:`copy_from`. A clean exit flushes, fsyncs and publishes the file with one
-    rename (without ``overwrite``: one link, which also refuses a ``dst`` created meanwhile),
-    then fsyncs the folder. An exception (KeyboardInterrupt too) removes the temporary and
-    leaves ``dst`` untouched; so does SIGKILL with O_TMPFILE (the named fallback leaves its
-    temporary). Views are invalid after exit: one still held keeps the map alive, and
-    writing through it would change the published file.
+    a SIGBUS later; where the file system cannot reserve, its free space is checked), writes
+    the prefix and maps the data section; fill it with :meth:`view`, :meth:`copy` and
+    :meth:`copy_from`, and call :meth:`written` for bytes written through views, so the disk
+    starts writing them while the rest is computed. A clean exit fsyncs (once: every byte is
+    written to disk once) and publishes the file with one rename (without ``overwrite``: one
+    link, which also refuses a ``dst`` created meanwhile), then fsyncs the folder. An exception
+    (KeyboardInterrupt too) removes the temporary and leaves ``dst`` untouched; so does SIGKILL
+    with O_TMPFILE. A named temporary left by a killed process is locked while in use, and the
+    next writer to the same destination removes it. Views are invalid after exit: one still
+    held keeps the map alive, and writing through it would change the published file.
     """
 
     def __init__(self, dst: PathLike, prefix: bytes, data_size: int, *, overwrite: bool = False) -> None:
@@ -75,12 +109,42 @@ class AtomicWriter:
 
     def _new_temp(self, fd: int = -1) -> int:
         """Take a fresh hidden name in the folder: link it to ``fd``, or create a file there."""
-        self._tmp = f".{self._name}.fastfuse-{os.urandom(4).hex()}.tmp"
+        self._tmp = f".{self._name}{_TEMP_MARK}{os.urandom(4).hex()}.tmp"
         if fd >= 0:  # a dir fd makes os.link use linkat(AT_SYMLINK_FOLLOW); bare link() fails
             os.link(f"/proc/self/fd/{fd}", self._tmp, dst_dir_fd=self._dir, follow_symlinks=True)
             return fd
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
         return os.open(self._tmp, flags, 0o644, dir_fd=self._dir)
+
+    def _remove_stale_temporaries(self) -> None:
+        """Remove hidden temporaries of this destination that no live writer holds locked."""
+        start = f".{self._name}{_TEMP_MARK}"
+        for name in os.listdir(self._dir):
+            if not (name.startswith(start) and name.endswith(".tmp")) or name == self._tmp:
+                continue
+            try:
+                fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=self._dir)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a live writer: skip it
+                os.unlink(name, dir_fd=self._dir)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+    def _reserve(self, total: int) -> None:
+        """Allocate the file's blocks now; where that is unsupported, check the free space."""
+        try:
+            os.posix_fallocate(self._fd, 0, total)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+        st = os.fstatvfs(self._fd)
+        if st.f_bavail * st.f_frsize < total:
+            raise OSError(errno.ENOSPC, f"{st.f_bavail * st.f_frsize} bytes free")
 
     def __enter__(self) -> Self:
         self._check()
@@ -94,12 +158,10 @@ class AtomicWriter:
                 self._fd = os.open(".", flags, 0o644, dir_fd=self._dir)
             except OSError:  # not supported here: a named temporary instead
                 self._fd = self._new_temp()
+                self._remove_stale_temporaries()
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "in use", for _remove_stale_temporaries
             os.ftruncate(self._fd, total)
-            try:
-                os.posix_fallocate(self._fd, 0, total)
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    raise
+            self._reserve(total)
             done = 0
             while done < len(self.prefix):
                 done += os.pwrite(self._fd, self.prefix[done:], done)
@@ -139,6 +201,47 @@ class AtomicWriter:
         page = start - start % mmap.PAGESIZE
         with contextlib.suppress(OSError):
             self._mm.madvise(_MADV_POPULATE_WRITE, page, end - page)
+
+    def written(self, start: int, end: int) -> None:
+        """Data bytes ``[start, end)`` are final: start writing them to disk now (Linux), so the
+        final fsync waits for less. Harmless to skip; a no-op where unsupported."""
+        function = _sync_file_range()
+        if function is not None and end > start and self._fd >= 0:
+            function(self._fd, len(self.prefix) + start, end - start, _SYNC_FILE_RANGE_WRITE)
+
+    def copy(self, ranges: Sequence[CopyRange], done: Callable[[int], None] | None = None) -> None:
+        """Copy every range, file to file, in chunks spread over two threads, each chunk sent to
+        disk as soon as it is copied. ``done(nbytes)`` is called from this thread as chunks finish.
+
+        Copying is the kernel's work (``copy_file_range`` releases the GIL), so two threads keep
+        both the page-cache copy and the disk busy.
+        """
+        sources: dict[str, int] = {}
+        try:
+            for path in dict.fromkeys(r.source for r in ranges):
+                sources[path] = open_regular(path)[0]
+            chunks = [
+                (sources[r.source], r.offset + at, r.start + at, min(_COPY_CHUNK, r.length - at))
+                for r in ranges
+                for at in range(0, r.length, _COPY_CHUNK)
+            ]
+
+            def copy_chunk(chunk: tuple[int, int, int, int]) -> int:
+                fd, offset, start, length = chunk
+                self.copy_from(fd, offset, start, length)
+                self.written(start, start + length)
+                return length
+
+            pool = ThreadPoolExecutor(_COPY_THREADS, thread_name_prefix="fastfuse-copy")
+            try:
+                for length in pool.map(copy_chunk, chunks):
+                    if done is not None:
+                        done(length)
+            finally:  # on an error or Ctrl-C, chunks not started yet are dropped
+                pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            for fd in sources.values():
+                os.close(fd)
 
     def copy_from(self, src: int | PathLike, src_offset: int, start: int, length: int) -> None:
         """Copy ``length`` bytes at ``src_offset`` of ``src`` (fd or path) to data byte ``start``
@@ -185,8 +288,8 @@ class AtomicWriter:
         try:
             if exc_type is not None:
                 return
-            if self._mm is not None:
-                self._mm.flush()
+            if self._mm is not None and not sys.platform.startswith("linux"):
+                self._mm.flush()  # on Linux, fsync writes pages dirtied through the map too
             self._release_map()
             os.fsync(self._fd)
             if self.overwrite:

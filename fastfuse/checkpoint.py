@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,19 @@ class Checkpoint:
         for stored in self.files:
             arrays.update(map_arrays(stored, writeable=writeable))
         return arrays
+
+    def in_file_order(self, keys: Iterable[str]) -> list[str]:
+        """``keys`` sorted by where their bytes are: file, then offset (so neighbours can be one copy)."""
+        return sorted(keys, key=lambda key: (self.location[key][0], self.location[key][1].offset))
+
+    def check_integrity(self) -> None:
+        """Check the checksums a format keeps (a torch zip's CRC-32 of every member), reading
+        every byte; MalformedFileError naming the first that differs. Safetensors keeps none."""
+        for stored in self.files:
+            if stored.format == "torch":
+                from . import torch_format
+
+                torch_format.verify_crcs(stored.path)
 
     def byte_range(self, key: str) -> tuple[str, int] | None:
         """(file path, offset) where ``key``'s bytes lie as one C-ordered run, else None."""

@@ -1,29 +1,37 @@
-"""The ``fastfuse`` command: fuse, inspect, verify, unfuse, demo.
+"""The ``fastfuse`` command: fuse, inspect, verify, unfuse, demo, warmup.
 
 Exit codes: 0 success, 1 a failed run (a FuseError, a verify mismatch, an I/O error),
-2 bad usage (argparse). Errors print one line ``fastfuse: error: ...`` unless ``--debug``.
+2 bad usage (argparse), 130 interrupted, 141 output pipe closed (``| head``: quietly, as Unix
+tools do). Errors print one line ``fastfuse: error: ...`` unless ``--debug``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .demo import WHISPER_SIZES
 from .errors import FuseError
 from .plan import Plan
+from .rules import TARGETS
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     """The fusion options given on the command line (defaults left out, so they stay the library's)."""
-    names = ("cross_kv", "logits", "convert", "dtype", "scheme", "layout", "tp", "heads", "kv_heads")
-    return {name: getattr(args, name) for name in names if getattr(args, name) not in (None, False)}
+    names = ("cross_kv", "logits", "convert", "dtype", "scheme", "layout", "tp", "heads", "kv_heads", "target")
+    options = {name: getattr(args, name) for name in names if getattr(args, name, None) not in (None, False)}
+    if getattr(args, "drop_originals", False):
+        options["keep_originals"] = False
+    if getattr(args, "overwrite", False):
+        options["overwrite"] = True
+    return options
 
 
 def _human(n: float) -> str:
@@ -57,30 +65,27 @@ def _progress(label: str, enabled: bool) -> Iterator[Callable[[int, int], None] 
             bar.close()
 
 
-def _size_of(path: Path) -> int:
-    """Bytes of a file, or of the .safetensors shards in a folder."""
-    return sum(p.stat().st_size for p in path.glob("*.safetensors")) if path.is_dir() else path.stat().st_size
+def _written(path: Path) -> list[Path]:
+    """The files an output consists of: the file, or the folder's files."""
+    return sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
 
 
 def _print_plan(fusion: Plan) -> None:
-    out = sys.stdout
     layers = ", ".join(f"{name} x{count}" for name, count in fusion.layers.items()) or "none"
     dtypes = sorted({t.dtype.name for t in fusion.fused})
-    print(
-        f"scheme   {fusion.scheme} (prefix {fusion.prefix!r}), layout {fusion.layout}"
-        + (f", tp {fusion.tp}" if fusion.tp > 1 else ""),
-        file=out,
-    )
-    print(f"d        {fusion.d}", file=out)
-    print(f"groups   {layers}", file=out)
-    print(f"dtype    {', '.join(dtypes) or '-'}", file=out)
-    print(f"fused    {len(fusion.fused)} tensors, {_human(fusion.nbytes)}", file=out)
+    tp = f", tp {fusion.tp}" if fusion.tp > 1 else ""
+    print(f"scheme   {fusion.scheme} (prefix {fusion.prefix!r}), target {fusion.target}, layout {fusion.layout}{tp}")
+    print(f"d        {fusion.d}")
+    print(f"groups   {layers}")
+    print(f"dtype    {', '.join(dtypes) or '-'}")
+    print(f"fused    {len(fusion.fused)} tensors, {_human(fusion.nbytes)}")
+    if fusion.dropped:
+        print(f"dropped  {len(fusion.dropped)} original tensors (fused sources)")
 
 
 def _cmd_fuse(args: argparse.Namespace) -> int:
-    from .files import fuse_file
+    from .sink import fuse_file
 
-    options = _options(args) | ({"keep_originals": False} if args.drop_originals else {})
     with _progress("fuse", not args.quiet and not args.json) as progress:
         fusion = fuse_file(
             args.src,
@@ -89,13 +94,15 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
             max_shard_size=args.max_shard_size,
             single_file=args.single_file,
             progress=progress,
-            **options,
+            **_options(args),
         )
+    files = _written(Path(args.dst))
+    size = sum(p.stat().st_size for p in files)
     if args.json:
-        print(json.dumps({"destination": str(args.dst), **fusion.to_dict()}))
+        print(json.dumps({"destination": str(args.dst), "files": [str(p) for p in files], "bytes": size, **fusion.to_dict()}))
     elif not args.quiet:
         _print_plan(fusion)
-        print(f"wrote    {args.dst} ({_human(_size_of(Path(args.dst)))})")
+        print(f"wrote    {args.dst} ({_human(size)}{f' in {len(files)} files' if len(files) > 1 else ''})")
     return 0
 
 
@@ -104,30 +111,27 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from .core import plan
 
     checkpoint = open_checkpoint(args.file)
-    fusion = plan(args.file, overwrite=True, **_options(args))
+    fusion = plan(args.file, **({"overwrite": True} | _options(args)))
     if fusion.already_fused and not fusion.fused:
         print(
             f"note     {args.file} is stored already fused ({fusion.scheme}); --convert rewrites it in --layout",
             file=sys.stderr,
         )
-    size = checkpoint.size
+    kept = sum(entry.nbytes for key, entry in checkpoint.metas().items() if key not in fusion.dropped)
     if args.json:
-        print(
-            json.dumps(
-                {"file": str(args.file), "tensors": len(checkpoint.location), "file_bytes": size, **fusion.to_dict()}
-            )
-        )
+        described = {"file": str(args.file), "format": checkpoint.format, "tensors": len(checkpoint.location)}
+        print(json.dumps({**described, "file_bytes": checkpoint.size, "output_bytes": kept + fusion.nbytes, **fusion.to_dict()}))
         return 0
-    print(f"file     {args.file} ({len(checkpoint.location)} tensors, {_human(size)})")
+    print(f"file     {args.file} ({checkpoint.format}, {len(checkpoint.location)} tensors, {_human(checkpoint.size)})")
     _print_plan(fusion)
-    print(f"output   {_human(size + fusion.nbytes)} with originals kept")
+    print(f"output   about {_human(kept + fusion.nbytes)}")
     return 0
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .files import verify
+    from .recipe import verify
 
-    different = verify(args.file)
+    different = verify(args.file, source=args.source)
     if args.json:
         print(json.dumps({"file": str(args.file), "ok": not different, "different": different}))
     elif different:
@@ -141,7 +145,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_unfuse(args: argparse.Namespace) -> int:
-    from .files import unfuse
+    from .inverse import unfuse
 
     rebuilt = unfuse(args.src, args.dst, overwrite_destination=args.force)
     if args.json:
@@ -154,18 +158,33 @@ def _cmd_unfuse(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
-    folder = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="fastfuse-demo-"))
-    folder.mkdir(parents=True, exist_ok=True)
-    if args.size not in demo.WHISPER_SIZES:
-        raise FuseError(f"unknown size {args.size!r}; expected one of {sorted(demo.WHISPER_SIZES)}")
-    return 0 if demo.run(folder, size=args.size) else 1
+    report = demo.run(Path(args.out) if args.out else None, size=args.size, keep=args.keep, quiet=args.json)
+    if args.json:
+        print(json.dumps(report))
+    return 0 if report["ok"] else 1
+
+
+def _cmd_warmup(args: argparse.Namespace) -> int:
+    import time
+
+    from . import _engine
+
+    start = time.perf_counter()
+    _engine.warm_up()
+    report = {"seconds": round(time.perf_counter() - start, 3), **_engine.cache_report()}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        where = report["cache"] or "nowhere writable: every process will compile (set NUMBA_CACHE_DIR)"
+        print(f"kernels  {len(report['kernels'])} compiled or loaded in {report['seconds']:.1f} s; cache: {where}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastfuse",
-        description="Pre-fuse attention weights of Whisper (and transformer) safetensors checkpoints: "
-        "q/k/v [out, in] -> one [in, 3*out] tensor for x @ W.",
+        description="Pre-fuse attention weights of Whisper (and transformer) checkpoints (safetensors, or torch "
+        ".bin/.pt read without torch): q/k/v [out, in] -> one [in, 3*out] tensor for x @ W, or an engine's layout.",
     )
     parser.add_argument("--version", action="version", version=f"fastfuse {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -176,11 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print one JSON object for machines")
         return p
 
-    def fusion_options(p: argparse.ArgumentParser) -> None:
+    def fusion_options(p: argparse.ArgumentParser, *, writes: bool) -> None:
         p.add_argument("--cross-kv", action="store_true", help="also fuse decoder cross-attention K,V")
         p.add_argument("--logits", action="store_true", help="also write the tied logits weight [d, vocab]")
         p.add_argument("--dtype", choices=["float32"], help="widen float16/bfloat16 to float32 while fusing")
         p.add_argument("--scheme", help="naming scheme (default: detect from the keys)")
+        p.add_argument(
+            "--target",
+            choices=list(TARGETS),
+            help="fastfuse: fused.* keys beside the originals (default); vllm: the names and [sum(out), in] "
+            "layout vLLM, SGLang and transformers' Phi-3 load as already fused, sources dropped",
+        )
         p.add_argument(
             "--convert", action="store_true", help="convert an already fused checkpoint (Phi-3, GPT-2) to --layout"
         )
@@ -189,14 +214,22 @@ def build_parser() -> argparse.ArgumentParser:
             choices=["in_out", "out_in"],
             help="in_out: [in, sum(out)] for x @ W (default); out_in: [sum(out), in] for F.linear (vLLM, CTranslate2)",
         )
-        p.add_argument("--tp", type=int, help="tensor-parallel ranks: write one file per rank into DST (a folder)")
+        ranks = "one file per rank into DST, a folder" if writes else "plan one slice per rank"
+        p.add_argument("--tp", type=int, help=f"tensor-parallel ranks: {ranks}")
         p.add_argument("--heads", type=int, help="attention heads, to split for --tp (default: config.json beside SRC)")
         p.add_argument("--kv-heads", type=int, help="key/value heads (GQA), to split for --tp")
+        p.add_argument(
+            "--overwrite", action="store_true", help="allow fused keys the input already holds to be replaced"
+        )
 
-    p = command("fuse", "fuse SRC (file, index or folder) into a new safetensors file DST")
-    p.add_argument("src", help="source .safetensors file, model.safetensors.index.json, or folder")
-    p.add_argument("dst", help="destination .safetensors file (written atomically)")
-    fusion_options(p)
+    p = command("fuse", "fuse SRC (a safetensors or torch file, an index or a folder) into a new safetensors DST")
+    p.add_argument("src", help="source .safetensors, .bin or .pt file, index (.index.json), or folder")
+    p.add_argument(
+        "dst",
+        help="destination: a new .safetensors file; a folder (no .safetensors suffix) with --tp, --max-shard-size "
+        "or a sharded SRC",
+    )
+    fusion_options(p, writes=True)
     p.add_argument("--drop-originals", action="store_true", help="leave out the fused sources")
     p.add_argument(
         "--max-shard-size",
@@ -204,42 +237,61 @@ def build_parser() -> argparse.ArgumentParser:
         help="write DST as a folder of shards of at most SIZE (e.g. 5GB); sharded inputs default to their largest shard",
     )
     p.add_argument("--single-file", action="store_true", help="write a sharded input as one file")
-    p.add_argument("--force", action="store_true", help="replace an existing destination")
+    p.add_argument("--force", action="store_true", help="replace an existing destination (file or folder output)")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(run=_cmd_fuse)
 
     p = command("inspect", "show what fastfuse would fuse in FILE, without writing anything")
-    p.add_argument("file", help=".safetensors file, index, or folder")
-    fusion_options(p)
+    p.add_argument("file", help=".safetensors, .bin or .pt file, index, or folder")
+    fusion_options(p, writes=False)
     p.set_defaults(run=_cmd_inspect)
 
     p = command("verify", "recompute every fused tensor of FILE from its originals; exit 1 if any differs")
-    p.add_argument("file", help="a file written by `fastfuse fuse` (originals kept)")
+    p.add_argument("file", help="a file, shard folder or tensor-parallel folder written by `fastfuse fuse`")
+    p.add_argument("--source", help="the checkpoint FILE was fused from (needed when its originals were dropped)")
     p.set_defaults(run=_cmd_verify)
 
     p = command("unfuse", "rebuild the original q/k/v tensors of a fused file into DST")
-    p.add_argument("src")
-    p.add_argument("dst")
+    p.add_argument("src", help="a file written by `fastfuse fuse` (any target, originals kept or dropped)")
+    p.add_argument("dst", help="the new .safetensors file, with the originals and without the fused tensors")
     p.add_argument("--force", action="store_true", help="replace an existing destination")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(run=_cmd_unfuse)
 
     p = command("demo", "write a small Whisper-shaped checkpoint (random values), fuse, verify and check it")
-    p.add_argument("--out", help="folder for the demo files (default: a new temporary folder)")
-    p.add_argument("--size", default="tiny", help="Whisper size whose shapes to use (default: tiny)")
+    p.add_argument("--out", help="keep the demo files in this folder (default: a temporary folder, removed after)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder and say where it is")
+    p.add_argument("--size", default="tiny", choices=list(WHISPER_SIZES), help="Whisper size whose shapes to use (default: tiny)")
     p.set_defaults(run=_cmd_demo)
+
+    p = command("warmup", "compile every kernel into numba's on-disk cache, so later processes start warm")
+    p.set_defaults(run=_cmd_warmup)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (never calls sys.exit itself)."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (``| head``): stop quietly, and keep the interpreter's final flush
+        # of stdout from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse exits on --help / usage errors
         return int(exit_.code or 0)
     try:
-        return int(args.run(args))
+        code = int(args.run(args))
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below
+        return code
+    except BrokenPipeError:
+        raise
     except (FuseError, OSError) as exc:
         if args.debug:
             raise

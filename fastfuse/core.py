@@ -9,7 +9,7 @@ parallel kernel launch, or numpy until the kernels are loaded), which is also ho
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -63,44 +63,69 @@ def plan(tensors: Mapping[str, TensorLike] | PathLike, **options: Unpack[FuseKwa
     return make_plan(tensors, settings)
 
 
-def fuse(tensors: Mapping[str, np.ndarray], **options: Unpack[FuseKwargs]) -> dict[str, np.ndarray]:
-    """Return a new dict: the originals (same array objects, unless dropped) plus fused tensors.
+def fuse(tensors: Mapping[str, Any], **options: Unpack[FuseKwargs]) -> dict[str, Any]:
+    """Return a new dict: the originals (same objects, unless dropped) plus fused tensors.
 
-    Options as in :func:`plan`; with ``tp > 1`` pass the ``rank`` to build. The input mapping is
-    not modified. All groups are filled by one parallel kernel call; see
-    :func:`transpose_concat` for the layout.
+    ``tensors``: name -> numpy array, or name -> CPU torch tensor (a ``state_dict()``: any
+    dtype including bf16, non-contiguous views, shared storage); given torch tensors, the fused
+    tensors are torch tensors too (torch-owned), the originals are returned untouched. Options
+    as in :func:`plan`; with ``tp > 1`` pass the ``rank`` to build. The input mapping is not
+    modified. All groups are filled by one parallel kernel call; see :func:`transpose_concat`
+    for the layout. FuseError for a CUDA or meta tensor (saying what to do).
 
     >>> import numpy as np, fastfuse
     >>> sd = {f"model.encoder.layers.0.self_attn.{p}_proj.weight": np.eye(2, dtype=np.float32) for p in "qkv"}
     >>> fastfuse.fuse(sd, keep_originals=False)["fused.enc.0.self_attn.qkv.weight"].shape
     (2, 6)
     """
-    fusion = plan(tensors, **options)
+    framework = "np"
+    arrays: Mapping[str, Any] = tensors
+    if isinstance(tensors, Mapping) and any(type(v).__module__.startswith("torch") for v in tensors.values()):
+        from . import _torch
+
+        framework, arrays = "pt", _torch.from_torch_dict(tensors)
+    fusion = plan(arrays, **options)
     if fusion.tp > 1 and options.get("rank") is None:
         raise FuseError(f"tp={fusion.tp}: fuse builds one rank in memory; pass rank= (or use fuse_file for all ranks)")
-    fused = execute(fusion, tensors)
+    fused = execute(fusion, arrays, framework=framework)
     result = {key: value for key, value in tensors.items() if key not in fusion.dropped and key not in fused}
     result.update(fused)
     return result
+
+
+def frameworks(framework: str) -> Callable[[np.ndarray], Any] | None:
+    """None for ``"np"``; for ``"pt"``, the zero-copy numpy -> torch conversion (torch imported now)."""
+    if framework == "np":
+        return None
+    if framework == "pt":
+        from . import _torch
+
+        return _torch.to_torch
+    raise FuseError(f"framework {framework!r}: expected 'np' (numpy) or 'pt' (torch)")
 
 
 def execute(
     fusion: Plan,
     tensors: Mapping[str, np.ndarray],
     outputs: Mapping[str, np.ndarray] | None = None,
-) -> dict[str, np.ndarray]:
-    """Compute every tensor of ``fusion`` from ``tensors``, in one parallel kernel call.
+    *,
+    framework: str = "np",
+) -> dict[str, Any]:
+    """Compute every tensor of ``fusion`` from ``tensors`` (numpy arrays), in one parallel kernel call.
 
     ``outputs`` may supply the destination of some or all keys (writable, C-contiguous, the
-    planned shape and dtype, e.g. views of a memory-mapped file); the rest are allocated.
-    Returns key -> fused array.
+    planned shape and dtype, e.g. views of a memory-mapped file); the rest are allocated, as
+    numpy arrays, or torch tensors for ``framework="pt"``. Returns key -> fused array.
     """
-    results: dict[str, np.ndarray] = {}
+    results: dict[str, Any] = {}
     work: list[Group] = []
+    allocate = _allocator(framework)
     for target in fusion.fused:
         out = (outputs or {}).get(target.key)
         if out is None:
-            out = np.empty(target.shape, target.dtype)
+            results[target.key], out = allocate(target.shape, target.dtype)
+        else:
+            results[target.key] = out
         offset = 0
         for key, start, rows in zip(target.sources, target.row_starts(), target.rows):
             part = _source_part(tensors, key, start, rows, target)
@@ -111,9 +136,17 @@ def execute(
             else:  # out_in: rows of the part become rows of the output; the kernel writes part.T transposed
                 work.append(([part.T], out[offset : offset + rows]))
             offset += rows
-        results[target.key] = out
     run_groups(work)
     return results
+
+
+def _allocator(framework: str) -> Callable[[tuple[int, ...], np.dtype[Any]], tuple[Any, np.ndarray]]:
+    """(result, numpy view to fill) for a new output: a numpy array, or a torch-owned tensor."""
+    if frameworks(framework) is None:
+        return lambda shape, dtype: (array := np.empty(shape, dtype), array)
+    from . import _torch
+
+    return _torch.empty
 
 
 def _source_part(

@@ -6,11 +6,16 @@ Also the generator the benchmarks use: random values, the shapes and names of a 
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .errors import FuseError
 
 # d, encoder layers, decoder layers, vocabulary (from the published configs).
 WHISPER_SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -66,30 +71,59 @@ def whisper_checkpoint(
     }
 
 
-def run(folder: Path, size: str = "tiny") -> bool:
-    """Write, fuse, verify and use a demo checkpoint in ``folder``, printing each step; True if all checks pass."""
+def run(folder: Path | None, size: str = "tiny", *, keep: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Write, fuse, verify and use a demo checkpoint, printing each step unless ``quiet``.
+
+    ``folder``: where to write (kept); None: a new temporary folder, removed at the end unless
+    ``keep``. Returns what was done (``"ok"``: every check passed). FuseError for an unknown
+    ``size``, before anything is created.
+    """
+    if size not in WHISPER_SIZES:
+        raise FuseError(f"unknown size {size!r}; expected one of {list(WHISPER_SIZES)}")
+    say = (lambda line: None) if quiet else print
+    temporary = folder is None
+    folder = Path(tempfile.mkdtemp(prefix="fastfuse-demo-")) if folder is None else folder
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        report = _steps(folder, size, say)
+    finally:
+        if temporary and not keep:
+            shutil.rmtree(folder, ignore_errors=True)
+    where = "removed" if temporary and not keep else "kept"
+    say(f"files    {folder} ({where}{'; --keep to look at them' if where == 'removed' else ''})")
+    return {**report, "folder": str(folder), "kept": where == "kept"}
+
+
+def _steps(folder: Path, size: str, say: Callable[[str], None]) -> dict[str, Any]:
     from safetensors.numpy import save_file
 
-    from . import files
+    from . import fuse_file, load, verify
 
     source, destination = folder / f"whisper-{size}.safetensors", folder / f"whisper-{size}.fused.safetensors"
     tensors = whisper_checkpoint(size)
     save_file(tensors, str(source), metadata={"format": "pt"})
-    print(f"wrote    {source}: {len(tensors)} tensors with Hugging Face Whisper names (random values)")
+    say(f"wrote    {source}: {len(tensors)} tensors with Hugging Face Whisper names (random values)")
     start = time.perf_counter()
-    fusion = files.fuse_file(source, destination, overwrite_destination=True, cross_kv=True)
+    fusion = fuse_file(source, destination, overwrite_destination=True, cross_kv=True)
     took = time.perf_counter() - start
-    print(
+    say(
         f"fused    {len(fusion.fused)} tensors ({', '.join(f'{g} x{n}' for g, n in fusion.layers.items())}) "
         f"-> {destination} in {took:.2f} s"
     )
-    different = files.verify(destination)
-    print(f"verify   {'ok: bit-exact' if not different else f'MISMATCH in {different}'}")
-    loaded = files.load(source)
+    different = verify(destination)
+    say(f"verify   {'ok: bit-exact' if not different else f'MISMATCH in {different}'}")
+    loaded = load(source)
     key = "model.encoder.layers.0.self_attn.{}_proj.weight"
     x = np.random.default_rng(1).standard_normal((2, fusion.d or 1), dtype=np.float32)
     expected = np.concatenate([x @ tensors[key.format(p)].T for p in "qkv"], axis=1)
     got = x @ loaded["fused.enc.0.self_attn.qkv.weight"]
     close = bool(np.allclose(got, expected, rtol=1e-5, atol=1e-4))
-    print(f"check    x @ fused == concat(x @ Wq.T, x @ Wk.T, x @ Wv.T): {close}")
-    return close and not different
+    say(f"check    x @ fused == concat(x @ Wq.T, x @ Wk.T, x @ Wv.T): {close}")
+    return {
+        "ok": close and not different,
+        "size": size,
+        "fused_tensors": len(fusion.fused),
+        "fuse_seconds": round(took, 3),
+        "verify_different": different,
+        "matmul_matches": close,
+    }

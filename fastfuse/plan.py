@@ -39,20 +39,35 @@ class FuseOptions:
     cross_kv: bool = False
     logits: bool = False
     convert: bool = False
-    keep_originals: bool = True
+    keep_originals: bool | None = None  # None: as the target says
     dtype: DTypeLike | None = None
     scheme: str = "auto"
     names: Mapping[str, str] | None = None
     overwrite: bool = False
-    layout: str = "in_out"
+    layout: str | None = None  # None: the target's
     tp: int = 1
     rank: int | None = None
     heads: int | None = None
     kv_heads: int | None = None
+    target: str = "fastfuse"
 
     def __post_init__(self) -> None:
+        if self.target not in rules.TARGETS:
+            raise FuseError(f"target {self.target!r}: expected one of {list(rules.TARGETS)}")
+        preset = rules.TARGETS[self.target]
+        if self.layout is None:
+            object.__setattr__(self, "layout", preset.layout)
+        if self.keep_originals is None:
+            object.__setattr__(self, "keep_originals", not preset.drop_sources)
         if self.layout not in LAYOUTS:
             raise FuseError(f"layout {self.layout!r}: expected one of {list(LAYOUTS)}")
+        if self.target != "fastfuse" and self.layout != preset.layout:
+            raise FuseError(f"target {self.target!r} writes layout {preset.layout!r}; drop layout={self.layout!r}")
+        if self.logits and self.layout == "out_in":
+            raise FuseError(
+                "logits=True with layout 'out_in': the token embedding [vocab, d] already is the logits "
+                "matrix in this layout, so fastfuse would write a copy of it; drop logits"
+            )
         if not isinstance(self.tp, int) or self.tp < 1:
             raise FuseError(f"tp={self.tp!r}: expected a positive number of tensor-parallel ranks")
         if self.rank is not None and not 0 <= self.rank < self.tp:
@@ -130,6 +145,7 @@ class Plan:
     layout: str = "in_out"
     tp: int = 1
     already_fused: bool = False
+    target: str = "fastfuse"
 
     @property
     def nbytes(self) -> int:
@@ -149,6 +165,7 @@ class Plan:
             "d": self.d,
             "layers": dict(self.layers),
             "layout": self.layout,
+            "target": self.target,
             "tp": self.tp,
             "already_fused": self.already_fused,
             "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
@@ -178,11 +195,18 @@ def make_plan(tensors: Mapping[str, TensorLike], options: FuseOptions) -> Plan:
             f"names: unknown group(s) {sorted(unknown)}; {chosen.name} has {[g.name for g in chosen.groups]}"
         )
     builder = _Builder(tensors, prefix, options)
+    target = rules.TARGETS[options.target]
     layers: dict[str, int] = {}
     for rule in chosen.groups:
         if rule.option is not None and not getattr(options, rule.option):
             continue
-        template = names.get(rule.name, rule.fused)
+        template = names.get(rule.name) or target.names.get(chosen.name, {}).get(rule.name)
+        if template is None:
+            raise FuseError(
+                f"target {target.name!r} has no name for group {rule.name!r} of {chosen.name} checkpoints"
+                + ("" if chosen.name in target.names else f" (it supports {sorted(target.names)})")
+                + f"; pass names={{{rule.name!r}: ...}} or another target"
+            )
         if rule.per_layer:
             count = _layer_count(tensors, rule, prefix, required=rule.option is not None)
             if count:
@@ -199,7 +223,16 @@ def make_plan(tensors: Mapping[str, TensorLike], options: FuseOptions) -> Plan:
     _check_outputs(fused, tensors, options.overwrite)
     dropped = frozenset() if options.keep_originals else frozenset(builder.droppable)
     return Plan(
-        chosen.name, prefix, builder.d, layers, fused, dropped, options.layout, options.tp, chosen.already_fused
+        chosen.name,
+        prefix,
+        builder.d,
+        layers,
+        fused,
+        dropped,
+        str(options.layout),
+        options.tp,
+        chosen.already_fused,
+        options.target,
     )
 
 
@@ -297,9 +330,9 @@ class _Builder:
                     f"{bias!r}: expected shape [{n}] (the rows of {weight!r}), found {list(self._meta(bias).shape)}"
                 )
         fields_ = {"i": layer} if layer is not None else {}
-        name = functools.partial(template.format, **fields_)
+        name = functools.partial(template.format, prefix=self.prefix, **fields_)
         d = shapes[0][1]
-        layout, transposed = self.options.layout, rule.transposed
+        layout, transposed = str(self.options.layout), rule.transposed
         for rank in self.options.ranks():
             starts, counts = self._split(rule, weights, rows, rank)
             total = sum(counts)
@@ -466,5 +499,5 @@ def _check_outputs(fused: tuple[FusedTensor, ...], tensors: Mapping[str, TensorL
         if t.key in tensors and not overwrite:
             raise KeyConflictError(
                 f"the input already holds {t.key!r}, a key fastfuse would write; pass overwrite=True "
-                "(--force) to replace it, or fuse the original checkpoint"
+                "(--overwrite) to replace it, or fuse the original checkpoint"
             )

@@ -4,14 +4,15 @@ Rules never see bytes or shapes beyond what they declare. A new model family is 
 :class:`Scheme` entry in :data:`SCHEMES`, not a new code path.
 
 Templates use ``{prefix}`` (one of the scheme's prefixes), ``{i}`` (layer index), ``{part}``
-(a part name) and ``{kind}`` (``weight`` or ``bias``).
+(a part name) and ``{kind}`` (``weight`` or ``bias``). A :class:`Target` is a preset of fused
+names and layout for an engine (:data:`TARGETS`), also data.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["SCHEMES", "GroupRule", "Scheme", "scheme_by_name"]
+__all__ = ["SCHEMES", "TARGETS", "GroupRule", "Scheme", "Target", "scheme_by_name"]
 
 
 @dataclass(frozen=True)
@@ -228,3 +229,52 @@ def scheme_by_name(name: str) -> Scheme:
         if scheme.name == name:
             return scheme
     raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the fused tensors go: their names per scheme and group, layout, and the originals.
+
+    ``names[scheme][group]`` is a fused key template (``{prefix}``, ``{i}``, ``{kind}``); a
+    group absent from a scheme's names cannot be written for this target. ``drop_sources``:
+    the engine loads the fused tensor instead of its parts, so the parts are left out.
+    """
+
+    name: str
+    description: str
+    layout: str
+    drop_sources: bool
+    names: dict[str, dict[str, str]]
+
+
+_VLLM_LLAMA = {
+    "qkv": "{prefix}layers.{i}.self_attn.qkv_proj.{kind}",
+    "gate_up": "{prefix}layers.{i}.mlp.gate_up_proj.{kind}",
+}
+
+TARGETS: dict[str, Target] = {
+    "fastfuse": Target(
+        "fastfuse",
+        "fastfuse's own keys (fused.*) beside the originals, [in, sum(out)] for x @ W",
+        layout="in_out",
+        drop_sources=False,
+        names={scheme.name: {group.name: group.fused for group in scheme.groups} for scheme in SCHEMES},
+    ),
+    "vllm": Target(
+        "vllm",
+        "the names vLLM, SGLang and transformers' Phi-3 load as already fused, [sum(out), in], parts dropped",
+        layout="out_in",
+        drop_sources=True,
+        names={
+            "hf-llama": _VLLM_LLAMA,
+            "hf-whisper": {
+                "encoder_qkv": "{prefix}encoder.layers.{i}.self_attn.qkv_proj.{kind}",
+                "decoder_qkv": "{prefix}decoder.layers.{i}.self_attn.qkv_proj.{kind}",
+                "cross_kv": "{prefix}decoder.layers.{i}.encoder_attn.kv_proj.{kind}",
+            },
+            # Already in the engines' form: nothing to write.
+            "hf-phi3": {},
+            "gpt2": {},
+        },
+    ),
+}

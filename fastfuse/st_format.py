@@ -27,7 +27,7 @@ import numpy as np
 
 from ._typing import DTypeLike, PathLike
 from .errors import DtypeMismatchError, FuseError, MalformedFileError
-from .stored import StoredFile, StoredTensor, open_regular
+from .stored import StoredFile, StoredTensor, open_regular, pread_exactly
 
 __all__ = [
     "DTYPES",
@@ -150,19 +150,6 @@ class Header:
         return self.file_size - self.data_offset
 
 
-def _pread(fd: int, n: int, offset: int, path: str) -> bytes:
-    parts, got = [], 0
-    while got < n:
-        chunk = os.pread(fd, min(n - got, 1 << 30), offset + got)
-        if not chunk:
-            raise MalformedFileError(
-                f"{path}: file ended at byte {offset + got}, expected {n} bytes from byte {offset}"
-            )
-        parts.append(chunk)
-        got += len(chunk)
-    return b"".join(parts)
-
-
 class _DuplicateKey(Exception):
     pass
 
@@ -220,14 +207,14 @@ def read_header(path: PathLike) -> Header:
             raise MalformedFileError(
                 f"{p}: file is {size} bytes, too short for a safetensors file (it starts with an 8-byte header length)"
             )
-        n = int.from_bytes(_pread(fd, 8, 0, p), "little")
+        n = int.from_bytes(pread_exactly(fd, 8, 0, p), "little")
         if n > MAX_HEADER_BYTES:
             raise MalformedFileError(f"{p}: header length {n} exceeds the limit of {MAX_HEADER_BYTES} bytes")
         if n > size - 8:
             raise MalformedFileError(
                 f"{p}: header length {n} runs past the end of the file ({size} bytes, so at most {size - 8})"
             )
-        raw = _pread(fd, n, 8, p)
+        raw = pread_exactly(fd, n, 8, p)
     finally:
         os.close(fd)
     obj = _loads(p, "header", raw)
@@ -334,7 +321,7 @@ def read_index(path: PathLike) -> dict[str, str]:
     try:
         if size > MAX_HEADER_BYTES:
             raise MalformedFileError(f"{p}: index is {size} bytes, over the {MAX_HEADER_BYTES} limit")
-        obj = _loads(p, "index", _pread(fd, size, 0, p))
+        obj = _loads(p, "index", pread_exactly(fd, size, 0, p))
     finally:
         os.close(fd)
     weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
@@ -369,14 +356,25 @@ class OutputTensor:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
+def _aligned(tensors: Sequence[OutputTensor]) -> bool:
+    """Does every tensor start at a multiple of its item size when laid out in this order?"""
+    pos = 0
+    for t in tensors:
+        if pos % t.dtype.itemsize:
+            return False
+        pos += t.nbytes
+    return True
+
+
 def layout(
-    tensors: Sequence[OutputTensor], metadata: Mapping[str, str] | None
+    tensors: Sequence[OutputTensor], metadata: Mapping[str, str] | None, *, keep_order: bool = False
 ) -> tuple[bytes, dict[str, tuple[int, int]]]:
     """The file prefix (length + compact JSON, ``__metadata__`` first, padded with spaces so
     the data starts at a multiple of 8) and each tensor's (start, end) in the data section.
 
-    Order: item size descending, then name, so each tensor is aligned to its item size, with
-    no gaps. FuseError for duplicated or reserved names, negative shapes, non-str metadata;
+    Order: item size descending, then name (safetensors' own), so each tensor is aligned to its
+    item size, with no gaps; with ``keep_order``, the given order if every tensor is aligned in
+    it. FuseError for duplicated or reserved names, negative shapes, non-str metadata;
     DtypeMismatchError for a dtype safetensors cannot store.
     """
     header: dict[str, Any] = {}
@@ -384,9 +382,12 @@ def layout(
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise FuseError(f"metadata must map str to str, found {dict(metadata)!r}")
         header["__metadata__"] = dict(metadata)
+    ordered = list(tensors)
+    if not keep_order or not _aligned(ordered):
+        ordered.sort(key=lambda t: (-t.dtype.itemsize, t.name))
     offsets: dict[str, tuple[int, int]] = {}
     pos = 0
-    for t in sorted(tensors, key=lambda t: (-t.dtype.itemsize, t.name)):
+    for t in ordered:
         if t.name in offsets or t.name == "__metadata__" or min(t.shape, default=0) < 0:
             raise FuseError(
                 f"output tensor {t.name!r} shape {list(t.shape)}: the name is "

@@ -27,7 +27,7 @@ import numpy as np
 from ._typing import PathLike
 from .errors import FuseFileNotFoundError, FusePermissionError, MalformedFileError
 
-__all__ = ["StoredFile", "StoredTensor", "c_strides", "map_arrays", "map_private", "open_regular"]
+__all__ = ["StoredFile", "StoredTensor", "c_strides", "map_arrays", "map_private", "open_regular", "pread_exactly"]
 
 
 def c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
@@ -118,6 +118,18 @@ def open_regular(path: PathLike, expected: str = "a checkpoint file") -> tuple[i
         raise MalformedFileError(f"{p}: cannot open: {reason}") from None
     kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file (FIFO, socket or device)"
     raise MalformedFileError(f"{p}: is {kind}; expected {expected}")
+
+
+def pread_exactly(fd: int, n: int, offset: int, path: str) -> bytes:
+    """``n`` bytes at ``offset``; MalformedFileError naming ``path`` if the file ends first."""
+    parts, got = [], 0
+    while got < n:
+        chunk = os.pread(fd, min(n - got, 1 << 30), offset + got)
+        if not chunk:
+            raise MalformedFileError(f"{path}: file ended at byte {offset + got}, expected {n} bytes from byte {offset}")
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
 
 
 def map_private(path: PathLike, expected_size: int) -> mmap.mmap:

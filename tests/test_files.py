@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -22,7 +23,7 @@ from safetensors.numpy import save_file
 
 import fastfuse
 from fastfuse import FuseError, KeyConflictError, MalformedFileError, MissingTensorError
-from fastfuse.files import fuse_file, unfuse, verify
+from fastfuse import fuse_file, unfuse, verify
 
 # Real layer counts of every Whisper size, with a small d and vocab to keep files tiny.
 LAYOUTS = {
@@ -365,7 +366,7 @@ def test_sigkill_mid_write_leaves_destination_intact(tmp_path: Path, source: Pat
     dst.write_bytes(b"precious")
     child = textwrap.dedent(f"""
         import sys, time
-        from fastfuse.files import fuse_file
+        from fastfuse import fuse_file
         def stall(done, total):
             print("ready", flush=True)
             time.sleep(60)
@@ -407,9 +408,16 @@ def test_load_of_a_fused_file_returns_it_as_stored(tmp_path: Path, source: Path)
         fastfuse.load(tmp_path / "dst.safetensors", cross_kv=True)
 
 
-def test_verify_needs_a_recipe(source: Path) -> None:
-    with pytest.raises(MalformedFileError, match="no valid fastfuse recipe in __metadata__"):
+def test_verify_and_unfuse_need_a_recipe(tmp_path: Path, source: Path) -> None:
+    message = (
+        f"^{re.escape(str(source))} was not written by fastfuse fuse \\(no fastfuse.fused metadata\\); "
+        "fuse it first or pass the fused file$"
+    )
+    with pytest.raises(MalformedFileError, match=message):
         verify(source)
+    with pytest.raises(MalformedFileError, match=message):
+        unfuse(source, tmp_path / "back.safetensors")
+    assert not (tmp_path / "back.safetensors").exists()
 
 
 def test_hostile_source_creates_nothing(tmp_path: Path) -> None:

@@ -1,0 +1,81 @@
+"""numpy <-> torch without copies; imported only when torch tensors are asked for or given.
+
+bfloat16 and the float8 types have no numpy dtype torch knows: they cross as integers of the
+same width and are viewed back (``torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16)``,
+``t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)``), which works at any stride.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import FuseError
+
+__all__ = ["empty", "from_torch", "from_torch_dict", "is_torch", "to_torch"]
+
+# torch dtypes numpy only has through ml_dtypes, by their common name.
+_VIA_INTEGERS = {
+    name: getattr(torch, name)
+    for name in ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    if hasattr(torch, name)
+}
+_SIGNED = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def is_torch(value: object) -> bool:
+    """Is ``value`` a torch tensor (without importing torch for anything else)?"""
+    return isinstance(value, torch.Tensor)
+
+
+def to_torch(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing ``array``'s memory (writable arrays only: torch warns on read-only ones)."""
+    special = _VIA_INTEGERS.get(array.dtype.name)
+    if special is None:
+        return torch.from_numpy(array)
+    return torch.from_numpy(array.view(f"u{array.dtype.itemsize}")).view(special)
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype[Any]:
+    import ml_dtypes
+
+    name = str(dtype).removeprefix("torch.")
+    result: np.dtype[Any] = np.dtype(getattr(ml_dtypes, name))
+    return result
+
+
+def from_torch(key: str, tensor: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor's memory (any strides, bf16 and float8 included).
+
+    FuseError naming ``key`` for a tensor without CPU data (CUDA, meta), or one numpy cannot
+    view (sparse, quantized, complex32, a lazy conjugate or negation).
+    """
+    where = f"{key!r}: a {tensor.dtype} tensor on {tensor.device}"
+    if tensor.device.type == "meta":
+        raise FuseError(f"{where} has no data; load the weights first (e.g. load_state_dict(..., assign=True))")
+    if tensor.device.type != "cpu":
+        raise FuseError(f"{where}; fastfuse fuses CPU tensors: pass {{k: t.cpu() for k, t in state_dict.items()}}")
+    if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_conj() or tensor.is_neg():
+        raise FuseError(f"{where} is sparse, quantized or a lazy conjugate/negation; pass t.resolve_conj().to_dense()")
+    plain = tensor.detach()
+    if plain.dtype in _VIA_INTEGERS.values():
+        return plain.view(_SIGNED[plain.element_size()]).numpy().view(_numpy_dtype(plain.dtype))
+    try:
+        return plain.numpy()
+    except (TypeError, RuntimeError) as e:
+        raise FuseError(f"{where} cannot be viewed as a numpy array ({e})") from None
+
+
+def from_torch_dict(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """Every torch tensor of ``tensors`` as a numpy view; other values as they are."""
+    return {key: from_torch(key, value) if isinstance(value, torch.Tensor) else value for key, value in tensors.items()}
+
+
+def empty(shape: tuple[int, ...], dtype: np.dtype[Any]) -> tuple[torch.Tensor, np.ndarray]:
+    """A new torch-owned tensor and a numpy view of it, for a result the kernels fill."""
+    special = _VIA_INTEGERS.get(dtype.name)
+    tensor = torch.empty(shape, dtype=special if special is not None else torch.from_numpy(np.empty(0, dtype)).dtype)
+    return tensor, from_torch("output", tensor)

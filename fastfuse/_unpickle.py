@@ -1,0 +1,431 @@
+"""A restricted pickle interpreter for the ``data.pkl`` of a ``torch.save`` archive.
+
+It never imports a module, calls a function or builds an arbitrary object: it is a loop over
+the opcodes a state dict uses, and each one builds plain data. Globals resolve against an
+allow-list to :class:`Global` sentinels; a persistent id becomes a :class:`StorageRef`; a
+REDUCE of an allowed tensor rebuilder becomes a :class:`TensorRef` (argument types checked;
+value ranges are the caller's to check, with the tensor's name at hand). Every dict is a
+:class:`PickledDict` with string keys (a non-string key is counted, never hashed, and its
+value dropped: int or float hashes can be made to collide). Anything else (other opcodes,
+globals, REDUCE targets, BUILD states, persistent ids) raises MalformedFileError naming the
+opcode, global or value and its byte offset.
+
+Resources are bounded: the pickle size (checked by the caller before reading), the values
+pushed, the memo, the open MARKs; a length is never trusted beyond the remaining bytes.
+Cycles (a list appended to itself through the memo) are plain data: nothing here walks
+containers, so no input recurses or hangs.
+
+>>> load(b"\\x80\\x02}q\\x00X\\x01\\x00\\x00\\x00aK\\x07s.", "demo")
+{'a': 7}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickletools
+import struct
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from .errors import MalformedFileError
+
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_OBJECTS",
+    "MAX_PICKLE_BYTES",
+    "STORAGE_DTYPES",
+    "V3_DTYPES",
+    "Global",
+    "PickledDict",
+    "StorageRef",
+    "TensorRef",
+    "a_kind",
+    "kind",
+    "load",
+]
+
+MAX_PICKLE_BYTES = 100_000_000  # a large-v3 state dict pickles to ~0.1 MB
+MAX_OBJECTS = 10_000_000  # values pushed (and memo entries): ~10k per large model
+MAX_DEPTH = 100  # open MARKs; torch nests 3
+
+#: Legacy typed storage classes (``torch.FloatStorage``...) -> element dtype name.
+STORAGE_DTYPES = {
+    "DoubleStorage": "float64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "ComplexFloatStorage": "complex64",
+    "ComplexDoubleStorage": "complex128",
+}
+#: dtypes torch >= 2.1 pickles as ``torch.<name>`` globals with ``_rebuild_tensor_v3``.
+V3_DTYPES = (
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "float8_e4m3fnuz",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
+    "uint16",
+    "uint32",
+    "uint64",
+)
+
+
+@dataclass(frozen=True)
+class Global:
+    """An allowed global, never imported. ``role``: ordered_dict, rebuild_v2, rebuild_v3,
+    rebuild_parameter, storage or dtype; ``dtype``: element dtype name of a storage or dtype."""
+
+    module: str
+    name: str
+    role: str
+    dtype: str = ""
+
+    @property
+    def full(self) -> str:
+        return f"{self.module}.{self.name}"
+
+
+_ALLOWED: dict[tuple[str, str], Global] = {
+    (g.module, g.name): g
+    for g in [
+        Global("collections", "OrderedDict", "ordered_dict"),
+        Global("torch._utils", "_rebuild_tensor_v2", "rebuild_v2"),
+        Global("torch._utils", "_rebuild_tensor_v3", "rebuild_v3"),
+        Global("torch._utils", "_rebuild_parameter", "rebuild_parameter"),
+        Global("torch.storage", "UntypedStorage", "storage", "uint8"),
+        *(Global("torch", cls, "storage", dt) for cls, dt in STORAGE_DTYPES.items()),
+        *(Global("torch", dt, "dtype", dt) for dt in V3_DTYPES),
+    ]
+}
+_HINTS = {
+    "torch._tensor._rebuild_from_type_v2": "a tensor subclass or a tensor with Python attributes",
+    "torch._utils._rebuild_parameter_with_state": "a Parameter with Python attributes",
+    "torch._utils._rebuild_qtensor": "a quantized tensor",
+    "torch._utils._rebuild_sparse_tensor": "a sparse tensor",
+    "torch.complex32": "a dtype numpy cannot represent",
+    "torch.float4_e2m1fn_x2": "a dtype numpy cannot represent: two 4-bit floats per byte",
+}
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    """A persistent id ``('storage', <storage class>, key, location, numel)``."""
+
+    cls: str  # "FloatStorage", ..., "UntypedStorage"
+    dtype: str  # element dtype name of the storage
+    key: str
+    location: str
+    numel: int  # elements of ``dtype`` (bytes for UntypedStorage)
+
+
+@dataclass(frozen=True, eq=False)
+class TensorRef:
+    """A rebuilt tensor: ``dtype`` elements of ``storage`` from element ``offset``."""
+
+    storage: StorageRef
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: str
+    parameter: bool = False
+
+
+class PickledDict(dict[str, Any]):
+    """A dict or OrderedDict of the pickle. ``odd_keys``: how many non-string keys were
+    dropped, ``odd_kind`` the kind of the first one."""
+
+    def __init__(self, ordered: bool = False) -> None:
+        super().__init__()
+        self.ordered = ordered
+        self.odd_keys = 0
+        self.odd_kind = ""
+
+
+_NAMES = {"NoneType": "None", "PickledDict": "dict", "TensorRef": "tensor", "StorageRef": "storage", "Global": "global"}
+
+
+def kind(value: object) -> str:
+    """What ``value`` is, in words (never its contents: it may be huge or cyclic)."""
+    if isinstance(value, Global):
+        return f"global {value.full}"
+    if isinstance(value, PickledDict) and value.ordered:
+        return "OrderedDict"
+    return _NAMES.get(type(value).__name__, type(value).__name__)
+
+
+def a_kind(value: object) -> str:
+    """``kind(value)`` with its article: "an int", "a list"."""
+    text = kind(value)
+    return ("an " if text[0] in "aeiouAEIOU" else "a ") + text
+
+
+def _kinds(values: tuple[Any, ...]) -> str:
+    shown = ", ".join(kind(v) for v in values[:8])
+    return shown + (f", ... ({len(values)} in all)" if len(values) > 8 else "")
+
+
+def load(data: bytes, where: str) -> Any:
+    """The object ``data`` pickles, built from allowed pieces only; ``where`` (file and member)
+    starts every error message."""
+    return _Machine(data, where).run()
+
+
+_OPNAMES = {ord(op.code): op.name for op in pickletools.opcodes}
+
+
+def _opname(code: int) -> str:
+    return _OPNAMES.get(code, f"0x{code:02x}")
+
+
+class _Machine:
+    def __init__(self, data: bytes, where: str) -> None:
+        self.data, self.where, self.pos, self.at = data, where, 0, 0
+        self.stack: list[Any] = []
+        self.marks: list[list[Any]] = []
+        self.memo: dict[int, Any] = {}
+        self.pushed = 0
+        if len(data) > MAX_PICKLE_BYTES:
+            self.fail(f"pickle is {len(data)} bytes, over the limit of {MAX_PICKLE_BYTES}")
+
+    def fail(self, message: str) -> NoReturn:
+        raise MalformedFileError(f"{self.where} byte {self.at}: {message}")
+
+    def take(self, n: int) -> bytes:
+        end = self.pos + n
+        if end > len(self.data):
+            self.fail(f"{_opname(self.data[self.at])} needs {n} bytes but the pickle ends at byte {len(self.data)}")
+        chunk, self.pos = self.data[self.pos : end], end
+        return chunk
+
+    def uint(self, n: int) -> int:
+        return int.from_bytes(self.take(n), "little")
+
+    def text(self, n: int) -> str:
+        try:
+            return self.take(n).decode("utf-8")
+        except UnicodeDecodeError as e:
+            self.fail(f"string is not valid UTF-8 (its byte {e.start})")
+
+    def push(self, value: Any) -> None:
+        self.pushed += 1
+        if self.pushed > MAX_OBJECTS:
+            self.fail(f"more than {MAX_OBJECTS} values; a state dict needs far fewer")
+        self.stack.append(value)
+
+    def pop(self) -> Any:
+        if not self.stack:
+            self.fail(f"{_opname(self.data[self.at])} on an empty stack")
+        return self.stack.pop()
+
+    def top(self) -> Any:
+        if not self.stack:
+            self.fail(f"{_opname(self.data[self.at])} on an empty stack")
+        return self.stack[-1]
+
+    def pop_mark(self) -> list[Any]:
+        if not self.marks:
+            self.fail(f"{_opname(self.data[self.at])} without a MARK")
+        items, self.stack = self.stack, self.marks.pop()
+        return items
+
+    def memoize(self, index: int) -> None:
+        if index not in self.memo and len(self.memo) >= MAX_OBJECTS:
+            self.fail(f"more than {MAX_OBJECTS} memo entries")
+        self.memo[index] = self.top()
+
+    def fetch(self, index: int) -> None:
+        if index not in self.memo:
+            self.fail(f"memo index {index} is read before it is set")
+        self.push(self.memo[index])
+
+    def setitems(self, target: Any, items: list[Any]) -> None:
+        if type(target) is not PickledDict:
+            self.fail(f"{_opname(self.data[self.at])} on {a_kind(target)}; only dicts take items")
+        if len(items) % 2:
+            self.fail(f"{_opname(self.data[self.at])} with an odd number ({len(items)}) of keys and values")
+        for i in range(0, len(items), 2):
+            if type(items[i]) is str:
+                target[items[i]] = items[i + 1]
+            else:  # counted and dropped, never hashed
+                target.odd_keys += 1
+                target.odd_kind = target.odd_kind or a_kind(items[i])
+
+    def run(self) -> Any:
+        data = self.data
+        while self.pos < len(data):
+            self.at, op = self.pos, chr(data[self.pos])
+            self.pos += 1
+            if op == "\x80":  # PROTO
+                version = self.uint(1)
+                if self.at != 0 or not 2 <= version <= 5:
+                    self.fail(f"PROTO {version} (protocols 2 to 5 are read, at byte 0 only)")
+            elif op == "\x95":  # FRAME: a read-ahead hint; its length is checked, then ignored
+                if self.uint(8) > len(data) - self.pos:
+                    self.fail("FRAME runs past the end of the pickle")
+            elif op == ".":  # STOP
+                if self.marks or len(self.stack) != 1 or self.pos != len(data):
+                    self.fail(
+                        f"STOP with {len(self.marks)} open MARKs, {len(self.stack)} values "
+                        f"and {len(data) - self.pos} bytes after it; expected none, one and none"
+                    )
+                return self.stack[0]
+            elif op == "(":  # MARK
+                if len(self.marks) >= MAX_DEPTH:
+                    self.fail(f"more than {MAX_DEPTH} nested MARKs")
+                self.marks.append(self.stack)
+                self.stack = []
+            elif op in "}])":  # EMPTY_DICT, EMPTY_LIST, EMPTY_TUPLE
+                self.push(PickledDict() if op == "}" else [] if op == "]" else ())
+            elif op == "t":  # TUPLE
+                self.push(tuple(self.pop_mark()))
+            elif op in "\x85\x86\x87":  # TUPLE1, TUPLE2, TUPLE3
+                n = ord(op) - 0x84
+                if len(self.stack) < n:
+                    self.fail(f"{_opname(ord(op))} needs {n} values, the stack holds {len(self.stack)}")
+                last = tuple(self.stack[-n:])
+                del self.stack[-n:]
+                self.push(last)
+            elif op == "l":  # LIST
+                self.push(self.pop_mark())
+            elif op == "d":  # DICT
+                items, new = self.pop_mark(), PickledDict()
+                self.setitems(new, items)
+                self.push(new)
+            elif op in "ae":  # APPEND, APPENDS
+                items = [self.pop()] if op == "a" else self.pop_mark()
+                target = self.top()
+                if type(target) is not list:
+                    self.fail(f"{_opname(ord(op))} to {a_kind(target)}; only lists take items")
+                target.extend(items)
+            elif op == "s":  # SETITEM
+                value = self.pop()
+                key = self.pop()
+                self.setitems(self.top(), [key, value])
+            elif op == "u":  # SETITEMS
+                items = self.pop_mark()
+                self.setitems(self.top(), items)
+            elif op in "X\x8c\x8d":  # BINUNICODE, SHORT_BINUNICODE, BINUNICODE8
+                self.push(self.text(self.uint({"X": 4, "\x8c": 1, "\x8d": 8}[op])))
+            elif op in "CB\x8e":  # SHORT_BINBYTES, BINBYTES, BINBYTES8
+                self.push(self.take(self.uint({"C": 1, "B": 4, "\x8e": 8}[op])))
+            elif op == "J":  # BININT
+                self.push(int.from_bytes(self.take(4), "little", signed=True))
+            elif op in "KM":  # BININT1, BININT2
+                self.push(self.uint(1 if op == "K" else 2))
+            elif op == "\x8a":  # LONG1 (LONG4 is refused: torch never needs more than 255 bytes)
+                self.push(int.from_bytes(self.take(self.uint(1)), "little", signed=True))
+            elif op == "G":  # BINFLOAT
+                self.push(struct.unpack(">d", self.take(8))[0])
+            elif op in "N\x88\x89":  # NONE, NEWTRUE, NEWFALSE
+                self.push({"N": None, "\x88": True, "\x89": False}[op])
+            elif op in "qr":  # BINPUT, LONG_BINPUT
+                self.memoize(self.uint(1 if op == "q" else 4))
+            elif op == "\x94":  # MEMOIZE
+                self.memoize(len(self.memo))
+            elif op in "hj":  # BINGET, LONG_BINGET
+                self.fetch(self.uint(1 if op == "h" else 4))
+            elif op == "c":  # GLOBAL
+                self.push(self.resolve(self.line(), self.line()))
+            elif op == "\x93":  # STACK_GLOBAL
+                name, module = self.pop(), self.pop()
+                if type(module) is not str or type(name) is not str:
+                    self.fail(f"STACK_GLOBAL of {a_kind(module)} and {a_kind(name)}, expected two strings")
+                self.push(self.resolve(module, name))
+            elif op == "R":  # REDUCE
+                args = self.pop()
+                self.push(self.reduce(self.pop(), args))
+            elif op == "Q":  # BINPERSID
+                self.push(self.storage(self.pop()))
+            elif op == "b":  # BUILD
+                self.build(self.pop(), self.top())
+            else:
+                self.fail(f"opcode {_opname(ord(op))} is refused (torch.save never writes it for a state dict)")
+        self.at = self.pos
+        self.fail("the pickle ends without STOP")
+
+    def line(self) -> str:
+        end = self.data.find(b"\n", self.pos, self.pos + 256)
+        if end < 0:
+            self.fail("GLOBAL name is not a line of at most 255 bytes")
+        return self.text(end - self.pos + 1)[:-1]
+
+    def resolve(self, module: str, name: str) -> Global:
+        found = _ALLOWED.get((module, name))
+        if found is None:
+            full = f"{module}.{name}"
+            what = _HINTS.get(full, "not a piece of a state dict")
+            self.fail(f"global {full[:200]!r} is refused ({what}); nothing was imported or called")
+        return found
+
+    def reduce(self, func: Any, args: Any) -> Any:
+        if type(func) is not Global or func.role in ("storage", "dtype"):
+            self.fail(
+                f"REDUCE on {a_kind(func)} is refused (only collections.OrderedDict and "
+                "torch._utils._rebuild_tensor_v2/_v3/_rebuild_parameter are rebuilt, and never called)"
+            )
+        if type(args) is not tuple:
+            self.fail(f"REDUCE of {func.full} with {a_kind(args)} of arguments, expected a tuple")
+        if func.role == "ordered_dict":
+            if args:
+                self.fail(f"REDUCE of collections.OrderedDict with {len(args)} arguments, expected none")
+            return PickledDict(ordered=True)
+        if func.role == "rebuild_parameter":
+            self.check(func, args, [TensorRef, bool, PickledDict])
+            self.empty(func, "backward_hooks", args[2])
+            return dataclasses.replace(args[0], parameter=True)
+        v3 = func.role == "rebuild_v3"
+        types: list[type] = [StorageRef, int, tuple, tuple, bool, PickledDict] + ([Global] if v3 else [])
+        self.check(func, args, types + [PickledDict] if len(args) > len(types) else types)
+        storage, offset, size, stride = args[:4]
+        self.empty(func, "backward_hooks", args[5])
+        if len(args) > len(types):
+            self.empty(func, "metadata (a lazy conj/neg view: save x.resolve_conj().resolve_neg())", args[-1])
+        for what, dims in (("size", size), ("stride", stride)):
+            if not all(type(d) is int for d in dims):
+                odd = sorted({a_kind(d) for d in dims if type(d) is not int})
+                self.fail(f"{func.full} {what} holds {' and '.join(odd)}, expected ints")
+        if v3 and args[6].role != "dtype":
+            self.fail(f"{func.full} dtype is {a_kind(args[6])}, expected a torch dtype")
+        return TensorRef(storage, offset, size, stride, args[6].dtype if v3 else storage.dtype)
+
+    def check(self, func: Global, args: tuple[Any, ...], types: list[type]) -> None:
+        if len(args) != len(types) or not all(type(a) is t for a, t in zip(args, types)):
+            expected = ", ".join(_NAMES.get(t.__name__, t.__name__) for t in types)
+            self.fail(f"{func.full} arguments are ({_kinds(args)}), expected ({expected})")
+
+    def empty(self, func: Global, what: str, value: PickledDict) -> None:
+        if value or value.odd_keys:
+            self.fail(f"{func.full} {what} holds {len(value) + value.odd_keys} entries, expected none")
+
+    def storage(self, pid: Any) -> StorageRef:
+        shape = ["str 'storage'", "global storage class", "str key", "str location", "int numel"]
+        if not (
+            type(pid) is tuple
+            and len(pid) == 5
+            and type(pid[0]) is str
+            and pid[0] == "storage"
+            and type(pid[1]) is Global
+            and pid[1].role == "storage"
+            and type(pid[2]) is str
+            and type(pid[3]) is str
+            and type(pid[4]) is int
+        ):
+            found = f"({_kinds(pid)})" if type(pid) is tuple else a_kind(pid)
+            self.fail(f"persistent id is {found}, expected ({', '.join(shape)})")
+        key = pid[2]
+        if not key or len(key) > 200 or key in (".", "..") or any(c in key for c in "/\\\0"):
+            self.fail(f"storage key {key[:200]!r} is not a plain member name")
+        return StorageRef(pid[1].name, pid[1].dtype, key, pid[3], pid[4])
+
+    def build(self, state: Any, inst: Any) -> None:
+        if type(inst) is not PickledDict or not inst.ordered:
+            self.fail(f"BUILD on {a_kind(inst)} is refused (only an OrderedDict's _metadata is accepted)")
+        if type(state) is not PickledDict or state.odd_keys or set(state) - {"_metadata"}:
+            keys = list(state)[:10] if type(state) is PickledDict else []
+            self.fail(f"BUILD of an OrderedDict with {a_kind(state)} {keys}, expected {{'_metadata': ...}}")

@@ -1,0 +1,60 @@
+"""``load``: a checkpoint for inference, originals zero-copy and fused tensors computed."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._typing import PathLike
+from .checkpoint import open_checkpoint
+from .core import execute, frameworks
+from .errors import FuseError
+from .plan import FuseOptions, make_plan
+from .recipe import META_PREFIX
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from ._typing import FuseKwargs
+
+__all__ = ["load"]
+
+
+def load(path: PathLike, *, framework: str = "np", **options: Unpack[FuseKwargs]) -> dict[str, Any]:
+    """Load a checkpoint for inference: originals zero-copy, fused tensors computed.
+
+    Args:
+        path: a ``.safetensors`` file, a torch ``.bin``/``.pt`` file, a sharded index, or a
+            folder holding one of them.
+        framework: ``"np"`` (numpy arrays) or ``"pt"`` (torch tensors; bf16 as
+            ``torch.bfloat16``), as safetensors spells it.
+        **options: as for :func:`fastfuse.plan`; with ``tp > 1`` pass the ``rank`` to load.
+
+    Returns:
+        key -> array or tensor. Originals are views of a copy-on-write map of the file, valid as
+        long as you hold them: writing to one changes your process's copy of those pages, never
+        the file. numpy views are flagged read-only (a write is almost always a mistake; set
+        ``a.flags.writeable = True`` to write anyway); torch tensors are writable. Fused tensors
+        are new arrays (torch-owned tensors for ``"pt"``) filled in one parallel pass. A file
+        written by ``fastfuse fuse`` (it records ``fastfuse.fused`` in its metadata) is returned
+        as stored, fused tensors included, all zero-copy; options are refused for it, since its
+        fusion was chosen when it was written (``fastfuse verify`` checks it).
+    """
+    to_torch = frameworks(framework)
+    checkpoint = open_checkpoint(path)
+    arrays = checkpoint.arrays(writeable=to_torch is not None)
+    if f"{META_PREFIX}fused" in checkpoint.metadata:
+        if options:
+            raise FuseError(
+                f"{checkpoint.path} was already fused by fastfuse; load it without options "
+                f"(got {sorted(options)}) or load the original checkpoint"
+            )
+        return arrays if to_torch is None else {key: to_torch(value) for key, value in arrays.items()}
+    settings = checkpoint.with_config(FuseOptions.from_kwargs(options))
+    if settings.tp > 1 and settings.rank is None:
+        raise FuseError(f"tp={settings.tp}: load builds one rank; pass rank= (or use fuse_file for all ranks)")
+    fusion = make_plan(checkpoint.metas(), settings)
+    fused = execute(fusion, arrays, framework=framework)
+    kept = {key: value for key, value in arrays.items() if key not in fusion.dropped and key not in fused}
+    if to_torch is not None:
+        kept = {key: to_torch(value) for key, value in kept.items()}
+    return kept | fused

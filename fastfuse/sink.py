@@ -1,0 +1,365 @@
+"""The file sink: fuse a checkpoint into new safetensors files, at disk speed, all or nothing.
+
+Everything is validated (headers, plan, destination names) before anything is created. Then
+each output file is built as a temporary beside its destination (``atomic``): the originals it
+keeps are copied file to file, as few long ranges (the output keeps their source order), in
+parallel chunks that the disk starts writing at once; meanwhile the kernels load in the
+background, and the fused tensors are computed from the source maps straight into a map of the
+destination. One fsync, one rename. The checkpoint never sits in anonymous memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import _engine, st_format
+from ._typing import PathLike
+from .atomic import AtomicWriter, CopyRange, write_bytes_atomic
+from .checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
+from .core import execute
+from .errors import FuseError
+from .plan import FuseOptions, Plan, make_plan
+from .recipe import META_PREFIX, TP_INDEX_NAME, describe
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from ._typing import FuseKwargs
+
+__all__ = ["check_destination", "copy_originals", "fuse_file", "parse_size", "write_file"]
+
+Progress = Callable[[int, int], None]  # (bytes just written, bytes the whole run writes)
+Entry = tuple[str, "np.dtype[Any]", tuple[int, ...]]  # name, dtype, shape of one output tensor
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_RANK_NAME = re.compile(r"rank-\d+-of-\d+\.safetensors")
+
+
+@dataclass(frozen=True)
+class _File:
+    """One output file: its name in the destination, tensors in order, metadata and plan part."""
+
+    name: str
+    entries: list[Entry]
+    metadata: dict[str, str]
+    fusion: Plan
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``"5GB"``, ``"500MB"``, ``"2GiB"`` or an integer (as transformers reads sizes)."""
+    if isinstance(text, int):
+        size = text
+    else:
+        units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+        units |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+        number = text.strip().upper().rstrip("BIKMGT")
+        try:
+            size = int(float(number) * units[text.strip().upper()[len(number) :]])
+        except (KeyError, ValueError):
+            raise FuseError(f"max shard size {text!r}: expected bytes like 5GB, 500MB or 2GiB") from None
+    if size <= 0:
+        raise FuseError(f"max shard size {text!r}: expected a positive size")
+    return size
+
+
+def check_destination(sources: Iterable[PathLike], dst: Path, *, folder: bool, why: str = "") -> None:
+    """Refuse a destination whose name does not say what it will be, or that is a source.
+
+    A single file must be called ``*.safetensors`` (fastfuse writes nothing else); a folder of
+    files must not be. A source file, or (for folders) the folder of a source, is never a
+    destination.
+    """
+    suffix = dst.suffix.lower()
+    if folder and suffix == ".safetensors":
+        raise FuseError(f"{dst}: this output is a folder of files ({why}); give a folder name without .safetensors")
+    if not folder and suffix != ".safetensors":
+        wrote = " (fastfuse writes safetensors, never torch files)" if suffix in (".bin", ".pt", ".pth") else ""
+        raise FuseError(f"{dst}: a fused checkpoint file must be named *.safetensors{wrote}")
+    if not dst.exists():
+        return
+    for source in sources:
+        if os.path.samefile(source, dst) or (
+            dst.is_dir() and os.path.samefile(os.path.dirname(os.path.abspath(source)), dst)
+        ):
+            raise FuseError(f"destination {dst} is the source checkpoint or its folder; write to a new path")
+
+
+def fuse_file(
+    src: PathLike,
+    dst: PathLike,
+    *,
+    overwrite_destination: bool = False,
+    max_shard_size: int | str | None = None,
+    single_file: bool = False,
+    progress: Progress | None = None,
+    **options: Unpack[FuseKwargs],
+) -> Plan:
+    """Fuse a checkpoint file into a new safetensors file (or folder), streaming, atomically.
+
+    ``src``: a ``.safetensors`` or torch (``.bin``/``.pt``) file, an index or a folder. ``dst``:
+    a new ``*.safetensors`` file; or a folder, for a sharded output (``model-0000k-of-0000n
+    .safetensors`` and ``model.safetensors.index.json``) or a tensor-parallel one
+    (``rank-k-of-n.safetensors`` per rank, each complete on its own, and
+    ``tensor_parallel.json``). A sharded input gives a sharded output (shards of at most
+    ``max_shard_size`` bytes, default the largest input shard) unless ``single_file``;
+    ``max_shard_size`` shards a single-file input too. ``overwrite_destination`` allows
+    replacing existing files (CLI ``--force``); files of a replaced folder output that the new
+    one does not have are removed. ``options`` as for :func:`fastfuse.plan`. The output keeps
+    the input's metadata (``"format": "pt"`` added for torch files) plus fastfuse's recipe
+    (``fastfuse.*`` keys). The originals keep their source order, then come the fused tensors
+    (item size descending, then name), unless that would misalign a tensor (then all are in
+    safetensors' own order). A torch file's CRCs are checked while copying.
+    ``progress(done, total)`` is called as data is written. Returns the executed plan.
+
+    Everything is validated before anything is created; on any error no destination file is
+    changed. Each file is atomic; an index is written last.
+    """
+    checkpoint = open_checkpoint(src)
+    destination = Path(dst)
+    fusion = make_plan(checkpoint.metas(), checkpoint.with_config(FuseOptions.from_kwargs(options)))
+    sharded = not single_file and (checkpoint.index is not None or max_shard_size is not None)
+    why = f"tp={fusion.tp}" if fusion.tp > 1 else "a sharded output; pass single_file / --single-file for one file"
+    check_destination((f.path for f in checkpoint.files), destination, folder=fusion.tp > 1 or sharded, why=why)
+    if fusion.tp > 1 and max_shard_size is not None:
+        raise FuseError("tp and max_shard_size do not combine: each rank is written as one file")
+    files = _plan_files(checkpoint, fusion)
+    if fusion.tp == 1 and sharded:
+        limit = parse_size(max_shard_size) if max_shard_size is not None else max(f.file_size for f in checkpoint.files)
+        files = _shard(files[0], limit)
+    total = sum(_nbytes(entry) for file in files for entry in file.entries)
+    report: Callable[[int], None] | None = None
+    if progress is not None:
+        report = functools.partial(_report, progress, total)
+    _engine.expect(((checkpoint.metas()[_first(t.sources)].dtype, t.dtype) for t in fusion.fused), fusion.nbytes)
+    arrays = checkpoint.arrays()
+    fill = functools.partial(_fill, checkpoint, arrays, report)
+    if fusion.tp == 1 and not sharded:
+        _write(destination, files[0], fill, overwrite=overwrite_destination)
+        return fusion
+    if fusion.tp > 1:
+        index: dict[str, Any] = {"tp": fusion.tp, "layout": fusion.layout, "ranks": [f.name for f in files]}
+        _write_folder(destination, files, TP_INDEX_NAME, index, fill, overwrite=overwrite_destination)
+        return fusion
+    weight_map = dict(sorted((name, file.name) for file in files for name, _, _ in file.entries))
+    index = {"metadata": {"total_size": total, **files[0].metadata}, "weight_map": weight_map}
+    _write_folder(destination, files, INDEX_NAME, index, fill, overwrite=overwrite_destination)
+    return fusion
+
+
+def _report(progress: Progress, total: int, done: int) -> None:
+    progress(done, total)
+
+
+def _first(sources: Sequence[str | None]) -> str:
+    return next(s for s in sources if s is not None)
+
+
+def _nbytes(entry: Entry) -> int:
+    return int(np.prod(entry[2], dtype=np.int64)) * entry[1].itemsize
+
+
+def _plan_files(checkpoint: Checkpoint, fusion: Plan) -> list[_File]:
+    """One output file per rank (one without tensor parallelism): kept originals in source
+    order, then that rank's fused tensors."""
+    metas = checkpoint.metas()
+    base = {k: v for k, v in checkpoint.metadata.items() if not k.startswith(META_PREFIX)}
+    if checkpoint.format == "torch":
+        base.setdefault("format", "pt")  # what transformers writes for weights that came from torch
+    fused_keys = {t.key for t in fusion.fused}
+    kept = checkpoint.in_file_order(key for key in metas if key not in fusion.dropped and key not in fused_keys)
+    ranks = sorted({t.rank for t in fusion.fused}, key=lambda r: -1 if r is None else r) or [None]
+    files = []
+    for rank in ranks:
+        part = fusion.for_rank(rank)
+        entries = [(key, metas[key].dtype, metas[key].shape) for key in kept]
+        entries += sorted(((t.key, t.dtype, t.shape) for t in part.fused), key=lambda e: (-e[1].itemsize, e[0]))
+        name = f"rank-{rank}-of-{fusion.tp}.safetensors" if rank is not None else ""
+        files.append(_File(name, entries, {**base, **describe(part, metas, rank)}, part))
+    return files
+
+
+def _shard(file: _File, limit: int) -> list[_File]:
+    """Split a file's entries in order into shards of at most ``limit`` data bytes (a bigger tensor goes alone)."""
+    shards: list[list[Entry]] = [[]]
+    size = 0
+    for entry in file.entries:
+        nbytes = _nbytes(entry)
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    count = len(shards)
+    return [replace(file, name=f"model-{n + 1:05d}-of-{count:05d}.safetensors", entries=s) for n, s in enumerate(shards)]
+
+
+Fill = Callable[[_File, AtomicWriter, dict[str, tuple[int, int]]], None]
+
+
+def write_file(
+    path: Path,
+    entries: Sequence[Entry],
+    metadata: Mapping[str, str],
+    fill: Callable[[AtomicWriter, dict[str, tuple[int, int]]], None],
+    *,
+    overwrite: bool,
+) -> None:
+    """Lay out ``entries`` (in this order if aligned) as a new safetensors file at ``path``, and
+    let ``fill(writer, offsets)`` write its data; atomically."""
+    outputs = [st_format.OutputTensor(name, dtype, shape) for name, dtype, shape in entries]
+    prefix, offsets = st_format.layout(outputs, metadata, keep_order=True)
+    data_size = max((end for _, end in offsets.values()), default=0)
+    with AtomicWriter(path, prefix, data_size, overwrite=overwrite) as writer:
+        fill(writer, offsets)
+
+
+def _write(path: Path, file: _File, fill: Fill, *, overwrite: bool) -> None:
+    write_file(path, file.entries, file.metadata, functools.partial(fill, file), overwrite=overwrite)
+
+
+def _fill(
+    checkpoint: Checkpoint,
+    arrays: Mapping[str, np.ndarray],
+    report: Callable[[int], None] | None,
+    file: _File,
+    writer: AtomicWriter,
+    offsets: dict[str, tuple[int, int]],
+) -> None:
+    """Copy the originals ``file`` keeps (checking the source's CRCs meanwhile), then compute its
+    fused tensors into the destination map."""
+    fused = {t.key for t in file.fusion.fused}
+    kept = [name for name, _, _ in file.entries if name not in fused]
+    checking = _Background(checkpoint.check_integrity) if kept else None
+    copy_originals(checkpoint, arrays, kept, writer, offsets, report)
+    if checking is not None:
+        checking.join()
+    targets = [t for t in file.fusion.fused if t.key in offsets]
+    outputs = {t.key: writer.view(*offsets[t.key], t.dtype, t.shape) for t in targets}
+    execute(replace(file.fusion, fused=tuple(targets)), arrays, outputs)
+    for t in targets:
+        writer.written(*offsets[t.key])
+    if report:
+        report(sum(t.nbytes for t in targets))
+
+
+def copy_originals(
+    checkpoint: Checkpoint,
+    arrays: Mapping[str, np.ndarray],
+    keys: Sequence[str],
+    writer: AtomicWriter,
+    offsets: Mapping[str, tuple[int, int]],
+    report: Callable[[int], None] | None = None,
+) -> None:
+    """Copy tensors ``keys`` of ``checkpoint`` byte for byte to their ``offsets`` in ``writer``:
+    file to file where their bytes are one run, through the maps where they are strided."""
+    ranges, strided = _copy_ranges(checkpoint, keys, offsets)
+    writer.copy(ranges, report)
+    for key in strided:  # views that are not one run of their file (torch): through the maps
+        start, end = offsets[key]
+        np.copyto(writer.view(start, end, arrays[key].dtype, arrays[key].shape), arrays[key])
+        writer.written(start, end)
+        if report:
+            report(end - start)
+
+
+def _copy_ranges(
+    checkpoint: Checkpoint, keys: Sequence[str], offsets: Mapping[str, tuple[int, int]]
+) -> tuple[list[CopyRange], list[str]]:
+    """File-to-file copies for ``keys`` (neighbours in both files merged), and the keys whose
+    bytes are not one run of their file."""
+    ranges: list[CopyRange] = []
+    strided = []
+    for key in keys:
+        source = checkpoint.byte_range(key)
+        start, end = offsets[key]
+        if source is None:
+            strided.append(key)
+            continue
+        path, offset = source
+        last = ranges[-1] if ranges else None
+        if last and last.source == path and last.offset + last.length == offset and last.start + last.length == start:
+            ranges[-1] = last._replace(length=last.length + end - start)
+        elif end > start:
+            ranges.append(CopyRange(path, offset, start, end - start))
+    return ranges, strided
+
+
+class _Background(threading.Thread):
+    """Run ``work`` in a thread; :meth:`join` re-raises what it raised."""
+
+    def __init__(self, work: Callable[[], None]) -> None:
+        super().__init__(name="fastfuse-check", daemon=True)
+        self._work = work
+        self._error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._work()
+        except BaseException as e:  # noqa: BLE001 - handed to join()
+            self._error = e
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        if self._error is not None:
+            raise self._error
+
+
+def _write_folder(
+    folder: Path,
+    files: list[_File],
+    index_name: str,
+    index: Mapping[str, Any],
+    fill: Fill,
+    *,
+    overwrite: bool,
+) -> None:
+    """Write ``files`` into ``folder`` (created if its parent exists), then the index, each
+    atomically; then remove what a replaced output of fastfuse's left that this one lacks."""
+    if folder.exists() and not folder.is_dir():
+        raise FuseError(f"{folder}: this output is a folder of files, and {folder} is a file")
+    if not folder.parent.is_dir():
+        raise FuseError(f"{folder}: destination folder {folder.parent} does not exist")
+    paths = [folder / index_name, *(folder / file.name for file in files)]
+    for path in paths:
+        if path.exists() and not overwrite:
+            raise FuseError(f"{path}: exists; pass --force / overwrite_destination=True to replace it")
+    stale = _previous_output(folder) if overwrite else set()
+    created = not folder.exists()
+    folder.mkdir(exist_ok=True)
+    try:
+        for file in files:
+            _write(folder / file.name, file, fill, overwrite=overwrite)
+        write_bytes_atomic(folder / index_name, json.dumps(index, indent=2).encode() + b"\n", overwrite=overwrite)
+    except BaseException:
+        if created:
+            for path in paths:
+                path.unlink(missing_ok=True)
+            folder.rmdir()
+        raise
+    for name in sorted(stale - {p.name for p in paths}):
+        (folder / name).unlink(missing_ok=True)
+
+
+def _previous_output(folder: Path) -> set[str]:
+    """Names of the files an earlier fastfuse output in ``folder`` consists of (its index and
+    the shards or ranks it lists, as fastfuse names them); unreadable indexes count for nothing."""
+    names: set[str] = set()
+    for index_name, pattern, field in ((INDEX_NAME, _SHARD_NAME, "weight_map"), (TP_INDEX_NAME, _RANK_NAME, "ranks")):
+        try:
+            listed = json.loads((folder / index_name).read_text())[field]
+            listed = listed.values() if isinstance(listed, dict) else listed
+            files = {name for name in listed if isinstance(name, str) and pattern.fullmatch(name)}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        names |= files | {index_name}
+    return names
