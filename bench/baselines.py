@@ -1,6 +1,6 @@
 """Baselines fastfuse is measured against that need numba or torch (imported here, not in ``cases``).
 
-``original_loop`` is the algorithm fastfuse replaces (see DESIGN.md, "the original loop"):
+``original_loop`` is the algorithm fastfuse replaces, the way Whisper loaders fused weights before it:
 allocate a zeroed ``[d, 3d]`` output, then a serial double loop, on unsigned-integer views so
 one compiled loop serves f32, f16 and bf16.
 """

@@ -1,4 +1,4 @@
-"""fastfuse benchmarks (issue 4): ``pytest bench --benchmark-only`` to measure,
+"""fastfuse benchmarks: ``pytest bench --benchmark-only`` to measure,
 ``pytest bench --benchmark-disable`` as a quick smoke test, ``python bench/report.py`` for the
 ratio table.
 

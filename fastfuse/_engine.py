@@ -50,6 +50,7 @@ _wanted: set[Spec] = set()
 _ready: frozenset[Spec] = frozenset()  # replaced, never mutated: read without the lock
 _loader: threading.Thread | None = None
 _failure: BaseException | None = None
+_groups_moved = {"numba": 0, "numpy": 0}  # by engine, for status()
 _launch_lock = threading.Lock()
 
 
@@ -155,6 +156,12 @@ def run_groups(groups: Sequence[Group]) -> None:
             _run_kernels(work[index:])
             return
         move_with_numpy([group])
+        _count("numpy", 1)
+
+
+def _count(engine: str, groups: int) -> None:
+    with _state_lock:
+        _groups_moved[engine] += groups
 
 
 def _run_kernels(work: Sequence[Group]) -> None:
@@ -188,6 +195,7 @@ def _run_kernels(work: Sequence[Group]) -> None:
         worker = kernels.worker(*spec)
         with _launch_lock:
             kernels.run_tiles(jobs, worker)
+    _count("numba", len(work))
 
 
 def _address(array: np.ndarray) -> int:
@@ -216,11 +224,13 @@ def cache_report() -> dict[str, Any]:
 
 
 def status() -> dict[str, Any]:
-    """What the engine knows: bytes seen, kernels ready, loading, the failure that stopped it."""
+    """What the engine knows: bytes seen, groups each engine moved, kernels ready, loading, the
+    failure that stopped loading."""
     with _state_lock:
         return {
             "engine": _engine(),
             "seen_bytes": _seen_bytes,
+            "groups_moved": dict(_groups_moved),
             "ready": sorted(_ready),
             "loading": _loader is not None,
             "failure": None if _failure is None else f"{type(_failure).__name__}: {_failure}",

@@ -19,7 +19,7 @@ calling the tile *worker* of the job's width through a C function pointer: a wor
 ``cfunc`` whose helpers are inlined (``inline="always"``), compiled only when a job of its
 width first runs (a few tenths of a second each), and cached on disk like the driver.
 
-How a tile moves (measured on whole large-v3, see ``run_tiles``): a tile is a band of
+How a tile moves (timed on whole large-v3 by ``bench/report.py``, see ``run_tiles``): a tile is a band of
 ``TILE_ROWS`` source rows, normally whole rows wide. It is cut into blocks of ``B x B``
 elements with ``B * itemsize == 64`` bytes, one cache line per block row: ``B`` source lines are
 loaded, transposed in vector registers (``log2(B)`` rounds of two-input shuffles) and written as
@@ -500,8 +500,9 @@ def _run_tiles(jobs, worker):  # type: ignore[no-untyped-def]
     ``jobs``: int64 ``[n_parts, JOB_COLUMNS]``, C-contiguous, with ``J_TILE_END`` the running
     tile count. ``worker``: the address of a worker (:func:`worker`) for the jobs' widths.
 
-    Measured on whole large-v3 QKV (64 groups x 3 parts [1280, 1280], 2 cores, ratio to
-    ``np.copyto`` of the same bytes): 16-byte blocks in 32 x 256 tiles with cached stores ran at
+    Timed by ``bench/report.py`` on whole large-v3 QKV (64 groups x 3 parts [1280, 1280], a
+    2-core VM, ratio to ``np.copyto`` of the same bytes), the designs tried in turn: 16-byte
+    blocks in 32 x 256 tiles with cached stores ran at
     2.6x (f32) / 3.1x (f16); whole-line blocks with cached stores 3.0x / 3.3x; whole-line blocks
     with non-temporal stores in 64 x 256 tiles 1.0-1.6x / 1.2x; the same in bands of whole
     rows about 0.75x / 1.0x (one thread: 1.45x / 1.75x).
@@ -529,7 +530,8 @@ def _compile(make: Callable[[bool], Any]) -> Any:
 
 run_tiles = _compile(lambda cache: numba.njit(parallel=True, cache=cache, **_OPTIONS)(_run_tiles))
 
-_WORKERS: dict[tuple[str, int], Any] = {}
+_WORKERS: dict[tuple[str, int], Any] = {}  # (kind, width) -> address (or function, without JIT)
+_COMPILED: dict[tuple[str, int], Any] = {}  # (kind, width) -> numba CFunc
 _WORKERS_LOCK = threading.Lock()
 _UINTS = {1: types.uint8, 2: types.uint16, 4: types.uint32, 8: types.uint64}
 
@@ -548,8 +550,18 @@ def worker(mode: int, width: int) -> Any:
             else:
                 signature = types.void(types.intp, types.intp, types.intp, types.CPointer(_UINTS[width]))
                 compiled = _compile(lambda cache: numba.cfunc(signature, cache=cache, error_model="numpy")(function))
+                _COMPILED[key] = compiled
                 _WORKERS[key] = compiled.address
         return _WORKERS[key]
+
+
+def cache_hits() -> dict[str, int]:
+    """How many kernels this process loaded from numba's cache (the rest, if any, it compiled)."""
+    hits = {"driver": sum(run_tiles.stats.cache_hits.values()) if hasattr(run_tiles, "stats") else 0}
+    with _WORKERS_LOCK:
+        for (kind, width), compiled in _COMPILED.items():
+            hits[f"{kind}-{width}"] = compiled.cache_hits
+    return hits
 
 
 def cache_location() -> str | None:

@@ -7,7 +7,7 @@ same width and are viewed back (``torch.from_numpy(a.view(np.uint16)).view(torch
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -15,20 +15,20 @@ import torch
 
 from .errors import FuseError
 
-__all__ = ["empty", "from_torch", "from_torch_dict", "is_torch", "to_torch"]
+__all__ = ["NumpyViews", "empty", "from_torch", "holds_torch", "to_torch"]
 
 # torch dtypes numpy only has through ml_dtypes, by their common name.
 _VIA_INTEGERS = {
     name: getattr(torch, name)
-    for name in ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    for name in ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
     if hasattr(torch, name)
 }
 _SIGNED = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def is_torch(value: object) -> bool:
-    """Is ``value`` a torch tensor (without importing torch for anything else)?"""
-    return isinstance(value, torch.Tensor)
+def holds_torch(tensors: Mapping[str, Any]) -> bool:
+    """Does ``tensors`` hold a torch tensor (or a subclass: ``nn.Parameter``, engines' own)?"""
+    return any(isinstance(value, torch.Tensor) for value in tensors.values())
 
 
 def to_torch(array: np.ndarray) -> torch.Tensor:
@@ -69,9 +69,29 @@ def from_torch(key: str, tensor: torch.Tensor) -> np.ndarray:
         raise FuseError(f"{where} cannot be viewed as a numpy array ({e})") from None
 
 
-def from_torch_dict(tensors: Mapping[str, Any]) -> dict[str, Any]:
-    """Every torch tensor of ``tensors`` as a numpy view; other values as they are."""
-    return {key: from_torch(key, value) if isinstance(value, torch.Tensor) else value for key, value in tensors.items()}
+class NumpyViews(Mapping[str, Any]):
+    """``tensors`` seen through numpy: each torch tensor viewed (zero-copy) when first looked up,
+    so a tensor fastfuse does not fuse is never converted (nor refused: a dtype numpy cannot
+    view, a tensor on another device)."""
+
+    def __init__(self, tensors: Mapping[str, Any]) -> None:
+        self._tensors = tensors
+        self._views: dict[str, Any] = {}
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._views:
+            value = self._tensors[key]
+            self._views[key] = from_torch(key, value) if isinstance(value, torch.Tensor) else value
+        return self._views[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._tensors
 
 
 def empty(shape: tuple[int, ...], dtype: np.dtype[Any]) -> tuple[torch.Tensor, np.ndarray]:

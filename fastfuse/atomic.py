@@ -105,7 +105,7 @@ class AtomicWriter:
         if not self._name or os.path.isdir(dst):
             raise FuseError(f"{dst}: is a directory; expected a file name")
         if os.path.lexists(dst) and not self.overwrite:
-            raise FuseError(f"{dst}: exists; pass --force / overwrite=True to replace it")
+            raise FuseError(f"{dst}: exists; pass --force (overwrite_destination=True) to replace it")
 
     def _new_temp(self, fd: int = -1) -> int:
         """Take a fresh hidden name in the folder: link it to ``fd``, or create a file there."""
@@ -193,8 +193,9 @@ class AtomicWriter:
         """Fault in map bytes ``[start, end)`` for writing in one system call (Linux >= 5.14).
 
         A kernel writing into a fresh shared file map otherwise takes one page fault per 4 KB,
-        serialised across its threads: measured 0.14 s here instead of 0.14-0.39 s of faults
-        for large-v3's 630 MB of fused tensors. Older kernels refuse the advice; that is fine.
+        serialised across its threads: for large-v3's 630 MB of fused tensors, 0.14 s of
+        populating instead of 0.14-0.39 s of faults (``bench/report.py``, file group, on a 2-core
+        VM). Older kernels refuse the advice; that is fine.
         """
         if self._mm is None or end <= start:
             return
@@ -303,7 +304,7 @@ class AtomicWriter:
             with contextlib.suppress(OSError):  # some file systems cannot fsync a folder
                 os.fsync(self._dir)
         except FileExistsError:
-            raise FuseError(f"{self.dst}: exists; pass --force / overwrite=True to replace it") from None
+            raise FuseError(f"{self.dst}: exists; pass --force (overwrite_destination=True) to replace it") from None
         except OSError as e:
             raise FuseError(f"{self.dst}: could not write the file: {e.strerror}") from None
         finally:

@@ -9,6 +9,7 @@ parallel kernel launch, or numpy until the kernels are loaded), which is also ho
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -80,10 +81,12 @@ def fuse(tensors: Mapping[str, Any], **options: Unpack[FuseKwargs]) -> dict[str,
     """
     framework = "np"
     arrays: Mapping[str, Any] = tensors
-    if isinstance(tensors, Mapping) and any(type(v).__module__.startswith("torch") for v in tensors.values()):
+    # Without torch imported, the input cannot hold torch tensors: no import for numpy users.
+    if "torch" in sys.modules and isinstance(tensors, Mapping):
         from . import _torch
 
-        framework, arrays = "pt", _torch.from_torch_dict(tensors)
+        if _torch.holds_torch(tensors):
+            framework, arrays = "pt", _torch.NumpyViews(tensors)
     fusion = plan(arrays, **options)
     if fusion.tp > 1 and options.get("rank") is None:
         raise FuseError(f"tp={fusion.tp}: fuse builds one rank in memory; pass rank= (or use fuse_file for all ranks)")
@@ -140,10 +143,15 @@ def execute(
     return results
 
 
+def _new_numpy_output(shape: tuple[int, ...], dtype: np.dtype[Any]) -> tuple[np.ndarray, np.ndarray]:
+    array = np.empty(shape, dtype)
+    return array, array
+
+
 def _allocator(framework: str) -> Callable[[tuple[int, ...], np.dtype[Any]], tuple[Any, np.ndarray]]:
     """(result, numpy view to fill) for a new output: a numpy array, or a torch-owned tensor."""
     if frameworks(framework) is None:
-        return lambda shape, dtype: (array := np.empty(shape, dtype), array)
+        return _new_numpy_output
     from . import _torch
 
     return _torch.empty

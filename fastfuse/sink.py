@@ -141,7 +141,10 @@ def fuse_file(
         report = functools.partial(_report, progress, total)
     _engine.expect(((checkpoint.metas()[_first(t.sources)].dtype, t.dtype) for t in fusion.fused), fusion.nbytes)
     arrays = checkpoint.arrays()
-    fill = functools.partial(_fill, checkpoint, arrays, report)
+    # A torch file's CRCs are checked once, in a thread, while the first file is copied; no
+    # output is published before the check passed.
+    checking = _Background(checkpoint.check_integrity)
+    fill = functools.partial(_fill, checking, arrays, checkpoint, report)
     if fusion.tp == 1 and not sharded:
         _write(destination, files[0], fill, overwrite=overwrite_destination)
         return fusion
@@ -227,21 +230,19 @@ def _write(path: Path, file: _File, fill: Fill, *, overwrite: bool) -> None:
 
 
 def _fill(
-    checkpoint: Checkpoint,
+    checking: _Background,
     arrays: Mapping[str, np.ndarray],
+    checkpoint: Checkpoint,
     report: Callable[[int], None] | None,
     file: _File,
     writer: AtomicWriter,
     offsets: dict[str, tuple[int, int]],
 ) -> None:
-    """Copy the originals ``file`` keeps (checking the source's CRCs meanwhile), then compute its
+    """Copy the originals ``file`` keeps, wait for the source's integrity check, then compute its
     fused tensors into the destination map."""
     fused = {t.key for t in file.fusion.fused}
-    kept = [name for name, _, _ in file.entries if name not in fused]
-    checking = _Background(checkpoint.check_integrity) if kept else None
-    copy_originals(checkpoint, arrays, kept, writer, offsets, report)
-    if checking is not None:
-        checking.join()
+    copy_originals(checkpoint, arrays, [name for name, _, _ in file.entries if name not in fused], writer, offsets, report)
+    checking.join()
     targets = [t for t in file.fusion.fused if t.key in offsets]
     outputs = {t.key: writer.view(*offsets[t.key], t.dtype, t.shape) for t in targets}
     execute(replace(file.fusion, fused=tuple(targets)), arrays, outputs)
@@ -332,7 +333,7 @@ def _write_folder(
     paths = [folder / index_name, *(folder / file.name for file in files)]
     for path in paths:
         if path.exists() and not overwrite:
-            raise FuseError(f"{path}: exists; pass --force / overwrite_destination=True to replace it")
+            raise FuseError(f"{path}: exists; pass --force (overwrite_destination=True) to replace it")
     stale = _previous_output(folder) if overwrite else set()
     created = not folder.exists()
     folder.mkdir(exist_ok=True)

@@ -61,6 +61,10 @@ _ITEMSIZE = {
     "BOOL": 1,
     "F8_E4M3": 1,
     "F8_E5M2": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2FNUZ": 1,
+    "F8_E8M0": 1,
+    "C64": 8,
 }
 _NUMPY = {
     "F64": "<f8",
@@ -75,8 +79,16 @@ _NUMPY = {
     "U16": "<u2",
     "U8": "u1",
     "BOOL": "?",
+    "C64": "<c8",
 }
-_ML_DTYPES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+_ML_DTYPES = {
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F8_E8M0": "float8_e8m0fnu",
+}
 _FIELDS = ["data_offsets", "dtype", "shape"]
 
 

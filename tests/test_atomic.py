@@ -107,7 +107,7 @@ def test_exception_leaves_nothing(tmp_path: Path, mode: str, error: type[BaseExc
 def test_overwrite(tmp_path: Path, mode: str) -> None:
     dst = tmp_path / "out.safetensors"
     dst.write_bytes(b"old")
-    with pytest.raises(FuseError, match=r"out.safetensors: exists; pass --force / overwrite=True"):
+    with pytest.raises(FuseError, match=r"out.safetensors: exists; pass --force \(overwrite_destination=True\)"):
         write(dst, {"a": np.ones(1, np.float32)})
     assert dst.read_bytes() == b"old"
     write(dst, {"a": np.ones(1, np.float32)}, overwrite=True)

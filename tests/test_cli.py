@@ -31,10 +31,23 @@ def checkpoint(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("command", [[], ["fuse"], ["inspect"], ["verify"], ["unfuse"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["fuse"], ["inspect"], ["verify"], ["unfuse"], ["demo"], ["warmup"]])
 def test_help_everywhere(command: list[str]) -> None:
     result = fastfuse(*command, "--help")
     assert result.stdout.startswith("usage: fastfuse")
+
+
+def test_help_says_what_each_argument_is() -> None:
+    fuse = " ".join(fastfuse("fuse", "--help").stdout.split())
+    assert "destination: a new .safetensors file; a folder (no .safetensors suffix) with --tp" in fuse
+    assert "--overwrite allow fused keys the input already holds to be replaced" in fuse
+    assert "--target {fastfuse,vllm}" in fuse
+    unfuse = " ".join(fastfuse("unfuse", "--help").stdout.split())
+    assert "src a file written by `fastfuse fuse`" in unfuse and "dst the new .safetensors file" in unfuse
+    inspect = " ".join(fastfuse("inspect", "--help").stdout.split())
+    assert "--tp TP tensor-parallel ranks: plan one slice per rank" in inspect and "DST" not in inspect
+    demo = " ".join(fastfuse("demo", "--help").stdout.split())
+    assert "--size {tiny,base,small,medium,large-v3,large-v3-turbo,distil-large-v3}" in demo
 
 
 def test_usage_errors_exit_2() -> None:
@@ -59,6 +72,45 @@ def test_fuse_inspect_verify_unfuse(tmp_path: Path, checkpoint: Path) -> None:
 def test_fuse_json(tmp_path: Path, checkpoint: Path) -> None:
     result = json.loads(fastfuse("fuse", checkpoint, tmp_path / "f.safetensors", "--json", "--dtype", "float32").stdout)
     assert result["dtype"] == "float32" and result["destination"].endswith("f.safetensors")
+    assert result["files"] == [str(tmp_path / "f.safetensors")]
+    assert result["bytes"] == (tmp_path / "f.safetensors").stat().st_size
+    sharded = json.loads(fastfuse("fuse", checkpoint, tmp_path / "shards", "--max-shard-size", "20KB", "--json").stdout)
+    names = sorted(Path(p).name for p in sharded["files"])
+    assert names[-1] == "model.safetensors.index.json" and len(names) > 2
+    assert sharded["bytes"] == sum(Path(p).stat().st_size for p in sharded["files"])
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (["inspect", "{src}"], "file "),
+        (["inspect", "{src}", "--json"], "{"),
+        (["fuse", "{src}", "{tmp}/out.safetensors"], "scheme"),
+        (["fuse", "{src}", "{tmp}/out.safetensors", "--json"], "{"),
+        (["verify", "{fused}"], "ok: "),
+        (["verify", "{fused}", "--json"], "{"),
+        (["unfuse", "{fused}", "{tmp}/back.safetensors", "--json"], "{"),
+        (["demo"], "wrote"),
+        (["demo", "--json"], "{"),
+    ],
+)
+def test_a_closed_pipe_ends_quietly(tmp_path: Path, checkpoint: Path, command: list[str], expected: str) -> None:
+    """``fastfuse ... | head -1``: the reader goes away; no error line, exit 0 or 141 (SIGPIPE)."""
+    fused = tmp_path / "fused.safetensors"
+    fastfuse("fuse", checkpoint, fused, "--quiet")
+    argv = [arg.format(src=checkpoint, tmp=tmp_path, fused=fused) for arg in command]
+    assert fastfuse(*argv).stdout.startswith(expected)  # it does print something
+    (tmp_path / "out.safetensors").unlink(missing_ok=True)
+    (tmp_path / "back.safetensors").unlink(missing_ok=True)
+    reader, writer = os.pipe()
+    os.close(reader)  # nobody will read: the first write fails with EPIPE
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "fastfuse", *argv], stdout=writer, stderr=subprocess.PIPE, text=True, timeout=300
+        )
+    finally:
+        os.close(writer)
+    assert result.returncode in (0, 141) and result.stderr == "", result.stderr
 
 
 def test_existing_destination_without_force(tmp_path: Path, checkpoint: Path) -> None:
@@ -104,6 +156,30 @@ def test_demo(tmp_path: Path) -> None:
     out = fastfuse("demo", "--out", tmp_path).stdout
     assert "verify   ok: bit-exact" in out and "concat(x @ Wq.T, x @ Wk.T, x @ Wv.T): True" in out
     assert (tmp_path / "whisper-tiny.fused.safetensors").exists()
+    assert f"files    {tmp_path} (kept)" in out
+
+
+def demo_in(temp: Path, *args: str, check: int = 0) -> subprocess.CompletedProcess[str]:
+    """``fastfuse demo`` with its temporary folder under ``temp``."""
+    env = {**os.environ, "TMPDIR": str(temp), "PYTHONWARNINGS": "error"}
+    result = subprocess.run([sys.executable, "-m", "fastfuse", "demo", *args], capture_output=True, text=True, env=env)
+    assert result.returncode == check, result.stderr
+    return result
+
+
+def test_demo_cleans_up_after_itself(tmp_path: Path) -> None:
+    report = json.loads(demo_in(tmp_path, "--json").stdout)
+    assert report["ok"] and report["verify_different"] == [] and report["matmul_matches"]
+    assert report["kept"] is False and report["folder"].startswith(str(tmp_path)) and os.listdir(tmp_path) == []
+    kept = demo_in(tmp_path, "--keep").stdout
+    (folder,) = os.listdir(tmp_path)
+    assert f"files    {tmp_path / folder} (kept)" in kept
+    assert sorted(os.listdir(tmp_path / folder)) == ["whisper-tiny.fused.safetensors", "whisper-tiny.safetensors"]
+
+
+def test_demo_with_an_unknown_size_creates_nothing(tmp_path: Path) -> None:
+    result = demo_in(tmp_path, "--size", "huge", check=2)
+    assert "invalid choice: 'huge'" in result.stderr and os.listdir(tmp_path) == []
 
 
 def test_import_does_not_load_numba() -> None:

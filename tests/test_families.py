@@ -18,6 +18,8 @@ from safetensors.numpy import save_file
 import fastfuse
 from fastfuse import FuseError, ShapeMismatchError
 
+pytestmark = pytest.mark.usefixtures("engine", "poisoned_outputs")
+
 D, HEADS, KV_HEADS, HEAD_DIM, FFN = 64, 8, 2, 8, 96
 LAYER = "model.layers.{}.{}.{}_proj.{}"
 
@@ -199,14 +201,23 @@ def test_tensor_parallel_files_with_config(tmp_path: Path) -> None:
     assert plan.tp == 4 and len(plan.fused) == 2 * 2 * 4
     index = json.loads((tmp_path / "tp" / "tensor_parallel.json").read_text())
     assert index == {"tp": 4, "layout": "out_in", "ranks": [f"rank-{r}-of-4.safetensors" for r in range(4)]}
+    q, k, v = (tensors[LAYER.format(1, "self_attn", p, "weight")] for p in "qkv")
+    q_rows = HEADS * HEAD_DIM // 4
     for rank in range(4):
         with safe_open(str(tmp_path / "tp" / f"rank-{rank}-of-4.safetensors"), framework="numpy") as f:
             assert f.metadata()["fastfuse.rank"] == str(rank)
-            expected = fastfuse.fuse(tensors, tp=4, rank=rank, heads=HEADS, kv_heads=KV_HEADS, layout="out_in")
-            assert same_bits(
-                f.get_tensor("fused.layers.1.self_attn.qkv.weight"), expected["fused.layers.1.self_attn.qkv.weight"]
-            )
+            # 2 kv heads for 4 ranks: kv head rank // 2 goes whole to ranks 2h and 2h + 1
+            head = slice(rank // 2 * HEAD_DIM, (rank // 2 + 1) * HEAD_DIM)
+            expected = np.concatenate([q[rank * q_rows : (rank + 1) * q_rows], k[head], v[head]])
+            assert same_bits(f.get_tensor("fused.layers.1.self_attn.qkv.weight"), expected)
     assert fastfuse.verify(tmp_path / "tp") == []
+    # a corrupted rank file is found and named
+    path = tmp_path / "tp" / "rank-2-of-4.safetensors"
+    with safe_open(str(path), framework="numpy") as f:
+        stored, metadata = {key: f.get_tensor(key) for key in f.keys()}, f.metadata()  # noqa: SIM118
+    stored["fused.layers.0.mlp.gate_up.weight"][0, 0] += 1
+    save_file(stored, str(path), metadata=metadata)
+    assert fastfuse.verify(tmp_path / "tp") == ["rank-2-of-4.safetensors:fused.layers.0.mlp.gate_up.weight"]
     with pytest.raises(FuseError, match="holds one tensor-parallel rank's slices"):
         fastfuse.unfuse(tmp_path / "tp" / "rank-0-of-4.safetensors", tmp_path / "back.safetensors")
 

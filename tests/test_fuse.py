@@ -11,6 +11,8 @@ from naive import original_loop, same_bits
 import fastfuse
 from fastfuse import FuseError
 
+pytestmark = pytest.mark.usefixtures("engine", "poisoned_outputs")
+
 ENC = "model.encoder.layers.{}.self_attn.{}_proj.{}"
 DEC = "model.decoder.layers.{}.{}.{}_proj.{}"
 

@@ -1,0 +1,275 @@
+"""The engine policy, in fresh processes: numpy until the kernels are loaded, loading in the
+background once the process has seen enough work, a hand-over in the middle of a call, threads,
+``fastfuse warmup`` and numba's cache, read-only installs. Results are checked against numpy
+references at every step; no test asserts a wall time."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(code: str, *, cache: Path | str | None, engine: str | None = None, **env: str) -> str:
+    """Run ``code`` in a fresh interpreter (numba cache at ``cache``); its stdout. Fails loudly."""
+    environment = {k: v for k, v in os.environ.items() if k not in ("FASTFUSE_ENGINE", "NUMBA_CACHE_DIR")}
+    environment |= {"PYTHONWARNINGS": "error", **env}
+    if cache is not None:
+        environment["NUMBA_CACHE_DIR"] = str(cache)
+    if engine is not None:
+        environment["FASTFUSE_ENGINE"] = engine
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=environment, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def warm_cache() -> Iterator[Path]:
+    """A numba cache filled once by ``fastfuse warmup`` (what an image build does)."""
+    with tempfile.TemporaryDirectory(prefix="fastfuse-numba-") as folder:
+        run("from fastfuse.cli import main; raise SystemExit(main(['warmup']))", cache=folder)
+        yield Path(folder)
+
+
+PER_LAYER_LOOP = """
+    import time
+    import numpy as np
+    import fastfuse
+    from fastfuse import _engine
+    rng = np.random.default_rng(0)
+    parts = [rng.standard_normal((512, 512)).astype(np.float32) for _ in range(3)]  # 3 MB per call
+    expected = np.concatenate([p.T for p in parts], axis=1)
+    out = np.empty(expected.shape, expected.dtype)
+    used = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        before = _engine.status()["groups_moved"]["numba"]
+        out.fill(np.nan)
+        fastfuse.transpose_concat(parts, out=out)
+        assert np.array_equal(out, expected)
+        used.append("numba" if _engine.status()["groups_moved"]["numba"] > before else "numpy")
+        if used[-3:] == ["numba"] * 3:
+            break
+    print(json.dumps({"used": used, "status": _engine.status()}, default=str))
+"""
+
+
+@pytest.mark.parametrize("cache_state", ["warm", "cold"])
+def test_a_per_layer_loop_reaches_the_kernels(cache_state: str, warm_cache: Path, tmp_path: Path) -> None:
+    """Small calls run on numpy while the process has seen little work, then switch for good."""
+    cache = warm_cache if cache_state == "warm" else tmp_path / "empty-cache"
+    report = json.loads(run("import json\n" + textwrap.dedent(PER_LAYER_LOOP), cache=cache))
+    used = report["used"]
+    first_kernel = used.index("numba")
+    # 32 MB of output before loading starts: at least ten 3 MB calls on numpy first
+    assert first_kernel >= 10 and set(used[:first_kernel]) == {"numpy"}
+    assert set(used[first_kernel:]) == {"numba"}, used  # never back to numpy
+    assert report["status"]["ready"] == [[0, 4]] and report["status"]["failure"] is None
+
+
+def test_a_first_small_job_never_imports_numba(tmp_path: Path) -> None:
+    """A whisper-tiny fuse (14 MB of QKV) costs what numpy costs: numba is not even imported."""
+    code = """
+        import sys
+        import numpy as np
+        import fastfuse
+        from fastfuse import _engine
+        from fastfuse.demo import whisper_checkpoint
+        tensors = whisper_checkpoint("tiny", np.float16)
+        fused = fastfuse.fuse(tensors)
+        w = fused["fused.enc.3.self_attn.qkv.weight"]
+        parts = [tensors[f"model.encoder.layers.3.self_attn.{p}_proj.weight"] for p in "qkv"]
+        assert np.array_equal(w, np.concatenate([p.T for p in parts], axis=1))
+        print("numba" in sys.modules, _engine.status()["groups_moved"]["numba"])
+    """
+    assert run(code, cache=tmp_path) == "False 0\n"
+
+
+def test_a_big_call_hands_its_remaining_groups_to_the_kernels(warm_cache: Path) -> None:
+    """The kernels become ready during a call (here: right after its first group): the rest of
+    that call runs on them, and the whole result is still exact."""
+    code = """
+        import numpy as np
+        from fastfuse import _engine, _numpy_path
+        numpy_move = _numpy_path.move_with_numpy
+
+        def first_group_then_ready(groups):
+            numpy_move(groups)
+            _engine._load({(0, 2)})  # what the loader thread does, at a known moment
+
+        _numpy_path.move_with_numpy = first_group_then_ready
+        rng = np.random.default_rng(1)
+        parts = [rng.integers(0, 2**16, size=(3000, 2000), dtype=np.uint16).view(np.float16) for _ in range(3)]
+        out = np.full((2000, 9000), np.nan, np.float16)  # 36 MB: past the 32 MB threshold alone
+        _engine.run_groups([([p], out[:, 3000 * j : 3000 * (j + 1)]) for j, p in enumerate(parts)])
+        expected = np.concatenate([p.T for p in parts], axis=1)
+        print(np.array_equal(out.view(np.uint16), expected.view(np.uint16)), _engine.status()["groups_moved"])
+    """
+    assert run(code, cache=warm_cache) == "True {'numba': 2, 'numpy': 1}\n"
+
+
+def test_no_deadlock_and_exact_results_while_the_kernels_compile(tmp_path: Path) -> None:
+    """Threads fuse in auto mode while the loader compiles (cold cache) and another thread asks
+    for a kernel synchronously (what FASTFUSE_ENGINE=numba does): everything finishes, exactly."""
+    code = """
+        import threading
+        import numpy as np
+        import fastfuse
+        from fastfuse import _engine
+        fastfuse.warm_up(wait=False)  # the loader thread starts compiling every kernel
+        errors = []
+
+        def fuse_repeatedly(seed):
+            try:
+                rng = np.random.default_rng(seed)
+                for _ in range(20):
+                    parts = [rng.standard_normal((96, 80)).astype(np.float16) for _ in range(3)]
+                    got = fastfuse.transpose_concat(parts, dtype="float32")
+                    assert np.array_equal(got, np.concatenate([p.T for p in parts], 1).astype(np.float32))
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=fuse_repeatedly, args=(s,)) for s in range(3)]
+        threads.append(threading.Thread(target=_engine._load, args=({(0, 2), (1, 2)},)))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert not any(t.is_alive() for t in threads), "deadlock"
+        assert not errors, errors
+        print("ok")
+    """
+    assert run(code, cache=tmp_path) == "ok\n"
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.5, 2.0])
+def test_exiting_while_the_kernels_compile_is_clean(delay: float, tmp_path: Path) -> None:
+    """A short script that started the background compile exits normally, at any moment."""
+    run(f"import time, fastfuse; fastfuse.warm_up(wait=False); time.sleep({delay})", cache=tmp_path)
+
+
+def test_warmup_fills_the_cache_for_the_next_process(warm_cache: Path) -> None:
+    code = """
+        import json, numpy as np, fastfuse
+        from fastfuse import _engine, _kernels
+        fastfuse.warm_up()
+        print(json.dumps(_kernels.cache_hits()))
+    """
+    hits = json.loads(run(code, cache=warm_cache))
+    assert hits == {"driver": 1, "copy-1": 1, "copy-2": 1, "copy-4": 1, "copy-8": 1, "widen-2": 1}
+
+
+def test_warmup_command(warm_cache: Path) -> None:
+    out = run("from fastfuse.cli import main; raise SystemExit(main(['warmup', '--json']))", cache=warm_cache)
+    report = json.loads(out)
+    assert report["kernels"] == ["copy-1", "copy-2", "copy-4", "copy-8", "widen-2"]
+    assert report["cache"].startswith(str(warm_cache)) and any(Path(report["cache"]).iterdir())
+
+
+def test_unknown_engine_is_a_clear_error(tmp_path: Path) -> None:
+    code = """
+        import numpy as np, fastfuse
+        try:
+            fastfuse.transpose_concat([np.ones((2, 2))])
+        except fastfuse.FuseError as e:
+            print(e)
+    """
+    assert run(code, cache=tmp_path, engine="cuda") == (
+        "FASTFUSE_ENGINE='cuda': expected one of ['auto', 'numba', 'numpy']\n"
+    )
+
+
+def test_numpy_engine_never_loads_numba(tmp_path: Path) -> None:
+    code = """
+        import sys, numpy as np, fastfuse
+        parts = [np.ones((4096, 4096), np.float32)] * 3  # 200 MB: would load the kernels in auto mode
+        fastfuse.transpose_concat(parts)
+        print("numba" in sys.modules)
+    """
+    assert run(code, cache=tmp_path, engine="numpy") == "False\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# A read-only install: the package where nobody may write, run as an unprivileged user.
+
+AS_NOBODY = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root to drop to nobody with setpriv"
+)
+
+
+def as_nobody(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", textwrap.dedent(code)]
+    base = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "FASTFUSE_ENGINE", "HOME")}
+    return subprocess.run(argv, capture_output=True, text=True, env={**base, **env}, timeout=600, cwd="/")
+
+
+@pytest.fixture
+def read_only_install() -> Iterator[Path]:
+    """A copy of the package in a folder nobody can write to (site-packages of an image)."""
+    with tempfile.TemporaryDirectory(prefix="fastfuse-ro-") as folder:
+        base = Path(folder)
+        shutil.copytree(ROOT / "fastfuse", base / "site" / "fastfuse", ignore=shutil.ignore_patterns("__pycache__"))
+        for path in [base, *base.rglob("*")]:
+            path.chmod(0o555 if path.is_dir() else 0o444)
+        try:
+            yield base / "site"
+        finally:
+            for path in [base, *base.rglob("*")]:
+                path.chmod(0o755)
+
+
+KERNEL_CHECK = """
+    import json, sys, numpy as np, fastfuse
+    from fastfuse import _engine, _kernels
+    assert fastfuse.__file__.startswith({site!r})
+    got = fastfuse.transpose_concat([np.arange(12, dtype=np.float32).reshape(3, 4)])
+    assert np.array_equal(got, np.arange(12, dtype=np.float32).reshape(3, 4).T)
+    print(json.dumps({{"cache": _kernels.cache_location(), "hits": _kernels.cache_hits()}}))
+"""
+
+
+@AS_NOBODY
+def test_read_only_install_caches_in_the_users_home(read_only_install: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="fastfuse-home-") as home:
+        os.chmod(home, 0o777)
+        env = {"PYTHONPATH": str(read_only_install), "HOME": home, "FASTFUSE_ENGINE": "numba"}
+        first = as_nobody(KERNEL_CHECK.format(site=str(read_only_install)), env)
+        assert first.returncode == 0, first.stderr[-3000:]
+        report = json.loads(first.stdout)
+        assert report["cache"].startswith(os.path.join(home, ".cache", "numba"))
+        second = json.loads(as_nobody(KERNEL_CHECK.format(site=str(read_only_install)), env).stdout)
+        assert all(n >= 1 for n in second["hits"].values()), second  # loaded, not compiled again
+
+
+@AS_NOBODY
+def test_read_only_install_with_numba_cache_dir(read_only_install: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="fastfuse-cache-") as cache:
+        os.chmod(cache, 0o777)
+        env = {"PYTHONPATH": str(read_only_install), "HOME": "/nonexistent", "NUMBA_CACHE_DIR": cache}
+        result = as_nobody(KERNEL_CHECK.format(site=str(read_only_install)), {**env, "FASTFUSE_ENGINE": "numba"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads(result.stdout)["cache"].startswith(cache)
+
+
+@AS_NOBODY
+def test_nowhere_to_cache_still_works(read_only_install: Path) -> None:
+    """No writable cache folder at all: the kernels compile in memory instead of failing."""
+    env = {"PYTHONPATH": str(read_only_install), "HOME": "/nonexistent", "FASTFUSE_ENGINE": "numba"}
+    result = as_nobody(KERNEL_CHECK.format(site=str(read_only_install)), env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["cache"] is None
+    code = "from fastfuse import _engine; _engine._load({(0, 1)}); print(_engine.cache_report())"
+    report = as_nobody(code, env)
+    assert report.stdout == "{'cache': None, 'kernels': ['copy-1']}\n", report.stderr
