@@ -220,7 +220,10 @@ def warm_up(*, wait: bool = True) -> None:
 def cache_report() -> dict[str, Any]:
     """Where numba caches the kernels (None: nowhere writable) and which are loaded."""
     kernels = _kernels()
-    return {"cache": kernels.cache_location(), "kernels": [f"{'widen' if k else 'copy'}-{w}" for k, w in sorted(_ready)]}
+    return {
+        "cache": kernels.cache_location(),
+        "kernels": [f"{'widen' if k else 'copy'}-{w}" for k, w in sorted(_ready)],
+    }
 
 
 def status() -> dict[str, Any]:

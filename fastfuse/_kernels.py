@@ -38,18 +38,26 @@ stays testable.
 
 from __future__ import annotations
 
-import ctypes
-import platform
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import numba
 import numpy as np
-from llvmlite import ir
 from numba import types
-from numba.core import cgutils
-from numba.extending import intrinsic
+
+from ._intrinsics import (
+    LINE,
+    call_worker,
+    copy_bytes,
+    f32_bits,
+    job_pointer,
+    load_at,
+    store_at,
+    store_fence,
+    transpose_block,
+    typed_pointer,
+)
 
 # Job table columns.
 J_SRC, J_SRC_ROW, J_SRC_COL, J_ROWS, J_COLS, J_DST, J_DST_ROW, J_TILING, J_MODE, J_TILE_END = range(10)
@@ -61,11 +69,6 @@ ROWS_PER_TILE = 64
 # Conversion modes: the destination element from the source element's bits.
 MODE_COPY, MODE_F16_TO_F32, MODE_BF16_TO_F32 = 0, 1, 2
 
-_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
-
-# Bytes per block row: one cache line, one AVX-512 register (LLVM splits it into two or four
-# registers on older CPUs; the result is the same bits).
-LINE = 64
 
 # Tile shape in elements: TILE_ROWS source rows (output columns) by TILE_COLS source columns
 # (output rows). Whole source rows per band keep B long sequential read streams; bands of 64
@@ -92,181 +95,15 @@ def tile_count(rows: int, cols: int, tiling: int = TILING_BLOCKS) -> int:
     return -(-rows // TILE_ROWS) * -(-cols // TILE_COLS)
 
 
-# ---------------------------------------------------------------------------------------------
-# Intrinsics: single LLVM instructions on byte addresses.
-
-
-@intrinsic
-def _load(typingctx, address, like):  # type: ignore[no-untyped-def]
-    """Load one element of ``like``'s dtype from a byte address (no alignment assumed)."""
-    sig = like.dtype(types.intp, like)
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        pointer_type = context.get_value_type(like.dtype).as_pointer()
-        return builder.load(builder.inttoptr(args[0], pointer_type), align=1)
-
-    return sig, codegen
-
-
-@intrinsic
-def _store(typingctx, address, value):  # type: ignore[no-untyped-def]
-    """Store ``value`` at a byte address (no alignment assumed)."""
-    sig = types.void(types.intp, value)
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        pointer_type = context.get_value_type(value).as_pointer()
-        builder.store(args[1], builder.inttoptr(args[0], pointer_type), align=1)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def _transpose_block(typingctx, src, src_stride, dst, dst_stride, streaming, like):  # type: ignore[no-untyped-def]
-    """Transpose one ``B x B`` block, ``B = 64 // itemsize``, through vector registers.
-
-    Loads ``B`` rows of 64 bytes from ``src + i * src_stride``, transposes them with
-    ``log2(B)`` rounds of interleaves, stores ``B`` rows to ``dst + i * dst_stride``.
-    Addresses and strides are in bytes. ``streaming`` stores need 64-byte aligned destination
-    rows and bypass the cache (finish with ``_store_fence``). One shuffle network serves both
-    kinds of store: the block is the bulk of a worker's compile time.
-    """
-    sig = types.void(types.intp, types.intp, types.intp, types.intp, types.boolean, like)
-    bits = like.dtype.bitwidth
-    side = LINE * 8 // bits
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        src_addr, src_step, dst_addr, dst_step, stream, _ = args
-        vector_ptr = ir.VectorType(ir.IntType(bits), side).as_pointer()
-        mask_type = ir.VectorType(ir.IntType(32), side)
-        half = side // 2
-        low = ir.Constant(mask_type, [v for k in range(half) for v in (k, k + side)])
-        high = ir.Constant(mask_type, [v for k in range(half, side) for v in (k, k + side)])
-
-        def row_pointers(base, step):  # type: ignore[no-untyped-def]
-            pointers, address = [], base
-            for _ in range(side):
-                pointers.append(builder.inttoptr(address, vector_ptr))
-                address = builder.add(address, step)
-            return pointers
-
-        rows = [builder.load(p, align=1) for p in row_pointers(src_addr, src_step)]
-        # log2(B) rounds of interleaving rows i and i + B/2. (Swapping index bits inside
-        # 64-bit lanes with shifts and masks instead needs fewer shuffle-port uops but was
-        # no faster here: the kernel waits on memory, not on shuffles.)
-        for _ in range(side.bit_length() - 1):
-            interleaved = []
-            for i in range(half):
-                a, b = rows[i], rows[i + half]
-                interleaved.append(builder.shuffle_vector(a, b, low))
-                interleaved.append(builder.shuffle_vector(a, b, high))
-            rows = interleaved
-        nontemporal = builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
-        if stream.type != ir.IntType(1):
-            stream = builder.icmp_unsigned("!=", stream, ir.Constant(stream.type, 0))
-        with builder.if_else(stream) as (then, otherwise):
-            with then:
-                for row, pointer in zip(rows, row_pointers(dst_addr, dst_step)):
-                    builder.store(row, pointer, align=LINE).set_metadata("nontemporal", nontemporal)
-            with otherwise:
-                for row, pointer in zip(rows, row_pointers(dst_addr, dst_step)):
-                    builder.store(row, pointer, align=1)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def _typed_pointer(typingctx, address, like):  # type: ignore[no-untyped-def]
-    """A typed pointer to ``like``'s element type at a byte address (for ``numba.carray``)."""
-    sig = types.CPointer(like.dtype)(types.intp, like)
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return builder.inttoptr(args[0], context.get_value_type(like.dtype).as_pointer())
-
-    return sig, codegen
-
-
-@intrinsic
-def _job_pointer(typingctx, address):  # type: ignore[no-untyped-def]
-    """The job table row at a byte address, as an int64 pointer."""
-    sig = types.CPointer(types.int64)(types.intp)
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return builder.inttoptr(args[0], ir.IntType(64).as_pointer())
-
-    return sig, codegen
-
-
-@intrinsic
-def _f32_bits(typingctx, value):  # type: ignore[no-untyped-def]
-    """The uint32 bit pattern of a float32 (a bitcast, no conversion)."""
-    sig = types.uint32(types.float32)
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return sig, codegen
-
-
-@intrinsic
-def _copy_bytes(typingctx, dst, src, count):  # type: ignore[no-untyped-def]
-    """``memcpy(dst, src, count)`` on byte addresses (the ranges never overlap)."""
-    sig = types.void(types.intp, types.intp, types.intp)
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        byte_ptr = ir.IntType(8).as_pointer()
-        dst_ptr, src_ptr = (builder.inttoptr(a, byte_ptr) for a in args[:2])
-        cgutils.raw_memcpy(builder, dst_ptr, src_ptr, args[2], 1)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def _store_fence(typingctx):  # type: ignore[no-untyped-def]
-    """``sfence``: make this thread's non-temporal stores globally visible, in order."""
-    sig = types.void()
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        if _X86:
-            fn_type = ir.FunctionType(ir.VoidType(), [])
-            builder.call(builder.module.declare_intrinsic("llvm.x86.sse.sfence", fnty=fn_type), [])
-        else:
-            builder.fence("seq_cst")
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def _call_worker(typingctx, worker, jobs, row, tile):  # type: ignore[no-untyped-def]
-    """Call the worker ``cfunc`` at address ``worker`` with ``(jobs, row, tile, NULL)``.
-
-    Every worker takes ``(intp, intp, intp, pointer)``; the pointer's type only selects the
-    worker's element width at compile time, so NULL is passed.
-    """
-    sig = types.void(types.intp, types.intp, types.intp, types.intp)
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        word = ir.IntType(64)
-        fn_type = ir.FunctionType(ir.VoidType(), [word, word, word, ir.IntType(8).as_pointer()])
-        function = builder.inttoptr(args[0], fn_type.as_pointer())
-        builder.call(function, [*args[1:], ir.Constant(ir.IntType(8).as_pointer(), None)])
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
 @_inline
 def _job(jobs: int, row: int):  # type: ignore[no-untyped-def]
-    return numba.carray(_job_pointer(jobs + row * (JOB_COLUMNS * 8)), JOB_COLUMNS)
+    return numba.carray(job_pointer(jobs + row * (JOB_COLUMNS * 8)), JOB_COLUMNS)
 
 
 @_inline
 def _row(address, count, like):  # type: ignore[no-untyped-def]
     """``count`` elements of ``like``'s type at a byte address, as an array (vectorizable loops)."""
-    return numba.carray(_typed_pointer(address, like), count)
+    return numba.carray(typed_pointer(address, like), count)
 
 
 @_inline
@@ -276,46 +113,16 @@ def _like(element):  # type: ignore[no-untyped-def]
 
 
 if numba.config.DISABLE_JIT:  # pragma: no cover - exercised by the NUMBA_DISABLE_JIT test run
-    # Intrinsics only exist in compiled code; these do the same on the same addresses.
-
-    def _view(address, dtype, count):  # type: ignore[no-untyped-def]
-        buffer = (ctypes.c_char * (int(count) * dtype.itemsize)).from_address(int(address))
-        return np.frombuffer(buffer, dtype)
-
-    def _load(address, like):  # type: ignore[no-redef,no-untyped-def]
-        return _view(address, like.dtype, 1)[0]
-
-    def _store(address, value):  # type: ignore[no-redef,no-untyped-def]
-        _view(address, value.dtype, 1)[0] = value
-
-    def _transpose_block(src, src_stride, dst, dst_stride, streaming, like):  # type: ignore[no-redef,no-untyped-def]
-        assert not streaming or (dst % LINE == 0 and dst_stride % LINE == 0), "streaming stores need aligned rows"
-        side = LINE // like.itemsize
-        block = [_view(src + i * src_stride, like.dtype, side).copy() for i in range(side)]
-        for i in range(side):
-            _view(dst + i * dst_stride, like.dtype, side)[:] = [row[i] for row in block]
-
-    def _store_fence():  # type: ignore[no-redef,no-untyped-def]
-        pass
-
-    def _copy_bytes(dst, src, count):  # type: ignore[no-redef,no-untyped-def]
-        ctypes.memmove(int(dst), int(src), int(count))
+    from ._intrinsics import view
 
     def _job(jobs, row):  # type: ignore[no-redef,no-untyped-def]
-        return _view(jobs + row * JOB_COLUMNS * 8, np.dtype(np.int64), JOB_COLUMNS)
+        return view(jobs + row * JOB_COLUMNS * 8, np.dtype(np.int64), JOB_COLUMNS)
 
     def _row(address, count, like):  # type: ignore[no-redef,no-untyped-def]
-        return _view(address, like.dtype, count)
+        return view(address, like.dtype, count)
 
     def _like(element):  # type: ignore[no-redef,no-untyped-def]
         return element
-
-    def _f32_bits(value):  # type: ignore[no-redef,no-untyped-def]
-        return np.float32(value).view(np.uint32)
-
-    def _call_worker(worker, jobs, row, tile):  # type: ignore[no-redef,no-untyped-def]
-        function, element = worker
-        function(jobs, row, tile, element)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,7 +146,7 @@ def _convert(bits, mode, like_dst):  # type: ignore[no-untyped-def]
     magnitude = h & np.uint32(0x7FFF)
     normal = (magnitude << np.uint32(13)) + np.uint32(112 << 23)
     special = np.uint32(0x7F800000) | ((magnitude & np.uint32(0x3FF)) << np.uint32(13))
-    subnormal = _f32_bits(np.float32(magnitude) * np.float32(2.0**-24))
+    subnormal = f32_bits(np.float32(magnitude) * np.float32(2.0**-24))
     value = special if magnitude >= np.uint32(0x7C00) else (normal if magnitude >= np.uint32(0x0400) else subnormal)
     return like_dst.dtype.type(value | sign)
 
@@ -353,7 +160,7 @@ def _move_elements(job, r_lo, r_hi, c_lo, c_hi, like_src, like_dst):  # type: ig
         src = job[J_SRC] + r * job[J_SRC_COL] + c_lo * job[J_SRC_ROW]
         dst = job[J_DST] + r * job[J_DST_ROW] + c_lo * dst_width
         for _ in range(c_lo, c_hi):
-            _store(dst, _convert(_load(src, like_src), mode, like_dst))
+            store_at(dst, _convert(load_at(src, like_src), mode, like_dst))
             src += job[J_SRC_ROW]
             dst += dst_width
 
@@ -404,7 +211,7 @@ def _move_band(job, c, r0, r1, streaming, like):  # type: ignore[no-untyped-def]
         r = min(r0 + b * side, r1 - side)
         src = job[J_SRC] + c * src_row + r * width
         dst = job[J_DST] + r * dst_row + c * width
-        _transpose_block(src, src_row, dst, dst_row, streaming, like)
+        transpose_block(src, src_row, dst, dst_row, streaming, like)
 
 
 @_inline
@@ -414,7 +221,7 @@ def _copy_rows(job, tile, width):  # type: ignore[no-untyped-def]
     r1 = min(r0 + ROWS_PER_TILE, job[J_COLS])
     count = job[J_ROWS] * width
     for r in range(r0, r1):
-        _copy_bytes(job[J_DST] + r * job[J_DST_ROW], job[J_SRC] + r * job[J_SRC_COL], count)
+        copy_bytes(job[J_DST] + r * job[J_DST_ROW], job[J_SRC] + r * job[J_SRC_COL], count)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,7 +261,7 @@ def _copy_tile(jobs, row, tile, element):  # type: ignore[no-untyped-def]
         else:
             _move_band(job, c1 - side, r0, r1, False, like)
     if streaming:
-        _store_fence()
+        store_fence()
 
 
 def _widen_tile(jobs, row, tile, element):  # type: ignore[no-untyped-def]
@@ -481,7 +288,7 @@ def _widen_tile(jobs, row, tile, element):  # type: ignore[no-untyped-def]
     r_end = r0 + (r1 - r0) // side * side
     for c in range(c0, c_end, side):
         for r in range(r0, r_end, side):
-            _transpose_block(job[J_SRC] + c * src_row + r * width, src_row, block, LINE, False, like_src)
+            transpose_block(job[J_SRC] + c * src_row + r * width, src_row, block, LINE, False, like_src)
             for i in range(side):
                 out = _row(job[J_DST] + (r + i) * dst_row + c * dst_width, side, like_dst)
                 for j in range(side):
@@ -513,7 +320,7 @@ def _run_tiles(jobs, worker):  # type: ignore[no-untyped-def]
     for t in numba.prange(n_tiles):
         p = np.searchsorted(tile_ends, t, side="right")
         first = tile_ends[p - 1] if p > 0 else 0
-        _call_worker(worker, base, p, t - first)
+        call_worker(worker, base, p, t - first)
 
 
 def _compile(make: Callable[[bool], Any]) -> Any:

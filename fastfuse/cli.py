@@ -99,7 +99,11 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     files = _written(Path(args.dst))
     size = sum(p.stat().st_size for p in files)
     if args.json:
-        print(json.dumps({"destination": str(args.dst), "files": [str(p) for p in files], "bytes": size, **fusion.to_dict()}))
+        print(
+            json.dumps(
+                {"destination": str(args.dst), "files": [str(p) for p in files], "bytes": size, **fusion.to_dict()}
+            )
+        )
     elif not args.quiet:
         _print_plan(fusion)
         print(f"wrote    {args.dst} ({_human(size)}{f' in {len(files)} files' if len(files) > 1 else ''})")
@@ -120,7 +124,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     kept = sum(entry.nbytes for key, entry in checkpoint.metas().items() if key not in fusion.dropped)
     if args.json:
         described = {"file": str(args.file), "format": checkpoint.format, "tensors": len(checkpoint.location)}
-        print(json.dumps({**described, "file_bytes": checkpoint.size, "output_bytes": kept + fusion.nbytes, **fusion.to_dict()}))
+        print(
+            json.dumps(
+                {**described, "file_bytes": checkpoint.size, "output_bytes": kept + fusion.nbytes, **fusion.to_dict()}
+            )
+        )
         return 0
     print(f"file     {args.file} ({checkpoint.format}, {len(checkpoint.location)} tensors, {_human(checkpoint.size)})")
     _print_plan(fusion)
@@ -261,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo", "write a small Whisper-shaped checkpoint (random values), fuse, verify and check it")
     p.add_argument("--out", help="keep the demo files in this folder (default: a temporary folder, removed after)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder and say where it is")
-    p.add_argument("--size", default="tiny", choices=list(WHISPER_SIZES), help="Whisper size whose shapes to use (default: tiny)")
+    p.add_argument(
+        "--size", default="tiny", choices=list(WHISPER_SIZES), help="Whisper size whose shapes to use (default: tiny)"
+    )
     p.set_defaults(run=_cmd_demo)
 
     p = command("warmup", "compile every kernel into numba's on-disk cache, so later processes start warm")

@@ -10,14 +10,15 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from . import rules
 from ._dtypes import check_movable, result_dtype
-from ._typing import DTypeLike, TensorLike
+from ._split import split_rows
+from ._typing import TensorLike
 from .errors import (
     DtypeMismatchError,
     FuseError,
@@ -26,70 +27,9 @@ from .errors import (
     SchemeNotDetectedError,
     ShapeMismatchError,
 )
+from .options import LAYOUTS, FuseOptions
 
-__all__ = ["LAYOUTS", "FuseOptions", "FusedTensor", "Plan", "make_plan"]
-
-LAYOUTS = ("in_out", "out_in")  # [in, sum(out)] for x @ W (ours); [sum(out), in] for F.linear (vLLM, CTranslate2)
-
-
-@dataclass(frozen=True)
-class FuseOptions:
-    """Every fusion option, validated once (see ``fastfuse.plan`` for their meaning)."""
-
-    cross_kv: bool = False
-    logits: bool = False
-    convert: bool = False
-    keep_originals: bool | None = None  # None: as the target says
-    dtype: DTypeLike | None = None
-    scheme: str = "auto"
-    names: Mapping[str, str] | None = None
-    overwrite: bool = False
-    layout: str | None = None  # None: the target's
-    tp: int = 1
-    rank: int | None = None
-    heads: int | None = None
-    kv_heads: int | None = None
-    target: str = "fastfuse"
-
-    def __post_init__(self) -> None:
-        if self.target not in rules.TARGETS:
-            raise FuseError(f"target {self.target!r}: expected one of {list(rules.TARGETS)}")
-        preset = rules.TARGETS[self.target]
-        if self.layout is None:
-            object.__setattr__(self, "layout", preset.layout)
-        if self.keep_originals is None:
-            object.__setattr__(self, "keep_originals", not preset.drop_sources)
-        if self.layout not in LAYOUTS:
-            raise FuseError(f"layout {self.layout!r}: expected one of {list(LAYOUTS)}")
-        if self.target != "fastfuse" and self.layout != preset.layout:
-            raise FuseError(f"target {self.target!r} writes layout {preset.layout!r}; drop layout={self.layout!r}")
-        if self.logits and self.layout == "out_in":
-            raise FuseError(
-                "logits=True with layout 'out_in': the token embedding [vocab, d] already is the logits "
-                "matrix in this layout, so fastfuse would write a copy of it; drop logits"
-            )
-        if not isinstance(self.tp, int) or self.tp < 1:
-            raise FuseError(f"tp={self.tp!r}: expected a positive number of tensor-parallel ranks")
-        if self.rank is not None and not 0 <= self.rank < self.tp:
-            raise FuseError(f"rank={self.rank!r}: expected 0 <= rank < tp={self.tp}")
-        for name in ("heads", "kv_heads"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise FuseError(f"{name}={value!r}: expected a positive head count")
-
-    @classmethod
-    def from_kwargs(cls, options: Mapping[str, Any]) -> FuseOptions:
-        """Options from keyword arguments; unknown names are a FuseError listing the known ones."""
-        unknown = set(options) - {f.name for f in fields(cls)}
-        if unknown:
-            raise FuseError(f"unknown option(s) {sorted(unknown)}; expected some of {[f.name for f in fields(cls)]}")
-        return cls(**options)
-
-    def ranks(self) -> tuple[int | None, ...]:
-        """The ranks to plan: all of them, one, or ``(None,)`` without tensor parallelism."""
-        if self.tp == 1:
-            return (None,)
-        return (self.rank,) if self.rank is not None else tuple(range(self.tp))
+__all__ = ["LAYOUTS", "FuseOptions", "FusedTensor", "Plan", "make_plan"]  # options re-exported for callers
 
 
 @dataclass(frozen=True)
@@ -379,49 +319,7 @@ class _Builder:
         """Row ranges (starts, counts) of each part that ``rank`` owns; all rows without TP."""
         if rank is None:
             return (0,) * len(rows), rows
-        tp = self.options.tp
-        if not rule.split:
-            raise FuseError(f"group {rule.name} cannot be split for tp={tp}: its parts are already fused")
-        heads = self.options.heads
-        head_dim = None
-        if "heads" in rule.split:
-            if heads is None:
-                key = weights[rule.split.index("heads")]
-                raise FuseError(
-                    f"tp={tp} needs the attention head count to split {key!r}: pass heads= (and kv_heads= for GQA)"
-                )
-            q_rows = rows[rule.split.index("heads")]
-            if q_rows % heads:
-                raise ShapeMismatchError(
-                    f"{weights[rule.split.index('heads')]!r}: {q_rows} rows do not divide into {heads} heads"
-                )
-            head_dim = q_rows // heads
-        ranges = []
-        for kind, key, n in zip(rule.split, weights, rows):
-            if kind == "kv_heads":
-                units = self._kv_heads(key, n, head_dim, tp)
-            else:  # q rows split by heads: n // head_dim == heads; an even split: every row a unit
-                units = n // head_dim if kind == "heads" and head_dim else n
-            ranges.append(_rank_rows(kind, key, n, units, rank, tp))
-        return tuple(start for start, _ in ranges), tuple(count for _, count in ranges)
-
-    def _kv_heads(self, key: str, rows: int, head_dim: int | None, tp: int) -> int:
-        """Key/value heads of a part: given, or its rows over the q head size (GQA), checked."""
-        kv_heads = self.options.kv_heads
-        if kv_heads is None:
-            if head_dim is None:
-                kv_heads = self.options.heads  # a group of k, v only (cross-attention): as many heads as q
-            elif rows % head_dim == 0:
-                kv_heads = rows // head_dim
-        if kv_heads is None:
-            raise FuseError(f"tp={tp} needs the key/value head count to split {key!r}: pass kv_heads= (or heads=)")
-        if head_dim is not None and rows != kv_heads * head_dim:
-            raise ShapeMismatchError(
-                f"{key!r}: expected {kv_heads} kv heads of {head_dim} rows (the q head size), found {rows} rows"
-            )
-        if rows % kv_heads:
-            raise ShapeMismatchError(f"{key!r}: {rows} rows do not divide into {kv_heads} heads")
-        return kv_heads
+        return split_rows(rule, weights, rows, rank, self.options)
 
     def _find(self, rule: rules.GroupRule, layer: int | None, part: str) -> tuple[str, str | None]:
         """The part's weight key (first template present) and its bias key, if present."""
@@ -471,23 +369,6 @@ class _Builder:
             found = ", ".join(f"{k!r} is {dt.name}" for k, dt in zip(keys, dtypes))
             raise DtypeMismatchError(f"parts of one group must share a dtype: {found}; pass dtype= to convert")
         return {result_dtype(dt, self.options.dtype) for dt in dtypes}.pop()
-
-
-def _rank_rows(kind: str, key: str, rows: int, units: int, rank: int, tp: int) -> tuple[int, int]:
-    """(start, count) of the rows of one part that ``rank`` of ``tp`` owns.
-
-    ``units``: heads (or rows, for an even split) the part's rows divide into. Fewer kv heads
-    than ranks: each kv head goes whole to the ``tp // units`` ranks that share it.
-    """
-    if units >= tp:
-        if units % tp:
-            unit = "rows" if kind == "rows" else "heads"
-            raise ShapeMismatchError(f"{key!r}: {units} {unit} do not divide among tp={tp} ranks")
-        return rank * (rows // tp), rows // tp
-    if kind != "kv_heads" or tp % units:
-        raise ShapeMismatchError(f"{key!r}: {units} heads cannot be shared by tp={tp} ranks")
-    size = rows // units
-    return (rank * units // tp) * size, size
 
 
 def _check_outputs(fused: tuple[FusedTensor, ...], tensors: Mapping[str, TensorLike], overwrite: bool) -> None:

@@ -202,7 +202,9 @@ def _shard(file: _File, limit: int) -> list[_File]:
         shards[-1].append(entry)
         size += nbytes
     count = len(shards)
-    return [replace(file, name=f"model-{n + 1:05d}-of-{count:05d}.safetensors", entries=s) for n, s in enumerate(shards)]
+    return [
+        replace(file, name=f"model-{n + 1:05d}-of-{count:05d}.safetensors", entries=s) for n, s in enumerate(shards)
+    ]
 
 
 Fill = Callable[[_File, AtomicWriter, dict[str, tuple[int, int]]], None]
@@ -241,7 +243,9 @@ def _fill(
     """Copy the originals ``file`` keeps, wait for the source's integrity check, then compute its
     fused tensors into the destination map."""
     fused = {t.key for t in file.fusion.fused}
-    copy_originals(checkpoint, arrays, [name for name, _, _ in file.entries if name not in fused], writer, offsets, report)
+    copy_originals(
+        checkpoint, arrays, [name for name, _, _ in file.entries if name not in fused], writer, offsets, report
+    )
     checking.join()
     targets = [t for t in file.fusion.fused if t.key in offsets]
     outputs = {t.key: writer.view(*offsets[t.key], t.dtype, t.shape) for t in targets}

@@ -126,7 +126,9 @@ def pread_exactly(fd: int, n: int, offset: int, path: str) -> bytes:
     while got < n:
         chunk = os.pread(fd, min(n - got, 1 << 30), offset + got)
         if not chunk:
-            raise MalformedFileError(f"{path}: file ended at byte {offset + got}, expected {n} bytes from byte {offset}")
+            raise MalformedFileError(
+                f"{path}: file ended at byte {offset + got}, expected {n} bytes from byte {offset}"
+            )
         parts.append(chunk)
         got += len(chunk)
     return b"".join(parts)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,8 +22,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import fastfuse
-from fastfuse import FuseError, KeyConflictError, MalformedFileError, MissingTensorError
-from fastfuse import fuse_file, unfuse, verify
+from fastfuse import FuseError, KeyConflictError, MalformedFileError, MissingTensorError, fuse_file, unfuse, verify
 
 pytestmark = pytest.mark.usefixtures("engine", "poisoned_outputs")
 
