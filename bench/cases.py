@@ -1,208 +1,49 @@
 """Benchmark cases, shared by the pytest-benchmark file (``test_bench.py``) and ``report.py``.
 
-A *group* (``kernel``, ``widen``, ``load``, ``file``, ``startup``, ``scaling``) has parameters
-(a dtype, or a startup variant), each with named implementations. ``impls(group, size, param)``
-builds the data once (cached, one parameter at a time, so a 3 GB working set is freed before
-the next) and returns ``name -> Impl``: a zero-argument ``run`` to time, plus optional untimed
-``setup`` before each run and ``extra`` measurements made once (peak RSS).
+A *group* has parameters (a dtype, a source format, a startup variant), each with named
+implementations. ``impls(group, size, param)`` builds the data once (cached, one parameter at a
+time, so a 3 GB working set is freed before the next) and returns ``name -> Impl``.
+
+Groups: ``kernel`` (whole-model QKV in memory against memcpy, numpy, torch, the serial loop),
+``widen`` (f16/bf16 -> f32), ``layouts`` (GQA, both layouts), ``loop`` (a loader's per-layer
+loop in a fresh process: first pass and steady state), ``load`` (numpy), ``torch``
+(``framework="pt"`` against safetensors' torch loaders), ``ptload`` (a ``torch.save`` file
+against ``torch.load(mmap=True)``), ``file`` (file to file against ``cp`` + ``sync``, from
+safetensors and from torch files, and against CTranslate2's converter where installed),
+``startup`` (fresh processes, warm and cold numba cache) and ``scaling`` (threads).
 
 Checkpoints have the real Hugging Face Whisper key names and shapes (``fastfuse.demo``) with
-random values. Files are written once into ``$FASTFUSE_BENCH_CACHE`` (default
-``.bench-cache/`` at the repository root, git-ignored) and reused. In-memory groups generate the
-64 (large-v3) self-attention Q/K/V matrices in one buffer, so memcpy moves exactly those bytes.
-
-This module imports only the standard library and numpy at the top: child processes import it
-to run a file operation, and what it imports would count in their memory.
+random values, written once into ``$FASTFUSE_BENCH_CACHE`` (default ``.bench-cache/``).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from harness import (
+    Impl,
+    checkpoint_file,
+    fresh,
+    lower_peak,
+    np_dtype,
+    python_argv,
+    scratch_file,
+    torch_checkpoint_file,
+    warm_page_cache,
+)
 
-BENCH = Path(__file__).resolve().parent
 DTYPES = ("float32", "float16", "bfloat16")
 TINY = "tiny"
-
-
-def cache_dir() -> Path:
-    path = Path(os.environ.get("FASTFUSE_BENCH_CACHE") or BENCH.parent / ".bench-cache")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def output_file() -> Path:
-    """Where file-to-file cases write (one file, replaced by every run)."""
-    return cache_dir() / "bench-output.safetensors"
-
-
-def np_dtype(name: str) -> np.dtype[Any]:
-    if name == "bfloat16":
-        import ml_dtypes
-
-        bf16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
-        return bf16
-    return np.dtype(name)
-
-
-def checkpoint_file(size: str, dtype: str = "float16") -> Path:
-    """The cached ``whisper-{size}-{dtype}.safetensors`` (HF names, random values); written once, atomically."""
-    path = cache_dir() / f"whisper-{size}-{dtype}.safetensors"
-    if not path.exists():
-        from safetensors.numpy import save_file
-
-        from fastfuse.demo import whisper_checkpoint
-
-        temp = path.with_suffix(".partial")
-        save_file(whisper_checkpoint(size, np_dtype(dtype)), str(temp), metadata={"format": "pt"})
-        temp.rename(path)
-    return path
-
-
-def warm_page_cache(path: Path) -> None:
-    with open(path, "rb", buffering=0) as f:
-        while f.read(64 << 20):
-            pass
-
-
-# ---------------------------------------------------------------------------------------------
-# Child processes: one helper for fresh-process timing, one for peak-memory sampling.
-
-
-def fresh(code: str, env: dict[str, str] | None = None) -> tuple[float, str]:
-    """Run ``python -c code`` in a fresh interpreter; (wall seconds, stdout). Fails loudly."""
-    start = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-c", code], check=False, capture_output=True, text=True, env={**os.environ, **(env or {})}
-    )
-    wall = time.perf_counter() - start
-    if done.returncode:
-        raise RuntimeError(f"child failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-    return wall, done.stdout
-
-
-def _status_kb(pid: int, fields: tuple[str, ...]) -> dict[str, int]:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return {}
-    return {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in lines) if k in fields}
-
-
-def peak_rss(argv: list[str], interval: float = 0.005) -> dict[str, float]:
-    """Run ``argv``, sampling its ``/proc/<pid>/status`` every ``interval`` s from this process.
-
-    Returns the child's wall time, peak ``RssAnon`` and ``VmHWM`` in MB (as last sampled; ``ru_maxrss``
-    is no use: Linux carries it over from the forking parent across exec). File-backed mmap pages
-    (reading a source map, writing a destination map) count in RssFile, not RssAnon: RssAnon is
-    the memory a run really takes from the machine.
-    """
-    peak = {"RssAnon": 0, "VmHWM": 0}
-    with tempfile.TemporaryFile() as err:  # a file, not a pipe: a chatty child never blocks
-        start = time.perf_counter()
-        child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
-        while child.poll() is None:  # /proc/<pid> stays readable until poll() reaps the child
-            for field, kb in _status_kb(child.pid, tuple(peak)).items():
-                peak[field] = max(peak[field], kb)
-            time.sleep(interval)
-        seconds = time.perf_counter() - start
-        if child.returncode:
-            err.seek(0)
-            raise RuntimeError(f"{argv[:4]} failed ({child.returncode}): {err.read()[-2000:]!r}")
-    return {"seconds": seconds, "rss_anon_mb": peak["RssAnon"] / 1024, "vm_hwm_mb": peak["VmHWM"] / 1024}
-
-
-# ---------------------------------------------------------------------------------------------
-# The numpy way of fusing (what a user writes without fastfuse) and the file operations.
-
-_Q_KEY = re.compile(r"(?:model\.)?(enc|dec)oder\.layers\.(\d+)\.self_attn\.q_proj\.weight")
-
-
-def numpy_fuse(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Self-attention QKV (weights and biases) with numpy, fastfuse's key names and layout."""
-    fused = {}
-    for key in tensors:
-        match = _Q_KEY.fullmatch(key)
-        if not match:
-            continue
-        base, name = key[: -len("q_proj.weight")], f"fused.{match[1]}.{match[2]}.self_attn.qkv"
-        weights = [tensors[f"{base}{p}_proj.weight"] for p in "qkv"]
-        fused[f"{name}.weight"] = np.ascontiguousarray(np.concatenate([w.T for w in weights], axis=1))
-        zeros = np.zeros(weights[0].shape[0], weights[0].dtype)
-        fused[f"{name}.bias"] = np.concatenate([tensors.get(f"{base}{p}_proj.bias", zeros) for p in "qkv"])
-    return fused
-
-
-def safe_open_numpy(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "np") as f:
-        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
-    return {**tensors, **numpy_fuse(tensors)}
-
-
-def _fuse_file(src: str, dst: str) -> None:
-    from fastfuse.sink import fuse_file
-
-    fuse_file(src, dst, overwrite_destination=True)
-
-
-def _numpy_file(src: str, dst: str) -> None:
-    from safetensors.numpy import load_file, save_file
-
-    tensors = load_file(src)
-    save_file({**tensors, **numpy_fuse(tensors)}, dst, metadata={"format": "pt"})
-
-
-def _copy_fsync(src: str, dst: str) -> None:
-    """A plain copy, made as durable as fastfuse's atomic writer makes its output (synced before the rename)."""
-    shutil.copyfile(src, dst)
-    fd = os.open(dst, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-FILE_OPS: dict[str, Callable[[str, str], Any]] = {
-    "fuse_file": _fuse_file,
-    "copyfile": shutil.copyfile,
-    "copyfile+fsync": _copy_fsync,
-    "numpy": _numpy_file,
-}
-
-
-def file_argv(op: str, src: Path, dst: Path) -> list[str]:
-    """The command running file operation ``op`` alone in a child process (``cli``: the real CLI)."""
-    if op == "cli":
-        return [sys.executable, "-m", "fastfuse", "fuse", str(src), str(dst), "--force"]
-    call = f"cases.FILE_OPS[{op!r}]({str(src)!r}, {str(dst)!r})"
-    return [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(BENCH)!r}); import cases; {call}"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Cases.
-
-
-@dataclass(frozen=True)
-class Impl:
-    run: Callable[[], Any]  # what is timed
-    setup: Callable[[], None] | None = None  # untimed, before each run
-    extra: Callable[[], dict[str, float]] | None = None  # measured once, untimed (e.g. peak RSS)
-    self_timed: bool = False  # run() returns its own seconds (timed inside a child)
 
 
 @dataclass(frozen=True)
@@ -210,6 +51,10 @@ class Group:
     params: dict[str, tuple[str, ...]]  # parameter -> implementation names
     build: Callable[[str, str], dict[str, Impl | None]]  # (size, param) -> impls (None: unavailable)
     rounds: int  # timed runs (min of them in report.py)
+
+
+# ---------------------------------------------------------------------------------------------
+# In memory: the kernel against memcpy and the ways people fuse today.
 
 
 @functools.lru_cache(maxsize=1)
@@ -223,11 +68,10 @@ def qkv_arrays(size: str, dtype: str) -> np.ndarray:
 
 
 def _fastfuse(qkv: np.ndarray, out_dtype: Any) -> tuple[np.ndarray, Callable[[], list[np.ndarray]]]:
-    """A ``[groups, d, 3d]`` output (pages touched) and fastfuse filling all of it in one ``run_groups`` call."""
+    """A ``[groups, d, 3d]`` output (pages touched) and fastfuse filling all of it in one call."""
     from fastfuse._engine import run_groups
 
-    groups, _, rows, cols = qkv.shape
-    out = np.full((groups, cols, 3 * rows), 0, out_dtype)
+    out = np.full((qkv.shape[0], qkv.shape[3], 3 * qkv.shape[2]), 0, out_dtype)
     work = [(list(parts), fused) for parts, fused in zip(qkv, out, strict=True)]
 
     def fuse() -> list[np.ndarray]:
@@ -289,9 +133,9 @@ def _widen(size: str, dtype: str) -> dict[str, Impl | None]:
     }
 
 
-# Llama-3-8B attention shapes (d 4096, 32 q heads and 8 kv heads of 128), 8 layers; tiny: a
-# proportional toy. Engines' [sum(out), in] layout is a row concatenation: a parallel copy.
-_LLAMA = {"large-v3": (4096, 1024, 8), TINY: (256, 64, 2)}
+# Llama-3-8B attention shapes (d 4096, 32 q heads and 8 kv heads of 128), 8 layers; smaller
+# sizes: a proportional toy. Engines' [sum(out), in] layout is a row concatenation: a parallel copy.
+_LLAMA = {"large-v3": (4096, 1024, 8), "small": (1024, 256, 8), TINY: (256, 64, 2)}
 
 
 @functools.lru_cache(maxsize=1)
@@ -322,48 +166,274 @@ def _layouts(size: str, layout: str) -> dict[str, Impl | None]:
     return {"fastfuse": Impl(lambda: run_groups(work)), "memcpy": Impl(_copy(out, source))}
 
 
+# A loader's natural loop, in a fresh process: one ``transpose_concat`` per layer into a
+# preallocated buffer. The first pass starts with numba not even imported; the steady state is
+# timed once the kernels are loaded (in the background, once the process has seen 32 MB of work:
+# during the first pass for large-v3, after a few passes for whisper-tiny).
+_LOOP = """
+import json, time
+import numpy as np
+import fastfuse
+from fastfuse import _engine
+groups, d = {groups}, {d}
+qkv = np.ones((groups, 3, d, d), "{dtype}")
+out = np.zeros((groups, d, 3 * d), "{dtype}")
+
+def loop():
+    start = time.perf_counter()
+    for g in range(groups):
+        fastfuse.transpose_concat([qkv[g, 0], qkv[g, 1], qkv[g, 2]], out=out[g])
+    return time.perf_counter() - start
+
+first = loop()
+deadline = time.monotonic() + 120
+while not _engine.status()["ready"] and time.monotonic() < deadline:  # more passes: more work seen
+    loop()
+steady = min(loop() for _ in range(3))
+src, dst = qkv.reshape(-1).view(np.uint8), out.reshape(-1).view(np.uint8)
+
+def copy():
+    start = time.perf_counter()
+    np.copyto(dst, src)
+    return time.perf_counter() - start
+
+print(json.dumps({{"first-loop": first, "steady": steady, "memcpy": min(copy() for _ in range(3))}}))
+"""
+
+
+def _loop(size: str, dtype: str) -> dict[str, Impl | None]:
+    import json
+
+    from fastfuse.demo import WHISPER_SIZES
+
+    d, encoder, decoder, _ = WHISPER_SIZES[size]
+    code = _LOOP.format(groups=encoder + decoder, d=d, dtype=dtype)
+
+    def child(name: str) -> Impl:
+        return Impl(lambda: float(json.loads(fresh(code)[1])[name]), self_timed=True)
+
+    return {name: child(name) for name in GROUPS["loop"].params[dtype]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: numpy, torch tensors, torch files.
+
+def _loader(run: Callable[[], Any], child: str) -> Impl:
+    """Timed in this process (page cache warm); peak memory of the same load alone in a child."""
+    return Impl(run, extra=lambda: lower_peak(python_argv(child), runs=1))
+
+
+def numpy_fuse(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Self-attention QKV (weights and biases) with numpy, fastfuse's key names and layout."""
+    import re
+
+    fused = {}
+    for key in tensors:
+        match = re.fullmatch(r"(?:model\.)?(enc|dec)oder\.layers\.(\d+)\.self_attn\.q_proj\.weight", key)
+        if not match:
+            continue
+        base, name = key[: -len("q_proj.weight")], f"fused.{match[1]}.{match[2]}.self_attn.qkv"
+        weights = [tensors[f"{base}{p}_proj.weight"] for p in "qkv"]
+        fused[f"{name}.weight"] = np.ascontiguousarray(np.concatenate([w.T for w in weights], axis=1))
+        zeros = np.zeros(weights[0].shape[0], weights[0].dtype)
+        fused[f"{name}.bias"] = np.concatenate([tensors.get(f"{base}{p}_proj.bias", zeros) for p in "qkv"])
+    return fused
+
+
+def safe_open_numpy(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
+    return {**tensors, **numpy_fuse(tensors)}
+
+
 def _load(size: str, dtype: str) -> dict[str, Impl | None]:
-    from safetensors.numpy import load_file
+    import safetensors.numpy
 
     import fastfuse
 
     path = checkpoint_file(size, dtype)
     warm_page_cache(path)
+    p = str(path)
     return {
-        "fastfuse": Impl(lambda: fastfuse.load(path)),
-        "load_file": Impl(lambda: load_file(path)),
+        "fastfuse": _loader(lambda: fastfuse.load(path), f"import fastfuse; fastfuse.load({p!r})"),
+        "load_file": _loader(
+            lambda: safetensors.numpy.load_file(p), f"import safetensors.numpy; safetensors.numpy.load_file({p!r})"
+        ),
         "safe_open+numpy": Impl(lambda: safe_open_numpy(path)),
     }
 
 
-def _file(size: str, dtype: str) -> dict[str, Impl | None]:
-    src = checkpoint_file(size, dtype)
-    dst = output_file()
+_SAFE_OPEN_PT = """
+from safetensors import safe_open
+with safe_open({path!r}, "pt") as f:
+    tensors = {{k: f.get_tensor(k) for k in f.keys()}}
+"""
+
+
+def _torch(size: str, dtype: str) -> dict[str, Impl | None]:
+    """``framework="pt"`` against safetensors' own torch loaders (every tensor read)."""
+    if not _importable("torch"):
+        return dict.fromkeys(GROUPS["torch"].params[dtype])
+    import safetensors.torch
+    from safetensors import safe_open
+
+    import fastfuse
+
+    path = checkpoint_file(size, dtype)
+    warm_page_cache(path)
+    p = str(path)
+
+    def safe_open_pt() -> dict[str, Any]:
+        with safe_open(p, "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+
+    return {
+        "fastfuse-pt": _loader(
+            lambda: fastfuse.load(path, framework="pt"), f"import fastfuse; fastfuse.load({p!r}, framework='pt')"
+        ),
+        "load_file-pt": _loader(
+            lambda: safetensors.torch.load_file(p), f"import safetensors.torch; safetensors.torch.load_file({p!r})"
+        ),
+        "safe_open-pt": _loader(safe_open_pt, _SAFE_OPEN_PT.format(path=p)),
+    }
+
+
+def _ptload(size: str, dtype: str) -> dict[str, Impl | None]:
+    """A ``torch.save`` file: fastfuse's reader (no torch) against ``torch.load(mmap=True)``."""
+    if not _importable("torch"):
+        return dict.fromkeys(GROUPS["ptload"].params[dtype])
+    import torch
+
+    import fastfuse
+
+    path = torch_checkpoint_file(size, dtype)
+    warm_page_cache(path)
+    p = str(path)
+    mmap_load = f"torch.load({p!r}, mmap=True, weights_only=True)"
+    return {
+        "fastfuse": _loader(lambda: fastfuse.load(path), f"import fastfuse; fastfuse.load({p!r})"),
+        "torch.load-mmap": _loader(
+            lambda: torch.load(p, mmap=True, weights_only=True), f"import torch; {mmap_load}"
+        ),
+    }
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# File to file, against ``cp`` + ``sync``: every byte on disk.
+
+
+def _fuse_file(src: str, dst: str) -> None:
+    from fastfuse.sink import fuse_file
+
+    fuse_file(src, dst, overwrite_destination=True)
+
+
+def _numpy_file(src: str, dst: str) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(src)
+    save_file({**tensors, **numpy_fuse(tensors)}, dst, metadata={"format": "pt"})
+
+
+def _copy_fsync(src: str, dst: str) -> None:
+    """A plain copy, made as durable as fastfuse's atomic writer makes its output (synced before the rename)."""
+    shutil.copyfile(src, dst)
+    fd = os.open(dst, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+FILE_OPS: dict[str, Callable[[str, str], Any]] = {
+    "fuse_file": _fuse_file,
+    "copyfile+fsync": _copy_fsync,
+    "numpy": _numpy_file,
+}
+
+
+def file_argv(op: str, src: Path, dst: Path) -> list[str]:
+    """The command running file operation ``op`` alone (``cli``: the real CLI; ``cp``: coreutils)."""
+    if op == "cli":
+        return [sys.executable, "-m", "fastfuse", "fuse", str(src), str(dst), "--force", "--quiet"]
+    if op == "cp":
+        return ["cp", str(src), str(dst)]
+    return python_argv(f"import cases; cases.FILE_OPS[{op!r}]({str(src)!r}, {str(dst)!r})")
+
+
+def _file_impl(argv: list[str], setup: Callable[[], None], *, sync: bool, in_process: Callable[[], Any] | None) -> Impl:
+    """A file operation timed with ``sync`` after it (or in this process), peak memory from a child."""
+    if in_process is not None:
+        run = in_process
+    else:
+        command = " ".join(map(_quote, argv)) + (" && sync" if sync else "")
+        run = functools.partial(subprocess.run, ["sh", "-c", command], check=True, capture_output=True)
+    return Impl(run, setup, functools.partial(lower_peak, argv, setup))
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+def _file(size: str, source: str) -> dict[str, Impl | None]:
+    src = checkpoint_file(size, "float16") if source == "safetensors" else torch_checkpoint_file(size, "float16")
+    dst = scratch_file()
     warm_page_cache(src)
 
     def setup() -> None:  # a fresh destination, nothing of ours left dirty
         dst.unlink(missing_ok=True)
         os.sync()
 
-    def impl(op: str) -> Impl:
-        argv = file_argv(op, src, dst)
-        run: Callable[[], Any] = (
-            functools.partial(FILE_OPS[op], str(src), str(dst))
-            if op != "cli"
-            else functools.partial(subprocess.run, argv, check=True, capture_output=True)
-        )
+    impls: dict[str, Impl | None] = {
+        "cli+sync": _file_impl(file_argv("cli", src, dst), setup, sync=True, in_process=None),
+        "cp+sync": _file_impl(file_argv("cp", src, dst), setup, sync=True, in_process=None),
+    }
+    for op in GROUPS["file"].params[source]:
+        if op in FILE_OPS:
+            run = functools.partial(FILE_OPS[op], str(src), str(dst))
+            impls[op] = _file_impl(file_argv(op, src, dst), setup, sync=False, in_process=run)
+    if "ctranslate2+sync" in GROUPS["file"].params[source]:
+        impls |= _ctranslate2(size, setup)
+    return impls
 
-        def extra() -> dict[str, float]:  # the lower of two runs: a first run may (re)compile kernels
-            runs = []
-            for _ in range(2):
-                setup()
-                runs.append(peak_rss(argv))
-            return min(runs, key=lambda peak: peak["rss_anon_mb"])
 
-        return Impl(run, setup, extra)
+def _ctranslate2(size: str, setup: Callable[[], None]) -> dict[str, Impl | None]:
+    """CTranslate2's converter (what faster-whisper users run) and the CLI on the same model folder."""
+    import peers
 
-    return {op: impl(op) for op in GROUPS["file"].params[dtype]}
+    if not peers.ctranslate2_available():
+        return {"ctranslate2+sync": None, "cli-hf+sync": None}
+    from harness import cache_dir
 
+    model = peers.whisper_model_dir(size, cache_dir())
+    warm_page_cache(model / "model.safetensors")
+    out = Path(tempfile.gettempdir()) / "fastfuse-bench-ct2"
+    dst = scratch_file()
+
+    def clean() -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        setup()
+
+    converter = peers.ctranslate2_argv(model, out)
+    cli = file_argv("cli", model / "model.safetensors", dst)
+    return {
+        "ctranslate2+sync": _file_impl(converter, clean, sync=True, in_process=None),
+        "cli-hf+sync": _file_impl(cli, clean, sync=True, in_process=None),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Fresh processes: the first call of a loader, with a warm and a cold numba cache.
 
 _FIRST_FUSE = """\
 import json, struct, time
@@ -410,10 +480,20 @@ GROUPS: dict[str, Group] = {
     "kernel": Group({dt: KERNEL_IMPLS for dt in DTYPES}, _kernel, rounds=7),
     "widen": Group({dt: ("fastfuse", "numpy") for dt in ("float16", "bfloat16")}, _widen, rounds=5),
     "layouts": Group({layout: ("fastfuse", "memcpy") for layout in ("in_out", "out_in")}, _layouts, rounds=7),
+    "loop": Group({dt: ("first-loop", "steady", "memcpy") for dt in ("float32", "float16")}, _loop, rounds=3),
     "load": Group({"float16": ("fastfuse", "load_file", "safe_open+numpy")}, _load, rounds=5),
-    "file": Group({"float16": ("fuse_file", "cli", "copyfile", "copyfile+fsync", "numpy")}, _file, rounds=3),
+    "torch": Group({"float16": ("fastfuse-pt", "load_file-pt", "safe_open-pt")}, _torch, rounds=5),
+    "ptload": Group({"float16": ("fastfuse", "torch.load-mmap")}, _ptload, rounds=5),
+    "file": Group(
+        {
+            "safetensors": ("cli+sync", "cp+sync", "fuse_file", "copyfile+fsync", "numpy", "ctranslate2+sync", "cli-hf+sync"),
+            "torch": ("cli+sync", "cp+sync"),
+        },
+        _file,
+        rounds=3,
+    ),
     "startup": Group(
-        {"load": ("fastfuse", "fastfuse-cold", "load_file"), "fuse": ("fastfuse", "numpy")}, _startup, rounds=10
+        {"load": ("fastfuse", "fastfuse-cold", "load_file"), "fuse": ("fastfuse", "numpy")}, _startup, rounds=5
     ),
     "scaling": Group(
         {
@@ -427,6 +507,7 @@ GROUPS: dict[str, Group] = {
 CASES = [
     (group, param, impl) for group, spec in GROUPS.items() for param, names in spec.params.items() for impl in names
 ]
+SLOW = {"fastfuse-cold", "ctranslate2+sync", "cli-hf+sync"}  # seconds each: fewer rounds
 
 
 @functools.lru_cache(maxsize=1)
@@ -435,23 +516,8 @@ def impls(group: str, size: str, param: str) -> dict[str, Impl | None]:
     return GROUPS[group].build(size, param)
 
 
-def imports_numba() -> bool:
-    """Does a fresh ``import fastfuse`` import numba? (It must not: numba costs 0.2 s.)"""
-    return fresh("import sys, fastfuse; print('numba' in sys.modules)")[1].strip() == "True"
-
-
-def rounds(group: str, impl: str) -> int:
-    """Cold compiles take seconds each: fewer of them."""
-    return 3 if impl.endswith("-cold") else GROUPS[group].rounds
-
-
-def measure(impl: Impl, repeat: int) -> float:
-    """Min-of-``repeat`` seconds (wall, or the child's own timer for self-timed cases)."""
-    best = float("inf")
-    for _ in range(repeat):
-        if impl.setup:
-            impl.setup()
-        start = time.perf_counter()
-        result = impl.run()
-        best = min(best, result if impl.self_timed else time.perf_counter() - start)
-    return best
+def rounds(group: str, impl: str, quick: bool = False) -> int:
+    """Timed runs: fewer for slow cases and in quick mode."""
+    if impl in SLOW:
+        return 1 if quick or impl != "fastfuse-cold" else 3
+    return min(GROUPS[group].rounds, 2) if quick else GROUPS[group].rounds

@@ -1,8 +1,9 @@
 """Print fastfuse's benchmark ratios as a markdown table: ``python bench/report.py``.
 
-Runs the cases of ``cases.py`` (the ones ``pytest bench --benchmark-only`` runs) outside pytest:
-each implementation is warmed up once, then timed min-of-N. ``--size tiny`` for a quick run,
-``--only kernel,load`` to pick groups (kernel, widen, layouts, load, file, startup, scaling).
+Runs the cases of ``cases.py`` (the ones ``pytest bench --benchmark-only`` runs) outside pytest,
+after ``fastfuse warmup``: each implementation is warmed up once (not fresh processes), then timed
+min-of-N. ``--quick`` for a look in under two minutes (whisper-small), ``--only kernel,load`` to
+pick groups (kernel, widen, layouts, loop, load, torch, ptload, file, startup, scaling).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from typing import NamedTuple
 
 import cases
+import harness
 
 Case = tuple[str, str, str]  # group, param, implementation
 
@@ -35,6 +37,7 @@ class Row(NamedTuple):
 
 
 F16 = "float16"
+ST = "safetensors"
 ROWS = [
     *[
         row
@@ -53,17 +56,34 @@ ROWS = [
         Row(f"GQA qkv f16, layout {layout} vs memcpy", "layouts", layout, "fastfuse", "memcpy", "<=", 1.5)
         for layout in ("in_out", "out_in")
     ],
+    *[
+        row
+        for dt in ("float32", F16)
+        for row in [
+            Row(f"per-layer loop {dt}, fresh process, first pass vs memcpy", "loop", dt, "first-loop", "memcpy"),
+            Row(f"per-layer loop {dt}, steady state vs memcpy", "loop", dt, "steady", "memcpy", "<=", 1.5),
+        ]
+    ],
     Row("load vs load_file", "load", F16, "fastfuse", "load_file", "<=", 0.5),
     Row("load vs safe_open + numpy fusion", "load", F16, "fastfuse", "safe_open+numpy"),
-    Row("file: fuse_file vs copyfile", "file", F16, "fuse_file", "copyfile", "<=", 1.3),
-    Row("file: CLI (subprocess) vs copyfile", "file", F16, "cli", "copyfile", "<=", 1.3),
-    Row("file: fuse_file vs copyfile + fsync (fastfuse syncs)", "file", F16, "fuse_file", "copyfile+fsync"),
-    Row("file: fuse_file vs numpy pipeline", "file", F16, "fuse_file", "numpy"),
-    Row("file: fuse_file peak RssAnon (vs copyfile)", "file", F16, "fuse_file", "copyfile", "<", 256, rss=True),
-    Row("file: CLI peak RssAnon (vs copyfile)", "file", F16, "cli", "copyfile", "<", 256, rss=True),
-    Row("file: fuse_file peak RssAnon (vs numpy pipeline)", "file", F16, "fuse_file", "numpy", rss=True),
+    Row("load peak RssAnon (vs load_file)", "load", F16, "fastfuse", "load_file", "<", 256, rss=True),
+    Row("load(framework='pt') vs safetensors.torch.load_file", "torch", F16, "fastfuse-pt", "load_file-pt", "<=", 1.0),
+    Row("load(framework='pt') vs safe_open('pt'), every tensor", "torch", F16, "fastfuse-pt", "safe_open-pt", "<=", 1.0),
+    Row("load(framework='pt') peak RssAnon (vs load_file)", "torch", F16, "fastfuse-pt", "load_file-pt", rss=True),
+    Row("load(framework='pt') peak RssAnon (vs safe_open)", "torch", F16, "fastfuse-pt", "safe_open-pt", rss=True),
+    Row("load of a torch.save file vs torch.load(mmap=True)", "ptload", F16, "fastfuse", "torch.load-mmap", "<=", 1.0),
+    Row("load of a torch.save file: peak RssAnon", "ptload", F16, "fastfuse", "torch.load-mmap", rss=True),
+    Row("file: CLI + sync vs cp + sync", "file", ST, "cli+sync", "cp+sync", "<=", 1.3),
+    Row("file: CLI on a torch.save file + sync vs cp + sync", "file", "torch", "cli+sync", "cp+sync", "<=", 1.3),
+    Row("file: fuse_file vs copyfile + fsync (in process)", "file", ST, "fuse_file", "copyfile+fsync"),
+    Row("file: fuse_file vs numpy pipeline", "file", ST, "fuse_file", "numpy"),
+    Row("file: CLI peak RssAnon (vs cp)", "file", ST, "cli+sync", "cp+sync", "<", 256, rss=True),
+    Row("file: CLI on a torch file, peak RssAnon", "file", "torch", "cli+sync", "cp+sync", "<", 256, rss=True),
+    Row("file: fuse_file peak RssAnon (vs numpy pipeline)", "file", ST, "fuse_file", "numpy", rss=True),
+    Row("file: CLI vs CTranslate2's converter, + sync", "file", ST, "cli-hf+sync", "ctranslate2+sync"),
+    Row("file: CLI vs CTranslate2's converter, peak RssAnon", "file", ST, "cli-hf+sync", "ctranslate2+sync", rss=True),
     Row("fresh process: load vs load_file (warm compile cache)", "startup", "load", "fastfuse", "load_file", "<=", 0.5),
-    Row("fresh process: load vs load_file (cold compile cache)", "startup", "load", "fastfuse-cold", "load_file"),
+    Row("fresh process: load vs load_file (cold compile cache)", "startup", "load", "fastfuse-cold", "load_file", "<=", 1.0),
     Row("fresh process: import + first tiny fuse vs import numpy", "startup", "fuse", "fastfuse", "numpy", "+<=", 0.15),
     *[
         row
@@ -76,6 +96,8 @@ ROWS = [
         ]
     ],
 ]
+QUICK_SIZE = "small"  # whisper-small: 0.5 GB files, everything in under two minutes
+QUICK_SKIP = {"scaling", "widen"}
 
 
 def wait_for_idle(limit: float = 60.0, window: float = 0.5, share: float = 0.1) -> float:
@@ -90,7 +112,9 @@ def wait_for_idle(limit: float = 60.0, window: float = 0.5, share: float = 0.1) 
     return time.perf_counter() - start
 
 
-def run(groups: list[str], size: str) -> tuple[dict[Case, float], dict[Case, dict[str, float]], float]:
+def run(
+    groups: list[str], size: str, quick: bool = False
+) -> tuple[dict[Case, float], dict[Case, dict[str, float]], float]:
     """Time every case of ``groups``; also the share of the CPUs other processes used meanwhile."""
     times: dict[Case, float] = {}
     extras: dict[Case, dict[str, float]] = {}
@@ -102,13 +126,14 @@ def run(groups: list[str], size: str) -> tuple[dict[Case, float], dict[Case, dic
         impl = cases.impls(group, size, param)[name]
         if impl is None:
             continue
-        waited = wait_for_idle()
+        waited = wait_for_idle(limit=5.0 if quick else 60.0)
         print(f"  {group} {param} {name} (waited {waited:.1f} s for idle CPUs) ...", end="", file=sys.stderr)
         before = cpu_seconds()
-        if impl.setup:
-            impl.setup()
-        impl.run()  # warm-up
-        times[case] = cases.measure(impl, cases.rounds(group, name))
+        if not (quick or impl.self_timed or name in cases.SLOW):  # warm-up: page cache, first call
+            if impl.setup:
+                impl.setup()
+            impl.run()
+        times[case] = harness.measure(impl, cases.rounds(group, name, quick))
         if impl.extra:
             extras[case] = impl.extra()
         spent = [total + b - a for total, a, b in zip(spent, before, cpu_seconds(), strict=True)]
@@ -143,7 +168,7 @@ def table(times: dict[Case, float], extras: dict[Case, dict[str, float]], groups
         verdict = ("yes" if met else "**no**") if row.op else ""
         lines.append(f"| {row.label} | {' | '.join(shown)} | {goal if row.op else '—'} | {verdict} |")
     if "startup" in groups:
-        verdict = "**no**" if cases.imports_numba() else "yes"
+        verdict = "**no**" if harness.imports_numba() else "yes"
         lines.append(f"| `import fastfuse` leaves numba unimported | | | | numba not in sys.modules | {verdict} |")
     return lines
 
@@ -171,25 +196,35 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="large-v3", help="Whisper size of the checkpoints (default large-v3)")
+    parser.add_argument("--size", help="Whisper size of the checkpoints (default large-v3; --quick: small)")
     parser.add_argument("--only", default=",".join(cases.GROUPS), help="comma-separated groups (default: all)")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"whisper-{QUICK_SIZE}, 1-2 rounds, no {sorted(QUICK_SKIP)}: under 2 minutes"
+    )
     args = parser.parse_args(argv)
-    groups = [g for g in args.only.split(",") if g]
+    size = args.size or (QUICK_SIZE if args.quick else "large-v3")
+    groups = [g for g in args.only.split(",") if g and not (args.quick and g in QUICK_SKIP)]
     unknown = set(groups) - set(cases.GROUPS)
     if unknown:
         parser.error(f"unknown group(s) {sorted(unknown)}; choose from {list(cases.GROUPS)}")
-    times, extras, others = run(groups, args.size)
-    print(f"whisper {args.size} · {machine()} · other processes kept {others:.0%} of the CPUs busy while measuring\n")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "fastfuse", "warmup"], check=True, capture_output=True)  # a warm cache
+    times, extras, others = run(groups, size, args.quick)
+    took = time.perf_counter() - start
+    print(
+        f"whisper {size} · {machine()} · other processes kept {others:.0%} of the CPUs busy while measuring · "
+        f"report took {took:.0f} s\n"
+    )
     print("\n".join(table(times, extras, groups)))
     if extras:
         print(
-            "\nfile-to-file alone in a child (lower of two runs): "
+            "\npeak memory, each alone in a child: "
             + "; ".join(
-                f"{name}: {e['seconds']:.2f} s, RssAnon {e['rss_anon_mb']:.0f} MB, VmHWM {e['vm_hwm_mb']:.0f} MB"
-                for (_, _, name), e in extras.items()
+                f"{group} {name}: {e['seconds']:.2f} s, RssAnon {e['rss_anon_mb']:.0f} MB, VmHWM {e['vm_hwm_mb']:.0f} MB"
+                for (group, _, name), e in extras.items()
             )
         )
-    cases.output_file().unlink(missing_ok=True)
+    harness.scratch_file().unlink(missing_ok=True)
     return 0
 
 

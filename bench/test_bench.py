@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 import cases
+import harness
 import numpy as np
 import pytest
 
@@ -15,9 +16,9 @@ import pytest
 def test_bench(benchmark: Any, size: str, group: str, param: str, name: str) -> None:
     impl = cases.impls(group, size, param)[name]
     if impl is None:
-        pytest.skip(f"{name} is not importable")
+        pytest.skip(f"{name} is not installed")
     benchmark.group = f"{group} {param} ({size})"
-    if not benchmark.disabled:  # warm-up: JIT compile or cache load, page faults, page cache
+    if not (benchmark.disabled or impl.self_timed or name in cases.SLOW):  # warm-up: caches, page faults
         if impl.setup:
             impl.setup()
         impl.run()
@@ -54,7 +55,7 @@ def test_kernel_baselines_agree(dtype: str) -> None:
 def test_numpy_fusion_matches_load() -> None:
     import fastfuse
 
-    path = cases.checkpoint_file(cases.TINY)
+    path = harness.checkpoint_file(cases.TINY)
     loaded, reference = fastfuse.load(path), cases.safe_open_numpy(path)
     fused = [key for key in reference if key.startswith("fused.")]
     assert fused and all(np.array_equal(_bits(loaded[key]), _bits(reference[key])) for key in fused)
@@ -62,11 +63,11 @@ def test_numpy_fusion_matches_load() -> None:
 
 
 def test_import_does_not_load_numba() -> None:
-    assert not cases.imports_numba()
+    assert not harness.imports_numba()
 
 
 def test_peak_rss_sees_anonymous_memory() -> None:
     """The sampler catches a 200 MB allocation held for 0.2 s."""
     code = "import time; b = bytearray(200 << 20); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.2)"
-    peak = cases.peak_rss([sys.executable, "-c", code])
+    peak = harness.peak_rss([sys.executable, "-c", code])
     assert 200 <= peak["rss_anon_mb"] <= peak["vm_hwm_mb"] + 1

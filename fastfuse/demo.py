@@ -30,7 +30,8 @@ WHISPER_SIZES: dict[str, tuple[int, int, int, int]] = {
 
 
 def whisper_shapes(size: str, *, prefix: str = "model.") -> dict[str, tuple[int, ...]]:
-    """Key -> shape of a Hugging Face Whisper checkpoint of ``size`` (attention, MLP, norms, embeddings)."""
+    """Key -> shape of every tensor ``WhisperForConditionalGeneration.save_pretrained`` writes for
+    ``size`` (the tied ``proj_out.weight`` is not saved)."""
     d, encoder_layers, decoder_layers, vocab = WHISPER_SIZES[size]
     shapes: dict[str, tuple[int, ...]] = {}
     for side, layers, blocks in (
@@ -46,6 +47,8 @@ def whisper_shapes(size: str, *, prefix: str = "model.") -> dict[str, tuple[int,
                         shapes[f"{base}.layers.{i}.{block}.{proj}_proj.bias"] = (d,)
                 shapes[f"{base}.layers.{i}.{block}_layer_norm.weight"] = (d,)
                 shapes[f"{base}.layers.{i}.{block}_layer_norm.bias"] = (d,)
+            shapes[f"{base}.layers.{i}.final_layer_norm.weight"] = (d,)
+            shapes[f"{base}.layers.{i}.final_layer_norm.bias"] = (d,)
             shapes[f"{base}.layers.{i}.fc1.weight"] = (4 * d, d)
             shapes[f"{base}.layers.{i}.fc1.bias"] = (4 * d,)
             shapes[f"{base}.layers.{i}.fc2.weight"] = (d, 4 * d)
@@ -53,7 +56,9 @@ def whisper_shapes(size: str, *, prefix: str = "model.") -> dict[str, tuple[int,
         shapes[f"{base}.layer_norm.weight"] = (d,)
         shapes[f"{base}.layer_norm.bias"] = (d,)
     shapes[f"{prefix}encoder.conv1.weight"] = (d, 128 if d == 1280 else 80, 3)
+    shapes[f"{prefix}encoder.conv1.bias"] = (d,)
     shapes[f"{prefix}encoder.conv2.weight"] = (d, d, 3)
+    shapes[f"{prefix}encoder.conv2.bias"] = (d,)
     shapes[f"{prefix}encoder.embed_positions.weight"] = (1500, d)
     shapes[f"{prefix}decoder.embed_positions.weight"] = (448, d)
     shapes[f"{prefix}decoder.embed_tokens.weight"] = (vocab, d)
