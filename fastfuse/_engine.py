@@ -35,7 +35,17 @@ import numpy as np
 from ._dtypes import WIDENINGS
 from .errors import FuseError
 
-__all__ = ["ENGINES", "LOAD_AFTER_BYTES", "Group", "cache_report", "expect", "run_groups", "status", "warm_up"]
+__all__ = [
+    "ENGINES",
+    "LOAD_AFTER_BYTES",
+    "Expectation",
+    "Group",
+    "cache_report",
+    "expect",
+    "run_groups",
+    "status",
+    "warm_up",
+]
 
 Group = tuple[Sequence[np.ndarray], np.ndarray]  # parts [o_j, in] -> output [in, sum(o_j)]
 Spec = tuple[int, int]  # (0 copy or 1 widen, source element width): one kernel worker
@@ -117,12 +127,26 @@ def _request(specs: set[Spec], nbytes: int) -> None:
             _loader.start()
 
 
-def expect(conversions: Iterable[tuple[np.dtype[Any], np.dtype[Any]]], nbytes: int) -> None:
+class Expectation:
+    """The kernels a caller is about to need (see :func:`expect`)."""
+
+    def __init__(self, specs: frozenset[Spec]) -> None:
+        self.specs = specs
+
+    def pending(self) -> bool:
+        """Are they still loading (so that waiting a little would let the kernels do the work)?"""
+        with _state_lock:
+            return not self.specs <= _ready and _loader is not None and _failure is None
+
+
+def expect(conversions: Iterable[tuple[np.dtype[Any], np.dtype[Any]]], nbytes: int) -> Expectation:
     """A caller is about to fuse ``nbytes`` with these (source, output) dtypes: count them now,
     so that the kernels they need start loading in the background while it does other work
-    (a file sink copies the originals first)."""
+    (a file sink copies the originals first, and computes once they are loaded)."""
+    specs = frozenset((0 if source == out else 1, source.itemsize) for source, out in conversions)
     if _engine() == "auto" and nbytes:
-        _request({(0 if source == out else 1, source.itemsize) for source, out in conversions}, nbytes)
+        _request(set(specs), nbytes)
+    return Expectation(specs)
 
 
 def run_groups(groups: Sequence[Group]) -> None:

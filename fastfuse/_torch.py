@@ -15,7 +15,7 @@ import torch
 
 from .errors import FuseError
 
-__all__ = ["NumpyViews", "empty", "from_torch", "holds_torch", "to_torch"]
+__all__ = ["NumpyViews", "from_torch", "holds_torch", "to_torch"]
 
 # torch dtypes numpy only has through ml_dtypes, by their common name.
 _VIA_INTEGERS = {
@@ -92,10 +92,3 @@ class NumpyViews(Mapping[str, Any]):
 
     def __contains__(self, key: object) -> bool:
         return key in self._tensors
-
-
-def empty(shape: tuple[int, ...], dtype: np.dtype[Any]) -> tuple[torch.Tensor, np.ndarray]:
-    """A new torch-owned tensor and a numpy view of it, for a result the kernels fill."""
-    special = _VIA_INTEGERS.get(dtype.name)
-    tensor = torch.empty(shape, dtype=special if special is not None else torch.from_numpy(np.empty(0, dtype)).dtype)
-    return tensor, from_torch("output", tensor)

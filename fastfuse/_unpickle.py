@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import pickletools
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -177,6 +178,31 @@ def load(data: bytes, where: str) -> Any:
 
 
 _OPNAMES = {ord(op.code): op.name for op in pickletools.opcodes}
+# The only opcodes read, by handler; every other opcode is refused by name.
+_HANDLED = {
+    "_proto": b"\x80",
+    "_frame": b"\x95",
+    "_stop": b".",
+    "_mark": b"(",
+    "_empty": b"}])",
+    "_tuple": b"t\x85\x86\x87",
+    "_list": b"l",
+    "_dict": b"d",
+    "_append": b"ae",
+    "_setitem": b"su",
+    "_unicode": b"X\x8c\x8d",
+    "_bytes": b"CB\x8e",
+    "_int": b"JKM\x8a",
+    "_float": b"G",
+    "_constant": b"N\x88\x89",
+    "_put": b"qr\x94",
+    "_get": b"hj",
+    "_global": b"c\x93",
+    "_reduce": b"R",
+    "_persistent": b"Q",
+    "_build": b"b",
+}
+_LENGTH_BYTES = {ord("X"): 4, 0x8C: 1, 0x8D: 8, ord("C"): 1, ord("B"): 4, 0x8E: 8}
 
 
 def _opname(code: int) -> str:
@@ -190,6 +216,9 @@ class _Machine:
         self.marks: list[list[Any]] = []
         self.memo: dict[int, Any] = {}
         self.pushed = 0
+        self.handlers: dict[int, Callable[[int], bool]] = {
+            code: getattr(self, method) for method, codes in _HANDLED.items() for code in codes
+        }
         if len(data) > MAX_PICKLE_BYTES:
             self.fail(f"pickle is {len(data)} bytes, over the limit of {MAX_PICKLE_BYTES}")
 
@@ -204,6 +233,9 @@ class _Machine:
         return chunk
 
     def uint(self, n: int) -> int:
+        if n == 1 and self.pos < len(self.data):  # the common case, without slicing
+            self.pos += 1
+            return self.data[self.pos - 1]
         return int.from_bytes(self.take(n), "little")
 
     def text(self, n: int) -> str:
@@ -257,97 +289,162 @@ class _Machine:
                 target.odd_kind = target.odd_kind or a_kind(items[i])
 
     def run(self) -> Any:
-        data = self.data
+        """Interpret every opcode through its handler (one dict lookup each) until STOP."""
+        data, handlers = self.data, self.handlers
         while self.pos < len(data):
-            self.at, op = self.pos, chr(data[self.pos])
+            self.at = self.pos
+            code = data[self.pos]
             self.pos += 1
-            if op == "\x80":  # PROTO
-                version = self.uint(1)
-                if self.at != 0 or not 2 <= version <= 5:
-                    self.fail(f"PROTO {version} (protocols 2 to 5 are read, at byte 0 only)")
-            elif op == "\x95":  # FRAME: a read-ahead hint; its length is checked, then ignored
-                if self.uint(8) > len(data) - self.pos:
-                    self.fail("FRAME runs past the end of the pickle")
-            elif op == ".":  # STOP
-                if self.marks or len(self.stack) != 1 or self.pos != len(data):
-                    self.fail(
-                        f"STOP with {len(self.marks)} open MARKs, {len(self.stack)} values "
-                        f"and {len(data) - self.pos} bytes after it; expected none, one and none"
-                    )
+            handler = handlers.get(code)
+            if handler is None:
+                self.fail(f"opcode {_opname(code)} is refused (torch.save never writes it for a state dict)")
+            if handler(code):  # only STOP returns True
                 return self.stack[0]
-            elif op == "(":  # MARK
-                if len(self.marks) >= MAX_DEPTH:
-                    self.fail(f"more than {MAX_DEPTH} nested MARKs")
-                self.marks.append(self.stack)
-                self.stack = []
-            elif op in "}])":  # EMPTY_DICT, EMPTY_LIST, EMPTY_TUPLE
-                self.push(PickledDict() if op == "}" else [] if op == "]" else ())
-            elif op == "t":  # TUPLE
-                self.push(tuple(self.pop_mark()))
-            elif op in "\x85\x86\x87":  # TUPLE1, TUPLE2, TUPLE3
-                n = ord(op) - 0x84
-                if len(self.stack) < n:
-                    self.fail(f"{_opname(ord(op))} needs {n} values, the stack holds {len(self.stack)}")
-                last = tuple(self.stack[-n:])
-                del self.stack[-n:]
-                self.push(last)
-            elif op == "l":  # LIST
-                self.push(self.pop_mark())
-            elif op == "d":  # DICT
-                items, new = self.pop_mark(), PickledDict()
-                self.setitems(new, items)
-                self.push(new)
-            elif op in "ae":  # APPEND, APPENDS
-                items = [self.pop()] if op == "a" else self.pop_mark()
-                target = self.top()
-                if type(target) is not list:
-                    self.fail(f"{_opname(ord(op))} to {a_kind(target)}; only lists take items")
-                target.extend(items)
-            elif op == "s":  # SETITEM
-                value = self.pop()
-                key = self.pop()
-                self.setitems(self.top(), [key, value])
-            elif op == "u":  # SETITEMS
-                items = self.pop_mark()
-                self.setitems(self.top(), items)
-            elif op in "X\x8c\x8d":  # BINUNICODE, SHORT_BINUNICODE, BINUNICODE8
-                self.push(self.text(self.uint({"X": 4, "\x8c": 1, "\x8d": 8}[op])))
-            elif op in "CB\x8e":  # SHORT_BINBYTES, BINBYTES, BINBYTES8
-                self.push(self.take(self.uint({"C": 1, "B": 4, "\x8e": 8}[op])))
-            elif op == "J":  # BININT
-                self.push(int.from_bytes(self.take(4), "little", signed=True))
-            elif op in "KM":  # BININT1, BININT2
-                self.push(self.uint(1 if op == "K" else 2))
-            elif op == "\x8a":  # LONG1 (LONG4 is refused: torch never needs more than 255 bytes)
-                self.push(int.from_bytes(self.take(self.uint(1)), "little", signed=True))
-            elif op == "G":  # BINFLOAT
-                self.push(struct.unpack(">d", self.take(8))[0])
-            elif op in "N\x88\x89":  # NONE, NEWTRUE, NEWFALSE
-                self.push({"N": None, "\x88": True, "\x89": False}[op])
-            elif op in "qr":  # BINPUT, LONG_BINPUT
-                self.memoize(self.uint(1 if op == "q" else 4))
-            elif op == "\x94":  # MEMOIZE
-                self.memoize(len(self.memo))
-            elif op in "hj":  # BINGET, LONG_BINGET
-                self.fetch(self.uint(1 if op == "h" else 4))
-            elif op == "c":  # GLOBAL
-                self.push(self.resolve(self.line(), self.line()))
-            elif op == "\x93":  # STACK_GLOBAL
-                name, module = self.pop(), self.pop()
-                if type(module) is not str or type(name) is not str:
-                    self.fail(f"STACK_GLOBAL of {a_kind(module)} and {a_kind(name)}, expected two strings")
-                self.push(self.resolve(module, name))
-            elif op == "R":  # REDUCE
-                args = self.pop()
-                self.push(self.reduce(self.pop(), args))
-            elif op == "Q":  # BINPERSID
-                self.push(self.storage(self.pop()))
-            elif op == "b":  # BUILD
-                self.build(self.pop(), self.top())
-            else:
-                self.fail(f"opcode {_opname(ord(op))} is refused (torch.save never writes it for a state dict)")
         self.at = self.pos
         self.fail("the pickle ends without STOP")
+
+    def _proto(self, code: int) -> bool:
+        version = self.uint(1)
+        if self.at != 0 or not 2 <= version <= 5:
+            self.fail(f"PROTO {version} (protocols 2 to 5 are read, at byte 0 only)")
+        return False
+
+    def _frame(self, code: int) -> bool:  # a read-ahead hint: its length is checked, then ignored
+        if self.uint(8) > len(self.data) - self.pos:
+            self.fail("FRAME runs past the end of the pickle")
+        return False
+
+    def _stop(self, code: int) -> bool:
+        if self.marks or len(self.stack) != 1 or self.pos != len(self.data):
+            self.fail(
+                f"STOP with {len(self.marks)} open MARKs, {len(self.stack)} values "
+                f"and {len(self.data) - self.pos} bytes after it; expected none, one and none"
+            )
+        return True
+
+    def _mark(self, code: int) -> bool:
+        if len(self.marks) >= MAX_DEPTH:
+            self.fail(f"more than {MAX_DEPTH} nested MARKs")
+        self.marks.append(self.stack)
+        self.stack = []
+        return False
+
+    def _empty(self, code: int) -> bool:  # EMPTY_DICT, EMPTY_LIST, EMPTY_TUPLE
+        self.push(PickledDict() if code == 0x7D else [] if code == 0x5D else ())
+        return False
+
+    def _tuple(self, code: int) -> bool:  # TUPLE (from a MARK), TUPLE1, TUPLE2, TUPLE3
+        if code == 0x74:
+            self.push(tuple(self.pop_mark()))
+            return False
+        n = code - 0x84
+        if len(self.stack) < n:
+            self.fail(f"{_opname(code)} needs {n} values, the stack holds {len(self.stack)}")
+        last = tuple(self.stack[-n:])
+        del self.stack[-n:]
+        self.push(last)
+        return False
+
+    def _list(self, code: int) -> bool:
+        self.push(self.pop_mark())
+        return False
+
+    def _dict(self, code: int) -> bool:
+        items, new = self.pop_mark(), PickledDict()
+        self.setitems(new, items)
+        self.push(new)
+        return False
+
+    def _append(self, code: int) -> bool:  # APPEND, APPENDS
+        items = [self.pop()] if code == 0x61 else self.pop_mark()
+        target = self.top()
+        if type(target) is not list:
+            self.fail(f"{_opname(code)} to {a_kind(target)}; only lists take items")
+        target.extend(items)
+        return False
+
+    def _setitem(self, code: int) -> bool:  # SETITEM, SETITEMS
+        if code == 0x75:
+            items = self.pop_mark()
+        else:
+            value = self.pop()
+            items = [self.pop(), value]
+        self.setitems(self.top(), items)
+        return False
+
+    def _unicode(self, code: int) -> bool:  # BINUNICODE, SHORT_BINUNICODE, BINUNICODE8
+        self.push(self.text(self.uint(_LENGTH_BYTES[code])))
+        return False
+
+    def _bytes(self, code: int) -> bool:  # SHORT_BINBYTES, BINBYTES, BINBYTES8
+        self.push(self.take(self.uint(_LENGTH_BYTES[code])))
+        return False
+
+    def _int(self, code: int) -> bool:  # BININT, BININT1, BININT2, LONG1 (LONG4: torch never needs it)
+        if code == 0x4A:
+            self.push(int.from_bytes(self.take(4), "little", signed=True))
+        elif code == 0x8A:
+            self.push(int.from_bytes(self.take(self.uint(1)), "little", signed=True))
+        else:
+            self.push(self.uint(1 if code == 0x4B else 2))
+        return False
+
+    def _float(self, code: int) -> bool:  # BINFLOAT
+        self.push(struct.unpack(">d", self.take(8))[0])
+        return False
+
+    def _constant(self, code: int) -> bool:  # NONE, NEWTRUE, NEWFALSE
+        self.push(None if code == 0x4E else code == 0x88)
+        return False
+
+    # The two most frequent opcodes of a torch pickle (half of them): their arguments are read
+    # inline, falling back to uint() (which names a truncated pickle) only at the very end.
+    def _put(self, code: int) -> bool:  # BINPUT, LONG_BINPUT, MEMOIZE
+        if code == 0x94:
+            index = len(self.memo)
+        else:
+            n, pos = (1 if code == 0x71 else 4), self.pos
+            if pos + n <= len(self.data):
+                index, self.pos = int.from_bytes(self.data[pos : pos + n], "little"), pos + n
+            else:
+                index = self.uint(n)
+        if self.stack and (index in self.memo or len(self.memo) < MAX_OBJECTS):
+            self.memo[index] = self.stack[-1]
+        else:
+            self.memoize(index)  # names what is wrong
+        return False
+
+    def _get(self, code: int) -> bool:  # BINGET, LONG_BINGET
+        n, pos = (1 if code == 0x68 else 4), self.pos
+        if pos + n <= len(self.data):
+            index, self.pos = int.from_bytes(self.data[pos : pos + n], "little"), pos + n
+        else:
+            index = self.uint(n)
+        self.fetch(index)
+        return False
+
+    def _global(self, code: int) -> bool:  # GLOBAL, STACK_GLOBAL
+        if code == 0x63:
+            self.push(self.resolve(self.line(), self.line()))
+            return False
+        name, module = self.pop(), self.pop()
+        if type(module) is not str or type(name) is not str:
+            self.fail(f"STACK_GLOBAL of {a_kind(module)} and {a_kind(name)}, expected two strings")
+        self.push(self.resolve(module, name))
+        return False
+
+    def _reduce(self, code: int) -> bool:
+        args = self.pop()
+        self.push(self.reduce(self.pop(), args))
+        return False
+
+    def _persistent(self, code: int) -> bool:  # BINPERSID
+        self.push(self.storage(self.pop()))
+        return False
+
+    def _build(self, code: int) -> bool:
+        self.build(self.pop(), self.top())
+        return False
 
     def line(self) -> str:
         end = self.data.find(b"\n", self.pos, self.pos + 256)

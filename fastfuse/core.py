@@ -118,17 +118,16 @@ def execute(
 
     ``outputs`` may supply the destination of some or all keys (writable, C-contiguous, the
     planned shape and dtype, e.g. views of a memory-mapped file); the rest are allocated, as
-    numpy arrays, or torch tensors for ``framework="pt"``. Returns key -> fused array.
+    numpy arrays, or torch tensors for ``framework="pt"``, all carved from one allocation (the
+    kernels fill it with few page faults, instead of one per 4 KB page of each output; each
+    result still has its own torch storage). Returns key -> fused array.
     """
-    results: dict[str, Any] = {}
+    given = outputs or {}
+    results: dict[str, Any] = dict(given)
+    results.update(_allocate([t for t in fusion.fused if t.key not in given], framework))
     work: list[Group] = []
-    allocate = _allocator(framework)
     for target in fusion.fused:
-        out = (outputs or {}).get(target.key)
-        if out is None:
-            results[target.key], out = allocate(target.shape, target.dtype)
-        else:
-            results[target.key] = out
+        out = given[target.key] if target.key in given else _numpy_of(results[target.key])
         offset = 0
         for key, start, rows in zip(target.sources, target.row_starts(), target.rows):
             part = _source_part(tensors, key, start, rows, target)
@@ -143,18 +142,40 @@ def execute(
     return results
 
 
-def _new_numpy_output(shape: tuple[int, ...], dtype: np.dtype[Any]) -> tuple[np.ndarray, np.ndarray]:
-    array = np.empty(shape, dtype)
-    return array, array
+_ALIGN = 64  # each output starts on a cache line: the kernels' streaming stores need it
 
 
-def _allocator(framework: str) -> Callable[[tuple[int, ...], np.dtype[Any]], tuple[Any, np.ndarray]]:
-    """(result, numpy view to fill) for a new output: a numpy array, or a torch-owned tensor."""
-    if frameworks(framework) is None:
-        return _new_numpy_output
+def _new_buffer(nbytes: int) -> np.ndarray:
+    """``nbytes`` of new, uninitialised memory (one allocation: huge pages where the system has them)."""
+    return np.empty(nbytes, np.uint8)
+
+
+def _allocate(targets: Sequence[FusedTensor], framework: str) -> dict[str, Any]:
+    """New outputs for ``targets``: views of one buffer (numpy), or of one torch-owned tensor."""
+    starts, end = [], 0
+    for t in targets:
+        start = -(-end // _ALIGN) * _ALIGN
+        starts.append(start)
+        end = start + t.nbytes
+    if not targets:
+        return {}
+    to_torch = frameworks(framework)
+    buffer = _new_buffer(end + _ALIGN)
+    skip = -buffer.ctypes.data % _ALIGN
+    results = {}
+    for t, start in zip(targets, starts):
+        view = buffer[skip + start : skip + start + t.nbytes].view(t.dtype).reshape(t.shape)
+        results[t.key] = view if to_torch is None else to_torch(view)
+    return results
+
+
+def _numpy_of(result: Any) -> np.ndarray:
+    """The numpy view the kernels fill, of a result made by :func:`_allocate`."""
+    if isinstance(result, np.ndarray):
+        return result
     from . import _torch
 
-    return _torch.empty
+    return _torch.from_torch("output", result)
 
 
 def _source_part(

@@ -68,7 +68,7 @@ def unfuse(src: PathLike, dst: PathLike, *, overwrite_destination: bool = False)
             else:
                 transpose_concat([stored.T], out=out)
 
-    write_file(destination, entries, metadata, fill, overwrite=overwrite_destination)
+    write_file(destination, entries, metadata, fill, overwrite=overwrite_destination, copied=(checkpoint, kept))
     return list(pieces)
 
 

@@ -41,18 +41,19 @@ def load(path: PathLike, *, framework: str = "np", **options: Unpack[FuseKwargs]
     """
     to_torch = frameworks(framework)
     checkpoint = open_checkpoint(path)
-    arrays = checkpoint.arrays(writeable=to_torch is not None)
     if f"{META_PREFIX}fused" in checkpoint.metadata:
         if options:
             raise FuseError(
                 f"{checkpoint.path} was already fused by fastfuse; load it without options "
                 f"(got {sorted(options)}) or load the original checkpoint"
             )
+        arrays = checkpoint.arrays(writeable=to_torch is not None)
         return arrays if to_torch is None else {key: to_torch(value) for key, value in arrays.items()}
     settings = checkpoint.with_config(FuseOptions.from_kwargs(options))
     if settings.tp > 1 and settings.rank is None:
         raise FuseError(f"tp={settings.tp}: load builds one rank; pass rank= (or use fuse_file for all ranks)")
     fusion = make_plan(checkpoint.metas(), settings)
+    arrays = checkpoint.arrays(writeable=to_torch is not None)
     fused = execute(fusion, arrays, framework=framework)
     kept = {key: value for key, value in arrays.items() if key not in fusion.dropped and key not in fused}
     if to_torch is not None:

@@ -125,7 +125,8 @@ def fuse_file(
     """
     checkpoint = open_checkpoint(src)
     destination = Path(dst)
-    fusion = make_plan(checkpoint.metas(), checkpoint.with_config(FuseOptions.from_kwargs(options)))
+    metas = checkpoint.metas()
+    fusion = make_plan(metas, checkpoint.with_config(FuseOptions.from_kwargs(options)))
     sharded = not single_file and (checkpoint.index is not None or max_shard_size is not None)
     why = f"tp={fusion.tp}" if fusion.tp > 1 else "a sharded output; pass single_file / --single-file for one file"
     check_destination((f.path for f in checkpoint.files), destination, folder=fusion.tp > 1 or sharded, why=why)
@@ -139,22 +140,23 @@ def fuse_file(
     report: Callable[[int], None] | None = None
     if progress is not None:
         report = functools.partial(_report, progress, total)
-    _engine.expect(((checkpoint.metas()[_first(t.sources)].dtype, t.dtype) for t in fusion.fused), fusion.nbytes)
+    kernels = _engine.expect(((metas[_first(t.sources)].dtype, t.dtype) for t in fusion.fused), fusion.nbytes)
     arrays = checkpoint.arrays()
     # A torch file's CRCs are checked once, in a thread, while the first file is copied; no
     # output is published before the check passed.
     checking = _Background(checkpoint.check_integrity)
-    fill = functools.partial(_fill, checking, arrays, checkpoint, report)
+    fill = functools.partial(_fill, checking, kernels, arrays, checkpoint, report)
+    write = functools.partial(_write, fill=fill, checkpoint=checkpoint, overwrite=overwrite_destination)
     if fusion.tp == 1 and not sharded:
-        _write(destination, files[0], fill, overwrite=overwrite_destination)
+        write(destination, files[0])
         return fusion
     if fusion.tp > 1:
         index: dict[str, Any] = {"tp": fusion.tp, "layout": fusion.layout, "ranks": [f.name for f in files]}
-        _write_folder(destination, files, TP_INDEX_NAME, index, fill, overwrite=overwrite_destination)
+        _write_folder(destination, files, TP_INDEX_NAME, index, write, overwrite=overwrite_destination)
         return fusion
     weight_map = dict(sorted((name, file.name) for file in files for name, _, _ in file.entries))
     index = {"metadata": {"total_size": total, **files[0].metadata}, "weight_map": weight_map}
-    _write_folder(destination, files, INDEX_NAME, index, fill, overwrite=overwrite_destination)
+    _write_folder(destination, files, INDEX_NAME, index, write, overwrite=overwrite_destination)
     return fusion
 
 
@@ -217,22 +219,39 @@ def write_file(
     fill: Callable[[AtomicWriter, dict[str, tuple[int, int]]], None],
     *,
     overwrite: bool,
+    copied: tuple[Checkpoint, Sequence[str]] | None = None,
 ) -> None:
     """Lay out ``entries`` (in this order if aligned) as a new safetensors file at ``path``, and
-    let ``fill(writer, offsets)`` write its data; atomically."""
+    let ``fill(writer, offsets)`` write its data; atomically. ``copied``: the checkpoint and
+    the keys ``fill`` will copy from it; the header padding puts their longest run at the same
+    place in a page as in the source."""
     outputs = [st_format.OutputTensor(name, dtype, shape) for name, dtype, shape in entries]
     prefix, offsets = st_format.layout(outputs, metadata, keep_order=True)
+    if copied is not None:  # the longest copy then moves whole pages
+        ranges, _ = _copy_ranges(*copied, offsets)
+        longest = max(ranges, key=lambda r: r.length, default=None)
+        if longest is not None:
+            data_start = (longest.offset - longest.start) % st_format.PAGE
+            prefix, _ = st_format.layout(outputs, metadata, keep_order=True, data_start=data_start)
     data_size = max((end for _, end in offsets.values()), default=0)
     with AtomicWriter(path, prefix, data_size, overwrite=overwrite) as writer:
         fill(writer, offsets)
 
 
-def _write(path: Path, file: _File, fill: Fill, *, overwrite: bool) -> None:
-    write_file(path, file.entries, file.metadata, functools.partial(fill, file), overwrite=overwrite)
+def _write(path: Path, file: _File, *, fill: Fill, checkpoint: Checkpoint, overwrite: bool) -> None:
+    copied = (checkpoint, _kept(file))
+    write_file(path, file.entries, file.metadata, functools.partial(fill, file), overwrite=overwrite, copied=copied)
+
+
+def _kept(file: _File) -> list[str]:
+    """The originals ``file`` holds (everything but its fused tensors), in its order."""
+    fused = {t.key for t in file.fusion.fused}
+    return [name for name, _, _ in file.entries if name not in fused]
 
 
 def _fill(
     checking: _Background,
+    kernels: _engine.Expectation,
     arrays: Mapping[str, np.ndarray],
     checkpoint: Checkpoint,
     report: Callable[[int], None] | None,
@@ -240,13 +259,13 @@ def _fill(
     writer: AtomicWriter,
     offsets: dict[str, tuple[int, int]],
 ) -> None:
-    """Copy the originals ``file`` keeps, wait for the source's integrity check, then compute its
-    fused tensors into the destination map."""
-    fused = {t.key for t in file.fusion.fused}
-    copy_originals(
-        checkpoint, arrays, [name for name, _, _ in file.entries if name not in fused], writer, offsets, report
-    )
-    checking.join()
+    """Copy the originals ``file`` keeps and compute its fused tensors into the destination map,
+    at the same time: the copy waits on the disk, the kernels (once loaded, or numpy if the copy
+    ends first) on memory, and the disk writes both as they come. Then wait for the source's
+    integrity check."""
+    copying = _Background(functools.partial(copy_originals, checkpoint, arrays, _kept(file), writer, offsets, report))
+    while copying.is_alive() and kernels.pending():
+        copying.join_quietly(0.02)
     targets = [t for t in file.fusion.fused if t.key in offsets]
     outputs = {t.key: writer.view(*offsets[t.key], t.dtype, t.shape) for t in targets}
     execute(replace(file.fusion, fused=tuple(targets)), arrays, outputs)
@@ -254,6 +273,8 @@ def _fill(
         writer.written(*offsets[t.key])
     if report:
         report(sum(t.nbytes for t in targets))
+    copying.join()
+    checking.join()
 
 
 def copy_originals(
@@ -318,13 +339,17 @@ class _Background(threading.Thread):
         if self._error is not None:
             raise self._error
 
+    def join_quietly(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s; an error waits for :meth:`join`."""
+        super().join(timeout)
+
 
 def _write_folder(
     folder: Path,
     files: list[_File],
     index_name: str,
     index: Mapping[str, Any],
-    fill: Fill,
+    write: Callable[[Path, _File], None],
     *,
     overwrite: bool,
 ) -> None:
@@ -343,7 +368,7 @@ def _write_folder(
     folder.mkdir(exist_ok=True)
     try:
         for file in files:
-            _write(folder / file.name, file, fill, overwrite=overwrite)
+            write(folder / file.name, file)
         write_bytes_atomic(folder / index_name, json.dumps(index, indent=2).encode() + b"\n", overwrite=overwrite)
     except BaseException:
         if created:

@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 MAX_HEADER_BYTES = 100_000_000  # as the reference reader (safetensors) limits it
+PAGE = 4096
 _ITEMSIZE = {
     "F64": 8,
     "F32": 4,
@@ -379,10 +380,18 @@ def _aligned(tensors: Sequence[OutputTensor]) -> bool:
 
 
 def layout(
-    tensors: Sequence[OutputTensor], metadata: Mapping[str, str] | None, *, keep_order: bool = False
+    tensors: Sequence[OutputTensor],
+    metadata: Mapping[str, str] | None,
+    *,
+    keep_order: bool = False,
+    data_start: int | None = None,
 ) -> tuple[bytes, dict[str, tuple[int, int]]]:
     """The file prefix (length + compact JSON, ``__metadata__`` first, padded with spaces so
     the data starts at a multiple of 8) and each tensor's (start, end) in the data section.
+
+    ``data_start``: also pad so that the data section starts at this offset modulo ``PAGE``
+    (when it is a multiple of 8): a file-to-file copy whose source and destination offsets
+    share their place in a page is about twice as fast (the kernel moves whole pages).
 
     Order: item size descending, then name (safetensors' own), so each tensor is aligned to its
     item size, with no gaps; with ``keep_order``, the given order if every tensor is aligned in
@@ -413,6 +422,8 @@ def layout(
     except UnicodeEncodeError as e:
         raise FuseError(f"a tensor name or metadata is not valid UTF-8: {e}") from None
     raw += b" " * (-len(raw) % 8)
+    if data_start is not None and data_start % 8 == 0:  # 8 + len(raw) is a multiple of 8 already
+        raw += b" " * ((data_start - 8 - len(raw)) % PAGE)
     if len(raw) > MAX_HEADER_BYTES:
         raise FuseError(f"header would be {len(raw)} bytes, over the {MAX_HEADER_BYTES} limit")
     return len(raw).to_bytes(8, "little") + raw, offsets

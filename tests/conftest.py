@@ -89,9 +89,7 @@ def poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
     test cannot pass because memory happened to be clear (e.g. a zero-filled bias part)."""
     import fastfuse.core
 
-    def allocate(shape: tuple[int, ...], dtype: np.dtype[Any]) -> tuple[np.ndarray, np.ndarray]:
-        array = np.empty(shape, dtype)
-        array.reshape(-1).view(np.uint8)[:] = 0xA5
-        return array, array
+    def allocate(nbytes: int) -> np.ndarray:
+        return np.full(nbytes, 0xA5, np.uint8)
 
-    monkeypatch.setattr(fastfuse.core, "_new_numpy_output", allocate)
+    monkeypatch.setattr(fastfuse.core, "_new_buffer", allocate)
