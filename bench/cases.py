@@ -386,7 +386,7 @@ def _file_impl(argv: list[str], setup: Callable[[], None], *, sync: bool, in_pro
     else:
         command = " ".join(map(_quote, argv)) + (" && sync" if sync else "")
         run = functools.partial(subprocess.run, ["sh", "-c", command], check=True, capture_output=True)
-    return Impl(run, setup, functools.partial(lower_peak, argv, setup))
+    return Impl(run, setup, functools.partial(lower_peak, argv, setup, runs=1 if QUICK else 2))
 
 
 def _quote(arg: str) -> str:
@@ -518,6 +518,8 @@ CASES = [
     (group, param, impl) for group, spec in GROUPS.items() for param, names in spec.params.items() for impl in names
 ]
 SLOW = {"fastfuse-cold", "ctranslate2+sync", "cli-hf+sync"}  # seconds each: fewer rounds
+QUICK = False  # report.py --quick: one round of everything, one peak-memory run
+QUICK_LEAVES_OUT = {"ctranslate2+sync", "cli-hf+sync", "numpy", "serial", "copyfile+fsync", "safe_open+numpy"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -526,8 +528,8 @@ def impls(group: str, size: str, param: str) -> dict[str, Impl | None]:
     return GROUPS[group].build(size, param)
 
 
-def rounds(group: str, impl: str, quick: bool = False) -> int:
-    """Timed runs: fewer for slow cases and in quick mode."""
-    if impl in SLOW:
-        return 1 if quick or impl != "fastfuse-cold" else 3
-    return min(GROUPS[group].rounds, 2) if quick else GROUPS[group].rounds
+def rounds(group: str, impl: str) -> int:
+    """Timed runs: fewer for slow cases, one in quick mode."""
+    if QUICK:
+        return 1
+    return (3 if impl == "fastfuse-cold" else 1) if impl in SLOW else GROUPS[group].rounds

@@ -118,7 +118,8 @@ def fuse_file(
     (``fastfuse.*`` keys). The originals keep their source order, then come the fused tensors
     (item size descending, then name), unless that would misalign a tensor (then all are in
     safetensors' own order). A torch file's CRCs are checked while copying.
-    ``progress(done, total)`` is called as data is written. Returns the executed plan.
+    ``progress(done, total)`` is called as data is written (from a worker thread at times,
+    never two calls at once). Returns the executed plan.
 
     Everything is validated before anything is created; on any error no destination file is
     changed. Each file is atomic; an index is written last.
@@ -139,7 +140,7 @@ def fuse_file(
     total = sum(_nbytes(entry) for file in files for entry in file.entries)
     report: Callable[[int], None] | None = None
     if progress is not None:
-        report = functools.partial(_report, progress, total)
+        report = functools.partial(_report, progress, total, threading.Lock())
     kernels = _engine.expect(((metas[_first(t.sources)].dtype, t.dtype) for t in fusion.fused), fusion.nbytes)
     arrays = checkpoint.arrays()
     # A torch file's CRCs are checked once, in a thread, while the first file is copied; no
@@ -160,8 +161,9 @@ def fuse_file(
     return fusion
 
 
-def _report(progress: Progress, total: int, done: int) -> None:
-    progress(done, total)
+def _report(progress: Progress, total: int, lock: threading.Lock, done: int) -> None:
+    with lock:  # the copy reports from its thread, the fused tensors from this one: one at a time
+        progress(done, total)
 
 
 def _first(sources: Sequence[str | None]) -> str:

@@ -93,3 +93,27 @@ def poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
         return np.full(nbytes, 0xA5, np.uint8)
 
     monkeypatch.setattr(fastfuse.core, "_new_buffer", allocate)
+
+
+def tiny_whisper_config(d: int = 64, layers: int = 2, heads: int = 4, vocab: int = 100) -> Any:
+    """A tiny transformers ``WhisperConfig`` (no download): token ids inside the vocabulary,
+    eager attention (the reference the tests compare with)."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.WhisperConfig(
+        d_model=d,
+        encoder_layers=layers,
+        decoder_layers=layers,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        encoder_ffn_dim=2 * d,
+        decoder_ffn_dim=2 * d,
+        vocab_size=vocab,
+        num_mel_bins=80,
+        max_source_positions=30,
+        max_target_positions=20,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+        attn_implementation="eager",
+    )

@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / huggingfac
 
 import numpy as np
 import pytest
+from conftest import tiny_whisper_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -32,25 +33,7 @@ SITE_IDS = [f"{side}{i}" for side, i in SITES]
 
 
 def whisper_config() -> transformers.WhisperConfig:
-    """A tiny Whisper; token ids inside the vocabulary, eager attention (the reference we copy)."""
-    return transformers.WhisperConfig(
-        d_model=D,
-        encoder_layers=LAYERS,
-        decoder_layers=LAYERS,
-        encoder_attention_heads=HEADS,
-        decoder_attention_heads=HEADS,
-        encoder_ffn_dim=2 * D,
-        decoder_ffn_dim=2 * D,
-        vocab_size=VOCAB,
-        num_mel_bins=80,
-        max_source_positions=30,
-        max_target_positions=20,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=1,
-        attn_implementation="eager",
-    )
+    return tiny_whisper_config(D, LAYERS, HEADS, VOCAB)
 
 
 def build(model_class: type, seed: int = 0) -> torch.nn.Module:

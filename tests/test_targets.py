@@ -31,6 +31,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / huggingface_hub import
 
 import pytest
+from conftest import tiny_whisper_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -112,24 +113,7 @@ def build_qwen2(folder: Path) -> Saved:
 
 
 def whisper_config() -> Any:
-    return transformers.WhisperConfig(
-        d_model=D,
-        encoder_layers=LAYERS,
-        decoder_layers=LAYERS,
-        encoder_attention_heads=HEADS,
-        decoder_attention_heads=HEADS,
-        encoder_ffn_dim=2 * D,
-        decoder_ffn_dim=2 * D,
-        vocab_size=VOCAB,
-        num_mel_bins=80,
-        max_source_positions=30,
-        max_target_positions=20,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=1,
-        attn_implementation="eager",
-    )
+    return tiny_whisper_config(D, LAYERS, HEADS, VOCAB)
 
 
 def build_whisper(folder: Path) -> Saved:

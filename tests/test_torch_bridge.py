@@ -30,7 +30,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import ml_dtypes
-from conftest import hf_whisper_shapes
+from conftest import hf_whisper_shapes, tiny_whisper_config
 from safetensors.torch import load_file, save_file
 
 import fastfuse
@@ -332,24 +332,7 @@ def test_in_place_write_changes_the_process_copy_never_the_file(tmp_path: Path, 
 
 
 def whisper_config() -> Any:
-    transformers = pytest.importorskip("transformers")
-    return transformers.WhisperConfig(
-        d_model=64,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
-        vocab_size=100,
-        num_mel_bins=80,
-        max_source_positions=30,
-        max_target_positions=20,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=1,
-    )
+    return tiny_whisper_config()
 
 
 @functools.cache

@@ -19,6 +19,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import openai_whisper_shapes
 
 from fastfuse import torch_format
 from fastfuse.errors import FuseFileNotFoundError, MalformedFileError
@@ -52,18 +53,6 @@ DTYPES = {  # torch dtype name -> numpy dtype the reader must give
 }
 
 
-def openai_whisper_shapes(d: int, layers: int, vocab: int) -> dict[str, tuple[int, ...]]:
-    """Attention keys of an openai-whisper state dict, in its order (``key`` has no bias)."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for side in ("encoder", "decoder"):
-        for i in range(layers):
-            for block in ("attn", "cross_attn") if side == "decoder" else ("attn",):
-                for proj in ("query", "key", "value", "out"):
-                    shapes[f"{side}.blocks.{i}.{block}.{proj}.weight"] = (d, d)
-                    if proj != "key":
-                        shapes[f"{side}.blocks.{i}.{block}.{proj}.bias"] = (d,)
-    shapes["decoder.token_embedding.weight"] = (vocab, d)
-    return shapes
 
 
 def random_tensor(dtype: str, shape: tuple[int, ...], seed: int = 0) -> Any:
