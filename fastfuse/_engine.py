@@ -9,10 +9,12 @@ install, or every run where the cache is not kept). The policy, per process:
 - Output bytes asked for are counted. Until ``LOAD_AFTER_BYTES`` (whisper-tiny's QKV is 14 MB),
   everything runs on numpy and numba is never imported: a small job costs what numpy costs.
 - Past it, a background thread loads the kernels a job needs (from the cache, or compiling
-  them) while calls keep running on numpy. A call in progress hands its remaining groups to the
-  kernels the moment they are ready; every later call uses them. No call waits for a compile,
-  so a first run is never slower than numpy, and a per-layer loop reaches kernel speed as soon
-  as the process has seen enough work to pay for it, whatever the size of each call.
+  them). When numba's cache seems to hold them (file names tell, without importing numba),
+  the call waits for them (about 0.5 s, at most ``WARM_WAIT``). Otherwise calls keep running on
+  numpy while they compile; a call in progress hands its remaining groups to the kernels the
+  moment they are ready; every later call uses them. No call waits for a compile, so a first
+  run is never slower than numpy, and a per-layer loop reaches kernel speed as soon as the
+  process has seen enough work to pay for it, whatever the size of each call.
 - ``FASTFUSE_ENGINE=numba`` loads (or compiles) the kernels in the calling thread and always
   uses them; ``FASTFUSE_ENGINE=numpy`` never loads numba. :func:`warm_up` compiles every
   kernel into numba's cache (``fastfuse warmup``), so that the next process starts warm.
@@ -24,8 +26,12 @@ concurrent launches.
 
 from __future__ import annotations
 
+import functools
+import glob
+import hashlib
 import os
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from types import ModuleType
 from typing import Any
@@ -127,6 +133,36 @@ def _request(specs: set[Spec], nbytes: int) -> None:
             _loader.start()
 
 
+WARM_WAIT = 2.0  # seconds a call may wait for kernels numba's cache seems to hold (loading: ~0.5 s)
+
+
+def _wait_if_cached(expected: Expectation) -> bool:
+    """Wait (up to ``WARM_WAIT``) for kernels that are loading when numba's cache seems to hold
+    them: loading from the cache beats numpy on any call worth loading for, and numpy running
+    meanwhile would only slow the loader down (they share the GIL). True if they are ready."""
+    if not expected.pending() or not _cache_looks_warm():
+        return False
+    deadline = time.monotonic() + WARM_WAIT
+    while expected.pending() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return expected.specs <= _ready
+
+
+@functools.cache
+def _cache_looks_warm() -> bool:
+    """Does numba's on-disk cache seem to hold the kernels? A guess from file names, without
+    importing numba: a stale cache (other numba, other CPU) makes the caller wait ``WARM_WAIT``
+    at most once, then it runs on numpy while the kernels compile."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    subpath = f"{os.path.basename(package)}_{hashlib.sha1(package.encode()).hexdigest()}"  # numba's naming
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        places = [os.path.join(os.environ["NUMBA_CACHE_DIR"], subpath)]
+    else:
+        user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+        places = [os.path.join(package, "__pycache__"), os.path.join(user_cache, "numba", subpath)]
+    return any(glob.glob(os.path.join(place, "_kernels._run_tiles-*.nbi")) for place in places)
+
+
 class Expectation:
     """The kernels a caller is about to need (see :func:`expect`)."""
 
@@ -170,6 +206,9 @@ def run_groups(groups: Sequence[Group]) -> None:
         return
     if engine == "auto":
         _request(specs, sum(out.nbytes for _, out in work))
+        if _wait_if_cached(Expectation(frozenset(specs))):
+            _run_kernels(work)
+            return
     from ._numpy_path import move_with_numpy
 
     # Largest first: if the kernels arrive meanwhile, the many small groups (biases) go to them in

@@ -97,9 +97,10 @@ def test_a_first_small_job_never_imports_numba(tmp_path: Path) -> None:
     assert run(code, cache=tmp_path) == "False 0\n"
 
 
-def test_a_big_call_hands_its_remaining_groups_to_the_kernels(warm_cache: Path) -> None:
-    """The kernels become ready during a call (here: right after its first group): the rest of
-    that call runs on them, and the whole result is still exact."""
+def test_a_big_call_hands_its_remaining_groups_to_the_kernels(tmp_path: Path) -> None:
+    """The kernels become ready during a call (here: right after its first group; the cache is
+    empty, so the call did not wait for them): the rest of that call runs on them, and the whole
+    result is still exact."""
     code = """
         import numpy as np
         from fastfuse import _engine, _numpy_path
@@ -117,7 +118,22 @@ def test_a_big_call_hands_its_remaining_groups_to_the_kernels(warm_cache: Path) 
         expected = np.concatenate([p.T for p in parts], axis=1)
         print(np.array_equal(out.view(np.uint16), expected.view(np.uint16)), _engine.status()["groups_moved"])
     """
-    assert run(code, cache=warm_cache) == "True {'numba': 2, 'numpy': 1}\n"
+    assert run(code, cache=tmp_path) == "True {'numba': 2, 'numpy': 1}\n"
+
+
+def test_a_big_call_waits_for_kernels_the_cache_holds(warm_cache: Path) -> None:
+    """With a warm cache, a call worth the kernels waits for them (about half a second) rather
+    than running on numpy meanwhile; a small call never does."""
+    code = """
+        import numpy as np
+        from fastfuse import _engine, transpose_concat
+        small = [np.ones((256, 256), np.float32)] * 3  # 0.75 MB
+        assert np.array_equal(transpose_concat(small), np.concatenate([p.T for p in small], 1))
+        big = [np.ones((2048, 2048), np.float32)] * 3  # 48 MB
+        assert np.array_equal(transpose_concat(big), np.concatenate([p.T for p in big], 1))
+        print(_engine.status()["groups_moved"])
+    """
+    assert run(code, cache=warm_cache) == "{'numba': 1, 'numpy': 1}\n"
 
 
 def test_no_deadlock_and_exact_results_while_the_kernels_compile(tmp_path: Path) -> None:
