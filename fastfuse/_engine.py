@@ -26,13 +26,14 @@ concurrent launches.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import hashlib
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -48,6 +49,7 @@ __all__ = [
     "Group",
     "cache_report",
     "expect",
+    "impatient",
     "run_groups",
     "status",
     "warm_up",
@@ -134,6 +136,20 @@ def _request(specs: set[Spec], nbytes: int) -> None:
 
 
 WARM_WAIT = 2.0  # seconds a call may wait for kernels numba's cache seems to hold (loading: ~0.5 s)
+_caller = threading.local()
+
+
+@contextlib.contextmanager
+def impatient() -> Iterator[None]:
+    """Calls in this block never wait for loading kernels: they start on numpy and hand over.
+    For a caller with other work in flight (a file sink copying), for whom starting now is
+    worth more than finishing sooner."""
+    before = getattr(_caller, "impatient", False)
+    _caller.impatient = True
+    try:
+        yield
+    finally:
+        _caller.impatient = before
 
 
 def _wait_if_cached(expected: Expectation) -> bool:
@@ -206,7 +222,7 @@ def run_groups(groups: Sequence[Group]) -> None:
         return
     if engine == "auto":
         _request(specs, sum(out.nbytes for _, out in work))
-        if _wait_if_cached(Expectation(frozenset(specs))):
+        if not getattr(_caller, "impatient", False) and _wait_if_cached(Expectation(frozenset(specs))):
             _run_kernels(work)
             return
     from ._numpy_path import move_with_numpy

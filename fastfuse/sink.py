@@ -3,9 +3,10 @@
 Everything is validated (headers, plan, destination names) before anything is created. Then
 each output file is built as a temporary beside its destination (``atomic``): the originals it
 keeps are copied file to file, as few long ranges (the output keeps their source order), in
-parallel chunks that the disk starts writing at once; meanwhile the kernels load in the
-background, and the fused tensors are computed from the source maps straight into a map of the
-destination. One fsync, one rename. The checkpoint never sits in anonymous memory.
+parallel chunks that the disk starts writing at once; meanwhile the fused tensors are computed
+from the source maps straight into a map of the destination (on numpy until the kernels, loading
+in the background, take over). One fsync, one rename. The checkpoint never sits in anonymous
+memory.
 """
 
 from __future__ import annotations
@@ -141,12 +142,12 @@ def fuse_file(
     report: Callable[[int], None] | None = None
     if progress is not None:
         report = functools.partial(_report, progress, total, threading.Lock())
-    kernels = _engine.expect(((metas[_first(t.sources)].dtype, t.dtype) for t in fusion.fused), fusion.nbytes)
+    _engine.expect(((metas[_first(t.sources)].dtype, t.dtype) for t in fusion.fused), fusion.nbytes)
     arrays = checkpoint.arrays()
     # A torch file's CRCs are checked once, in a thread, while the first file is copied; no
     # output is published before the check passed.
     checking = _Background(checkpoint.check_integrity)
-    fill = functools.partial(_fill, checking, kernels, arrays, checkpoint, report)
+    fill = functools.partial(_fill, checking, arrays, checkpoint, report)
     write = functools.partial(_write, fill=fill, checkpoint=checkpoint, overwrite=overwrite_destination)
     if fusion.tp == 1 and not sharded:
         write(destination, files[0])
@@ -253,7 +254,6 @@ def _kept(file: _File) -> list[str]:
 
 def _fill(
     checking: _Background,
-    kernels: _engine.Expectation,
     arrays: Mapping[str, np.ndarray],
     checkpoint: Checkpoint,
     report: Callable[[int], None] | None,
@@ -261,16 +261,15 @@ def _fill(
     writer: AtomicWriter,
     offsets: dict[str, tuple[int, int]],
 ) -> None:
-    """Copy the originals ``file`` keeps and compute its fused tensors into the destination map,
-    at the same time: the copy waits on the disk, the kernels (once loaded, or numpy if the copy
-    ends first) on memory, and the disk writes both as they come. Then wait for the source's
-    integrity check."""
+    """Copy the originals ``file`` keeps and compute its fused tensors into the destination map
+    at the same time: the copy waits on the disk, the fused tensors start at once (on numpy
+    until the kernels are loaded, then on them), and the disk writes both as they come. Then
+    wait for the source's integrity check."""
     copying = _Background(functools.partial(copy_originals, checkpoint, arrays, _kept(file), writer, offsets, report))
-    while copying.is_alive() and kernels.pending():
-        copying.join_quietly(0.02)
     targets = [t for t in file.fusion.fused if t.key in offsets]
     outputs = {t.key: writer.view(*offsets[t.key], t.dtype, t.shape) for t in targets}
-    execute(replace(file.fusion, fused=tuple(targets)), arrays, outputs)
+    with _engine.impatient():  # the disk is the bottleneck: fused pages written early beat faster kernels
+        execute(replace(file.fusion, fused=tuple(targets)), arrays, outputs)
     for t in targets:
         writer.written(*offsets[t.key])
     if report:

@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from ._pickled import PickledDict, TensorRef, a_kind
 from ._typing import PathLike
-from ._unpickle import MAX_PICKLE_BYTES, PickledDict, TensorRef, a_kind, load
+from ._unpickle import MAX_PICKLE_BYTES, load
 from .errors import MalformedFileError
 from .stored import StoredFile, StoredTensor, c_strides, map_private, open_regular, pread_exactly
 
