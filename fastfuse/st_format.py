@@ -15,29 +15,26 @@ naming the file, the tensor and the values found.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ._typing import DTypeLike, PathLike
-from .errors import DtypeMismatchError, FuseError, MalformedFileError
+from ._typing import PathLike
+from .errors import FuseError, MalformedFileError
+from .st_dtypes import ITEMSIZE, dtype_code, dtype_of
 from .stored import StoredFile, StoredTensor, open_regular, pread_exactly
 
 __all__ = [
-    "DTYPES",
     "MAX_HEADER_BYTES",
     "Header",
     "OutputTensor",
     "TensorInfo",
     "claims",
-    "dtype_code",
-    "dtype_of",
     "layout",
     "read_header",
     "read_index",
@@ -46,91 +43,7 @@ __all__ = [
 
 MAX_HEADER_BYTES = 100_000_000  # as the reference reader (safetensors) limits it
 PAGE = 4096
-_ITEMSIZE = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U64": 8,
-    "U32": 4,
-    "U16": 2,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "F8_E4M3FNUZ": 1,
-    "F8_E5M2FNUZ": 1,
-    "F8_E8M0": 1,
-    "C64": 8,
-}
-_NUMPY = {
-    "F64": "<f8",
-    "F32": "<f4",
-    "F16": "<f2",
-    "I64": "<i8",
-    "I32": "<i4",
-    "I16": "<i2",
-    "I8": "i1",
-    "U64": "<u8",
-    "U32": "<u4",
-    "U16": "<u2",
-    "U8": "u1",
-    "BOOL": "?",
-    "C64": "<c8",
-}
-_ML_DTYPES = {
-    "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-    "F8_E4M3FNUZ": "float8_e4m3fnuz",
-    "F8_E5M2FNUZ": "float8_e5m2fnuz",
-    "F8_E8M0": "float8_e8m0fnu",
-}
 _FIELDS = ["data_offsets", "dtype", "shape"]
-
-
-@functools.cache
-def dtype_of(code: str) -> np.dtype[Any]:
-    """numpy dtype of a safetensors dtype code (KeyError if unknown); ml_dtypes is imported
-    only for BF16 and F8."""
-    if code in _ML_DTYPES:
-        import ml_dtypes
-
-        dt: np.dtype[Any] = np.dtype(getattr(ml_dtypes, _ML_DTYPES[code]))
-        return dt
-    return np.dtype(_NUMPY[code])
-
-
-class _Dtypes(Mapping[str, "np.dtype[Any]"]):
-    def __getitem__(self, code: str) -> np.dtype[Any]:
-        return dtype_of(code)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(_ITEMSIZE)
-
-    def __len__(self) -> int:
-        return len(_ITEMSIZE)
-
-
-#: Read-only mapping safetensors dtype code -> numpy dtype (lazy: see :func:`dtype_of`).
-DTYPES: Mapping[str, np.dtype[Any]] = _Dtypes()
-
-
-def dtype_code(dtype: DTypeLike) -> str:
-    """Safetensors code of a numpy dtype (``"F32"``...); DtypeMismatchError if not storable."""
-    dt = np.dtype(dtype)
-    codes = [c for c in _NUMPY if dt == np.dtype(_NUMPY[c])]
-    if not codes and dt.name in _ML_DTYPES.values():
-        codes = [c for c in _ML_DTYPES if dt == dtype_of(c)]
-    if not codes:
-        raise DtypeMismatchError(
-            f"dtype {dt.str} ({dt}) cannot be stored in safetensors; supported (little-endian): {', '.join(_ITEMSIZE)}"
-        )
-    return codes[0]
 
 
 @dataclass(frozen=True)
@@ -253,8 +166,8 @@ def _tensor(path: str, name: str, entry: Any, data_size: int) -> TensorInfo:
         found = sorted(entry) if isinstance(entry, dict) else f"a {_kind(entry)}"
         raise MalformedFileError(f"{where} entry has {found}, expected exactly the keys {_FIELDS}")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
-        raise MalformedFileError(f"{where} has unsupported dtype {_show(dtype)} (supported: {', '.join(_ITEMSIZE)})")
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
+        raise MalformedFileError(f"{where} has unsupported dtype {_show(dtype)} (supported: {', '.join(ITEMSIZE)})")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise MalformedFileError(f"{where} shape {_show(shape)} is not a list of non-negative integers")
     if not (
@@ -272,7 +185,7 @@ def _tensor(path: str, name: str, entry: Any, data_size: int) -> TensorInfo:
             f"{where} data_offsets [{start}, {end}] run past the end of the "
             f"data section ({data_size} bytes; is the file truncated?)"
         )
-    need = 0 if 0 in shape else _ITEMSIZE[dtype]
+    need = 0 if 0 in shape else ITEMSIZE[dtype]
     for d in shape:  # Python ints, stopped past 2**64: no overflow and no huge products
         if need > 2**64:
             break

@@ -28,12 +28,10 @@ from fastfuse.errors import (
     FusePermissionError,
     MalformedFileError,
 )
+from fastfuse.st_dtypes import DTYPES, dtype_code, dtype_of
 from fastfuse.st_format import (
-    DTYPES,
     MAX_HEADER_BYTES,
     OutputTensor,
-    dtype_code,
-    dtype_of,
     layout,
     read_header,
     read_index,
