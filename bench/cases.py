@@ -10,7 +10,8 @@ loop in a fresh process: first pass and steady state), ``load`` (numpy), ``torch
 (``framework="pt"`` against safetensors' torch loaders), ``ptload`` (a ``torch.save`` file
 against ``torch.load(mmap=True)``), ``file`` (file to file against ``cp`` + ``sync``, from
 safetensors and from torch files, and against CTranslate2's converter where installed),
-``startup`` (fresh processes, warm and cold numba cache) and ``scaling`` (threads).
+``startup`` (fresh processes, warm and cold numba cache) and ``scaling`` (threads). The cases
+that run whole processes (``file``, ``startup``) are built in ``file_cases.py``.
 
 Checkpoints have the real Hugging Face Whisper key names and shapes (``fastfuse.demo``) with
 random values, written once into ``$FASTFUSE_BENCH_CACHE`` (default ``.bench-cache/``).
@@ -19,17 +20,14 @@ random values, written once into ``$FASTFUSE_BENCH_CACHE`` (default ``.bench-cac
 from __future__ import annotations
 
 import functools
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import harness
 import numpy as np
+from file_cases import FILE_IMPLS, TINY, build_file, build_startup
 from harness import (
     Impl,
     checkpoint_file,
@@ -37,13 +35,11 @@ from harness import (
     lower_peak,
     np_dtype,
     python_argv,
-    scratch_file,
     torch_checkpoint_file,
     warm_page_cache,
 )
 
 DTYPES = ("float32", "float16", "bfloat16")
-TINY = "tiny"
 
 
 @dataclass(frozen=True)
@@ -228,6 +224,7 @@ def _loop(size: str, dtype: str) -> dict[str, Impl | None]:
 # ---------------------------------------------------------------------------------------------
 # Loading: numpy, torch tensors, torch files.
 
+
 def _loader(run: Callable[[], Any], child: str) -> Impl:
     """Timed in this process (page cache warm); peak memory of the same load alone in a child."""
     return Impl(run, extra=lambda: lower_peak(python_argv(child), runs=1))
@@ -324,9 +321,7 @@ def _ptload(size: str, dtype: str) -> dict[str, Impl | None]:
     mmap_load = f"torch.load({p!r}, mmap=True, weights_only=True)"
     return {
         "fastfuse": _loader(lambda: fastfuse.load(path), f"import fastfuse; fastfuse.load({p!r})"),
-        "torch.load-mmap": _loader(
-            lambda: torch.load(p, mmap=True, weights_only=True), f"import torch; {mmap_load}"
-        ),
+        "torch.load-mmap": _loader(lambda: torch.load(p, mmap=True, weights_only=True), f"import torch; {mmap_load}"),
     }
 
 
@@ -334,154 +329,6 @@ def _importable(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
-
-
-# ---------------------------------------------------------------------------------------------
-# File to file, against ``cp`` + ``sync``: every byte on disk.
-
-
-def _fuse_file(src: str, dst: str) -> None:
-    from fastfuse.sink import fuse_file
-
-    fuse_file(src, dst, overwrite_destination=True)
-
-
-def _numpy_file(src: str, dst: str) -> None:
-    from safetensors.numpy import load_file, save_file
-
-    tensors = load_file(src)
-    save_file({**tensors, **numpy_fuse(tensors)}, dst, metadata={"format": "pt"})
-
-
-def _copy_fsync(src: str, dst: str) -> None:
-    """A plain copy, made as durable as fastfuse's atomic writer makes its output (synced before the rename)."""
-    shutil.copyfile(src, dst)
-    fd = os.open(dst, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-FILE_OPS: dict[str, Callable[[str, str], Any]] = {
-    "fuse_file": _fuse_file,
-    "copyfile+fsync": _copy_fsync,
-    "numpy": _numpy_file,
-}
-
-
-def file_argv(op: str, src: Path, dst: Path) -> list[str]:
-    """The command running file operation ``op`` alone (``cli``: the real CLI; ``cp``: coreutils)."""
-    if op == "cli":
-        return [sys.executable, "-m", "fastfuse", "fuse", str(src), str(dst), "--force", "--quiet"]
-    if op == "cp":
-        return ["cp", str(src), str(dst)]
-    return python_argv(f"import cases; cases.FILE_OPS[{op!r}]({str(src)!r}, {str(dst)!r})")
-
-
-def _file_impl(argv: list[str], setup: Callable[[], None], *, sync: bool, in_process: Callable[[], Any] | None) -> Impl:
-    """A file operation timed with ``sync`` after it (or in this process), peak memory from a child."""
-    if in_process is not None:
-        run = in_process
-    else:
-        command = " ".join(map(_quote, argv)) + (" && sync" if sync else "")
-        run = functools.partial(subprocess.run, ["sh", "-c", command], check=True, capture_output=True)
-    return Impl(run, setup, functools.partial(lower_peak, argv, setup, runs=1 if QUICK else 2))
-
-
-def _quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
-
-
-def _file(size: str, source: str) -> dict[str, Impl | None]:
-    src = checkpoint_file(size, "float16") if source == "safetensors" else torch_checkpoint_file(size, "float16")
-    dst = scratch_file()
-    warm_page_cache(src)
-
-    def setup() -> None:  # a fresh destination, nothing of ours left dirty
-        dst.unlink(missing_ok=True)
-        os.sync()
-
-    impls: dict[str, Impl | None] = {
-        "cli+sync": _file_impl(file_argv("cli", src, dst), setup, sync=True, in_process=None),
-        "cp+sync": _file_impl(file_argv("cp", src, dst), setup, sync=True, in_process=None),
-    }
-    for op in GROUPS["file"].params[source]:
-        if op in FILE_OPS:
-            run = functools.partial(FILE_OPS[op], str(src), str(dst))
-            impls[op] = _file_impl(file_argv(op, src, dst), setup, sync=False, in_process=run)
-    if "ctranslate2+sync" in GROUPS["file"].params[source]:
-        impls |= _ctranslate2(size, setup)
-    return impls
-
-
-def _ctranslate2(size: str, setup: Callable[[], None]) -> dict[str, Impl | None]:
-    """CTranslate2's converter (what faster-whisper users run) and the CLI on the same model folder."""
-    import peers
-
-    if not peers.ctranslate2_available():
-        return {"ctranslate2+sync": None, "cli-hf+sync": None}
-    from harness import cache_dir
-
-    model = peers.whisper_model_dir(size, cache_dir())
-    warm_page_cache(model / "model.safetensors")
-    out = Path(tempfile.gettempdir()) / "fastfuse-bench-ct2"
-    dst = scratch_file()
-
-    def clean() -> None:
-        shutil.rmtree(out, ignore_errors=True)
-        setup()
-
-    converter = peers.ctranslate2_argv(model, out)
-    cli = file_argv("cli", model / "model.safetensors", dst)
-    return {
-        "ctranslate2+sync": _file_impl(converter, clean, sync=True, in_process=None),
-        "cli-hf+sync": _file_impl(cli, clean, sync=True, in_process=None),
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Fresh processes: the first call of a loader, with a warm and a cold numba cache.
-
-_FIRST_FUSE = """\
-import json, struct, time
-raw = open({path!r}, "rb").read()
-n = struct.unpack("<Q", raw[:8])[0]
-header = json.loads(raw[8 : 8 + n]); header.pop("__metadata__", None)
-start = time.perf_counter()
-import numpy as np
-tensors = {{k: np.frombuffer(raw, "<f2", (v["data_offsets"][1] - v["data_offsets"][0]) // 2,
-                             8 + n + v["data_offsets"][0]).reshape(v["shape"]) for k, v in header.items()}}
-{fuse}
-print(time.perf_counter() - start)
-"""
-
-
-def _startup(size: str, variant: str) -> dict[str, Impl | None]:
-    if variant == "load":
-        path = checkpoint_file(size, "float16")
-        warm_page_cache(path)
-        load = f"import fastfuse; fastfuse.load({str(path)!r})"
-
-        def cold() -> float:
-            with tempfile.TemporaryDirectory(prefix="fastfuse-numba-") as empty:
-                return fresh(load, {"NUMBA_CACHE_DIR": empty})[0]
-
-        load_file = f"import safetensors.numpy; safetensors.numpy.load_file({str(path)!r})"
-        return {
-            "fastfuse": Impl(lambda: fresh(load)[0]),
-            "fastfuse-cold": Impl(cold),
-            "load_file": Impl(lambda: fresh(load_file)[0]),
-        }
-    path = checkpoint_file(TINY, "float16")  # always whisper-tiny: this measures import + first call
-
-    def child(fuse: str) -> Impl:
-        code = _FIRST_FUSE.format(path=str(path), fuse=fuse)
-        return Impl(lambda: float(fresh(code)[1]), self_timed=True)
-
-    return {"fastfuse": child("import fastfuse; fastfuse.fuse(tensors)"), "numpy": child("")}
 
 
 KERNEL_IMPLS = ("fastfuse", "memcpy", "numpy", "serial", "torch")
@@ -494,16 +341,9 @@ GROUPS: dict[str, Group] = {
     "load": Group({"float16": ("fastfuse", "load_file", "safe_open+numpy")}, _load, rounds=5),
     "torch": Group({"float16": ("fastfuse-pt", "load_file-pt", "safe_open-pt")}, _torch, rounds=5),
     "ptload": Group({"float16": ("fastfuse", "torch.load-mmap")}, _ptload, rounds=5),
-    "file": Group(
-        {
-            "safetensors": ("cli+sync", "cp+sync", "fuse_file", "copyfile+fsync", "numpy", "ctranslate2+sync", "cli-hf+sync"),
-            "torch": ("cli+sync", "cp+sync"),
-        },
-        _file,
-        rounds=3,
-    ),
+    "file": Group(FILE_IMPLS, build_file, rounds=3),
     "startup": Group(
-        {"load": ("fastfuse", "fastfuse-cold", "load_file"), "fuse": ("fastfuse", "numpy")}, _startup, rounds=5
+        {"load": ("fastfuse", "fastfuse-cold", "load_file"), "fuse": ("fastfuse", "numpy")}, build_startup, rounds=5
     ),
     "scaling": Group(
         {
@@ -518,7 +358,6 @@ CASES = [
     (group, param, impl) for group, spec in GROUPS.items() for param, names in spec.params.items() for impl in names
 ]
 SLOW = {"fastfuse-cold", "ctranslate2+sync", "cli-hf+sync"}  # seconds each: fewer rounds
-QUICK = False  # report.py --quick: one round of everything, one peak-memory run
 QUICK_LEAVES_OUT = {"ctranslate2+sync", "cli-hf+sync", "numpy", "serial", "copyfile+fsync", "safe_open+numpy"}
 
 
@@ -530,6 +369,6 @@ def impls(group: str, size: str, param: str) -> dict[str, Impl | None]:
 
 def rounds(group: str, impl: str) -> int:
     """Timed runs: fewer for slow cases, one in quick mode."""
-    if QUICK:
+    if harness.QUICK:
         return 1
     return (3 if impl == "fastfuse-cold" else 1) if impl in SLOW else GROUPS[group].rounds

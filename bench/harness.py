@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 BENCH = Path(__file__).resolve().parent
+QUICK = False  # report.py --quick: one round of everything, one peak-memory run
 
 
 @dataclass(frozen=True)
@@ -151,15 +152,20 @@ def lower_peak(argv: list[str], setup: Callable[[], None] | None = None, runs: i
     return min(measured, key=lambda peak: peak["rss_anon_mb"])
 
 
-def measure(impl: Impl, repeat: int) -> float:
-    """Min-of-``repeat`` seconds (wall, or the child's own timer for self-timed cases)."""
-    best = float("inf")
-    for _ in range(repeat):
-        if impl.setup:
-            impl.setup()
-        start = time.perf_counter()
-        result = impl.run()
-        best = min(best, result if impl.self_timed else time.perf_counter() - start)
+def measure(impls: dict[str, Impl], repeats: dict[str, int]) -> dict[str, float]:
+    """Min-of-``repeats[name]`` seconds of each implementation (wall, or the child's own timer for
+    self-timed cases), in rounds that take turns: a machine that slows down for a while (a noisy
+    neighbour, writeback) slows every implementation of the comparison, not only the one it hits."""
+    best = dict.fromkeys(impls, float("inf"))
+    for round_ in range(max(repeats.values(), default=0)):
+        for name, impl in impls.items():
+            if round_ >= repeats[name]:
+                continue
+            if impl.setup:
+                impl.setup()
+            start = time.perf_counter()
+            result = impl.run()
+            best[name] = min(best[name], result if impl.self_timed else time.perf_counter() - start)
     return best
 
 

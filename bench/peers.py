@@ -319,9 +319,9 @@ def check_ctranslate2(output_dir: Path) -> dict[str, Any]:
 
 
 def _bench(name: str) -> Any:
-    """A helper of the bench folder (``harness``, or ``cases`` where it still lives there)."""
+    """A helper of the bench folder (``harness``, or ``file_cases`` where it lives there)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    for module in ("harness", "cases"):
+    for module in ("harness", "file_cases"):
         try:
             found = importlib.import_module(module)
         except ImportError:

@@ -2,8 +2,9 @@
 
 Runs the cases of ``cases.py`` (the ones ``pytest bench --benchmark-only`` runs) outside pytest,
 after ``fastfuse warmup``: each implementation is warmed up once (not fresh processes), then timed
-min-of-N. ``--quick`` for a look in under two minutes (whisper-small), ``--only kernel,load`` to
-pick groups (kernel, widen, layouts, loop, load, torch, ptload, file, startup, scaling).
+min-of-N, the implementations of a comparison taking turns round by round. ``--quick`` for a look
+in under two minutes (whisper-small), ``--only kernel,load`` to pick groups (kernel, widen,
+layouts, loop, load, torch, ptload, file, startup, scaling).
 """
 
 from __future__ import annotations
@@ -119,27 +120,27 @@ def run(
     times: dict[Case, float] = {}
     extras: dict[Case, dict[str, float]] = {}
     spent = [0.0, 0.0, 0.0]  # wall, machine busy, own: summed over the measured stretches only
-    for case in cases.CASES:
-        group, param, name = case
+    for group, param in dict.fromkeys((group, param) for group, param, _ in cases.CASES):
         if group not in groups:
             continue
-        if quick and name in cases.QUICK_LEAVES_OUT:
-            continue
-        impl = cases.impls(group, size, param)[name]
-        if impl is None:
-            continue
+        built = cases.impls(group, size, param)
+        names = [n for n in cases.GROUPS[group].params[param] if not (quick and n in cases.QUICK_LEAVES_OUT)]
+        impls = {name: impl for name in names if (impl := built[name]) is not None}
         waited = wait_for_idle(limit=5.0 if quick else 60.0)
-        print(f"  {group} {param} {name} (waited {waited:.1f} s for idle CPUs) ...", end="", file=sys.stderr)
+        print(f"  {group} {param} {', '.join(impls)} (waited {waited:.1f} s for idle CPUs) ...", end="", file=sys.stderr)
         before = cpu_seconds()
-        if not (quick or impl.self_timed or name in cases.SLOW):  # warm-up: page cache, first call
-            if impl.setup:
-                impl.setup()
-            impl.run()
-        times[case] = harness.measure(impl, cases.rounds(group, name))
-        if impl.extra:
-            extras[case] = impl.extra()
+        for name, impl in impls.items():
+            if not (quick or impl.self_timed or name in cases.SLOW):  # warm-up: page cache, first call
+                if impl.setup:
+                    impl.setup()
+                impl.run()
+        best = harness.measure(impls, {name: cases.rounds(group, name) for name in impls})
+        for name, impl in impls.items():
+            times[group, param, name] = best[name]
+            if impl.extra:
+                extras[group, param, name] = impl.extra()
         spent = [total + b - a for total, a, b in zip(spent, before, cpu_seconds(), strict=True)]
-        print(f" {times[case]:.4f} s", file=sys.stderr)
+        print(" " + ", ".join(f"{s:.4f}" for s in best.values()) + " s", file=sys.stderr)
     wall, busy, own = spent
     return times, extras, max(busy - own, 0.0) / max(wall * (os.cpu_count() or 1), 1e-9)
 
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     size = args.size or (QUICK_SIZE if args.quick else "large-v3")
-    cases.QUICK = args.quick
+    harness.QUICK = args.quick
     groups = [g for g in args.only.split(",") if g and not (args.quick and g in QUICK_SKIP)]
     unknown = set(groups) - set(cases.GROUPS)
     if unknown:
