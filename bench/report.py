@@ -67,7 +67,14 @@ ROWS = [
     ],
     Row("load vs load_file", "load", F16, "fastfuse", "load_file", "<=", 0.5),
     Row("load vs safe_open + numpy fusion", "load", F16, "fastfuse", "safe_open+numpy"),
-    Row("load peak RssAnon (the fused tensors are new memory) vs load_file", "load", F16, "fastfuse", "load_file", rss=True),
+    Row(
+        "load peak RssAnon (the fused tensors are new memory) vs load_file",
+        "load",
+        F16,
+        "fastfuse",
+        "load_file",
+        rss=True,
+    ),
     Row("load(framework='pt') vs safetensors.torch.load_file (lazy map)", "torch", F16, "fastfuse-pt", "load_file-pt"),
     Row("load(framework='pt') vs safe_open('pt'), every tensor", "torch", F16, "fastfuse-pt", "safe_open-pt"),
     Row("load(framework='pt') peak RssAnon (vs load_file)", "torch", F16, "fastfuse-pt", "load_file-pt", rss=True),
@@ -84,7 +91,15 @@ ROWS = [
     Row("file: CLI vs CTranslate2's converter, + sync", "file", ST, "cli-hf+sync", "ctranslate2+sync"),
     Row("file: CLI vs CTranslate2's converter, peak RssAnon", "file", ST, "cli-hf+sync", "ctranslate2+sync", rss=True),
     Row("fresh process: load vs load_file (warm compile cache)", "startup", "load", "fastfuse", "load_file", "<=", 0.5),
-    Row("fresh process: load vs load_file (cold compile cache)", "startup", "load", "fastfuse-cold", "load_file", "<=", 1.0),
+    Row(
+        "fresh process: load vs load_file (cold compile cache)",
+        "startup",
+        "load",
+        "fastfuse-cold",
+        "load_file",
+        "<=",
+        1.0,
+    ),
     Row("fresh process: import + first tiny fuse vs import numpy", "startup", "fuse", "fastfuse", "numpy", "+<=", 0.15),
     *[
         row
@@ -127,7 +142,9 @@ def run(
         names = [n for n in cases.GROUPS[group].params[param] if not (quick and n in cases.QUICK_LEAVES_OUT)]
         impls = {name: impl for name in names if (impl := built[name]) is not None}
         waited = wait_for_idle(limit=5.0 if quick else 60.0)
-        print(f"  {group} {param} {', '.join(impls)} (waited {waited:.1f} s for idle CPUs) ...", end="", file=sys.stderr)
+        print(
+            f"  {group} {param} {', '.join(impls)} (waited {waited:.1f} s for idle CPUs) ...", end="", file=sys.stderr
+        )
         before = cpu_seconds()
         for name, impl in impls.items():
             if not (quick or impl.self_timed or name in cases.SLOW):  # warm-up: page cache, first call

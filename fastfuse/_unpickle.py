@@ -36,6 +36,7 @@ MAX_PICKLE_BYTES = 100_000_000  # a large-v3 state dict pickles to ~0.1 MB
 MAX_OBJECTS = 10_000_000  # values pushed (and memo entries): ~10k per large model
 MAX_DEPTH = 100  # open MARKs; torch nests 3
 
+
 def load(data: bytes, where: str) -> Any:
     """The object ``data`` pickles, built from allowed pieces only; ``where`` (file and member)
     starts every error message."""

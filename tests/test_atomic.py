@@ -282,9 +282,3 @@ def test_sigkill_leaves_destination_alone(tmp_path: Path, mode: str, existing: b
         assert left == []
     else:  # a named temporary cannot be cleaned up after SIGKILL; it is hidden and recognisable
         assert len(left) == 1 and left[0].startswith(".out.safetensors.fastfuse-") and left[0].endswith(".tmp")
-
-
-# ----------------------------------------------------------------------------- property
-
-
-

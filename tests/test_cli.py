@@ -17,7 +17,12 @@ from safetensors.numpy import save_file
 def fastfuse(*args: str | Path, check: int | None = 0) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONWARNINGS": "error"}
     result = subprocess.run(
-        [sys.executable, "-m", "fastfuse", *map(str, args)], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-m", "fastfuse", *map(str, args)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     if check is not None:
         assert result.returncode == check, result.stderr
@@ -106,7 +111,12 @@ def test_a_closed_pipe_ends_quietly(tmp_path: Path, checkpoint: Path, command: l
     os.close(reader)  # nobody will read: the first write fails with EPIPE
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "fastfuse", *argv], stdout=writer, stderr=subprocess.PIPE, text=True, timeout=300
+            [sys.executable, "-m", "fastfuse", *argv],
+            check=False,
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
         )
     finally:
         os.close(writer)
@@ -142,7 +152,7 @@ def test_verify_mismatch_exits_1_naming_the_key(tmp_path: Path, checkpoint: Path
     fused = tmp_path / "fused.safetensors"
     fastfuse("fuse", checkpoint, fused, "--quiet")
     with safe_open(str(fused), framework="numpy") as f:
-        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118 (not a dict)
     tensors["fused.enc.1.self_attn.qkv.bias"][0] += 1
     save_file(tensors, str(tmp_path / "tampered.safetensors"), metadata=metadata)
     result = fastfuse("verify", tmp_path / "tampered.safetensors", check=1)
@@ -162,7 +172,9 @@ def test_demo(tmp_path: Path) -> None:
 def demo_in(temp: Path, *args: str, check: int = 0) -> subprocess.CompletedProcess[str]:
     """``fastfuse demo`` with its temporary folder under ``temp``."""
     env = {**os.environ, "TMPDIR": str(temp), "PYTHONWARNINGS": "error"}
-    result = subprocess.run([sys.executable, "-m", "fastfuse", "demo", *args], capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "fastfuse", "demo", *args], check=False, capture_output=True, text=True, env=env
+    )
     assert result.returncode == check, result.stderr
     return result
 
@@ -206,6 +218,7 @@ def test_progress_bar_on_a_terminal_only(tmp_path: Path, checkpoint: Path) -> No
     try:
         process = subprocess.run(
             [sys.executable, "-m", "fastfuse", "fuse", str(checkpoint), str(tmp_path / "tty.safetensors")],
+            check=False,
             stdout=subprocess.PIPE,
             stderr=secondary,
             text=True,

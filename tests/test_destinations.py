@@ -125,9 +125,11 @@ def test_no_space_is_a_clean_error_where_space_cannot_be_reserved(
 
     monkeypatch.setattr(os, "posix_fallocate", unsupported)
     monkeypatch.setattr(os, "fstatvfs", lambda fd: Tiny())
-    with pytest.raises(FuseError, match=r"not enough space for .*out.safetensors: it needs 1048584 bytes"):
-        with AtomicWriter(tmp_path / "out.safetensors", b"x" * 8, 1 << 20):
-            raise AssertionError("never entered")
+    with (
+        pytest.raises(FuseError, match=r"not enough space for .*out.safetensors: it needs 1048584 bytes"),
+        AtomicWriter(tmp_path / "out.safetensors", b"x" * 8, 1 << 20),
+    ):
+        raise AssertionError("never entered")
     assert os.listdir(tmp_path) == []
     with AtomicWriter(tmp_path / "small.safetensors", b"x" * 8, 1000):  # fits: written without reserving
         pass

@@ -29,7 +29,12 @@ def run(code: str, *, cache: Path | str | None, engine: str | None = None, **env
     if engine is not None:
         environment["FASTFUSE_ENGINE"] = engine
     done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=environment, timeout=600
+        [sys.executable, "-c", textwrap.dedent(code)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
@@ -228,7 +233,7 @@ AS_NOBODY = pytest.mark.skipif(
 def as_nobody(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", textwrap.dedent(code)]
     base = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "FASTFUSE_ENGINE", "HOME")}
-    return subprocess.run(argv, capture_output=True, text=True, env={**base, **env}, timeout=600, cwd="/")
+    return subprocess.run(argv, check=False, capture_output=True, text=True, env={**base, **env}, timeout=600, cwd="/")
 
 
 @pytest.fixture

@@ -152,8 +152,10 @@ ENC = "model.encoder.layers.{}.self_attn.{}_proj.{}"
             BASE | {ENC.format(1, "v", "weight"): (8, 9)},
             {},
             ShapeMismatchError,
-            "'model.encoder.layers.1.self_attn.v_proj.weight': expected [8, 8] (d of the model, from "
-            "'model.encoder.layers.0.self_attn.q_proj.weight'), found [8, 9]",
+            (
+                "'model.encoder.layers.1.self_attn.v_proj.weight': expected [8, 8] (d of the model, from "
+                "'model.encoder.layers.0.self_attn.q_proj.weight'), found [8, 9]"
+            ),
         ),
         (
             BASE | {"model.decoder.layers.0.self_attn.q_proj.weight": (16, 16)},
@@ -171,8 +173,10 @@ ENC = "model.encoder.layers.{}.self_attn.{}_proj.{}"
             BASE | {ENC.format(0, "v", "bias"): (7,)},
             {},
             ShapeMismatchError,
-            "'model.encoder.layers.0.self_attn.v_proj.bias': expected shape [8] (the rows of "
-            "'model.encoder.layers.0.self_attn.v_proj.weight'), found [7]",
+            (
+                "'model.encoder.layers.0.self_attn.v_proj.bias': expected shape [8] (the rows of "
+                "'model.encoder.layers.0.self_attn.v_proj.weight'), found [7]"
+            ),
         ),
         (
             BASE | {"fused.enc.0.self_attn.qkv.weight": (8, 24)},
@@ -184,8 +188,10 @@ ENC = "model.encoder.layers.{}.self_attn.{}_proj.{}"
             {"lm_head.weight": (4, 4), "x": (1,)},
             {},
             SchemeNotDetectedError,
-            "no fusion scheme matches the 2 keys (first: 'lm_head.weight', 'x'); expected keys like: "
-            "hf-whisper (model.encoder.layers.0.self_attn.q_proj.weight)",
+            (
+                "no fusion scheme matches the 2 keys (first: 'lm_head.weight', 'x'); expected keys like: "
+                "hf-whisper (model.encoder.layers.0.self_attn.q_proj.weight)"
+            ),
         ),
         ({}, {}, SchemeNotDetectedError, "no fusion scheme matches the 0 keys (first: none)"),
         (

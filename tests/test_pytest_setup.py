@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-THIRD_PARTY = '''
+THIRD_PARTY = """
 import warnings
 
 
@@ -18,9 +18,9 @@ class Thing:
     def __repr__(self) -> str:  # a library deprecating something while hypothesis prints an example
         warnings.warn("repr is deprecated", DeprecationWarning, stacklevel=1)
         return "Thing()"
-'''
+"""
 
-TESTS = '''
+TESTS = """
 import warnings
 
 from hypothesis import given, strategies as st
@@ -34,14 +34,16 @@ def test_property_fails(thing, x):
 
 def test_own_warning():
     warnings.warn("caused by the tests", UserWarning)
-'''
+"""
 
 
 def test_a_failing_property_is_reported_as_itself(tmp_path: Path) -> None:
     (tmp_path / "thirdparty.py").write_text(textwrap.dedent(THIRD_PARTY))
     (tmp_path / "test_generated.py").write_text(textwrap.dedent(TESTS))
     argv = [sys.executable, "-m", "pytest", "-q", "-c", str(ROOT / "pyproject.toml"), f"--rootdir={tmp_path}"]
-    result = subprocess.run([*argv, "-p", "no:cacheprovider", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run(
+        [*argv, "-p", "no:cacheprovider", str(tmp_path)], check=False, capture_output=True, text=True, cwd=tmp_path
+    )
     out = result.stdout
     assert "FAILED test_generated.py::test_property_fails - AssertionError: the real failure" in out, out
     assert "FAILED test_generated.py::test_own_warning - UserWarning: caused by the tests" in out, out

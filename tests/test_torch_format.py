@@ -53,8 +53,6 @@ DTYPES = {  # torch dtype name -> numpy dtype the reader must give
 }
 
 
-
-
 def random_tensor(dtype: str, shape: tuple[int, ...], seed: int = 0) -> Any:
     """Random bits of ``dtype`` (NaN payloads, -0.0 and all), made by torch."""
     dt = getattr(torch, dtype)
