@@ -6,7 +6,11 @@ to spell the key names.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -117,3 +121,21 @@ def tiny_whisper_config(d: int = 64, layers: int = 2, heads: int = 4, vocab: int
         decoder_start_token_id=1,
         attn_implementation="eager",
     )
+
+
+def run_cli(
+    *args: str | Path, env: dict[str, str] | None = None, check: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The real CLI, ``python -m fastfuse ARGS``, in a child with warnings as errors (``env``
+    added to the environment); asserts the exit status when ``check`` is given."""
+    result = subprocess.run(
+        [sys.executable, "-m", "fastfuse", *map(str, args)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "error", **(env or {})},
+        timeout=300,
+    )
+    if check is not None:
+        assert result.returncode == check, result.stderr
+    return result

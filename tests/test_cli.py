@@ -10,23 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import hf_whisper_shapes, random_tensors
+from conftest import hf_whisper_shapes, random_tensors, run_cli
 from safetensors.numpy import save_file
 
 
 def fastfuse(*args: str | Path, check: int | None = 0) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONWARNINGS": "error"}
-    result = subprocess.run(
-        [sys.executable, "-m", "fastfuse", *map(str, args)],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    if check is not None:
-        assert result.returncode == check, result.stderr
-    return result
+    return run_cli(*args, check=check)
 
 
 @pytest.fixture
@@ -171,12 +160,7 @@ def test_demo(tmp_path: Path) -> None:
 
 def demo_in(temp: Path, *args: str, check: int = 0) -> subprocess.CompletedProcess[str]:
     """``fastfuse demo`` with its temporary folder under ``temp``."""
-    env = {**os.environ, "TMPDIR": str(temp), "PYTHONWARNINGS": "error"}
-    result = subprocess.run(
-        [sys.executable, "-m", "fastfuse", "demo", *args], check=False, capture_output=True, text=True, env=env
-    )
-    assert result.returncode == check, result.stderr
-    return result
+    return run_cli("demo", *args, env={"TMPDIR": str(temp)}, check=check)
 
 
 def test_demo_cleans_up_after_itself(tmp_path: Path) -> None:

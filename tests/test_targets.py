@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / huggingface_hub import
 
 import pytest
-from conftest import tiny_whisper_config
+from conftest import run_cli, tiny_whisper_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -496,18 +494,6 @@ def test_unfuse_of_a_vllm_file_rebuilds_the_original_checkpoint(saved, tmp_path,
     for key, value in original.items():
         assert_same_bits(restored[key], value)
     assert not any(key.startswith("fastfuse.") for key in metadata(back))
-
-
-def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONWARNINGS": "error"}
-    return subprocess.run(
-        [sys.executable, "-m", "fastfuse", *map(str, args)],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
 
 
 def test_cli_fuse_vllm_then_verify_with_source(saved, tmp_path) -> None:

@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / huggingfac
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import hf_whisper_shapes, openai_whisper_shapes, random_tensors
+from conftest import hf_whisper_shapes, openai_whisper_shapes, random_tensors, tiny_whisper_config
 from naive import same_bits
 from safetensors import safe_open
 
@@ -290,23 +290,7 @@ def test_openai_whisper_pt_fuse_file(tmp_path: Path, engine: str, dtype: str) ->
 def hf_models() -> dict[int, Any]:
     """Two tiny random WhisperForConditionalGeneration (seeds 0 and 1); no download."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.WhisperConfig(
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        vocab_size=50,
-        num_mel_bins=16,
-        max_source_positions=12,
-        max_target_positions=10,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=1,
-    )
+    config = tiny_whisper_config(d=32, heads=4, vocab=50)
     models = {}
     for seed in (0, 1):
         torch.manual_seed(seed)

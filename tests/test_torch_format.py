@@ -19,7 +19,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import openai_whisper_shapes
+from conftest import openai_whisper_shapes, tiny_whisper_config
 
 from fastfuse import torch_format
 from fastfuse.errors import FuseFileNotFoundError, MalformedFileError
@@ -125,23 +125,7 @@ def test_openai_whisper_layout(tmp_path: Path) -> None:
 
 def test_hugging_face_whisper_state_dict_with_tied_weights(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    config = transformers.WhisperConfig(
-        vocab_size=100,
-        d_model=64,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
-        num_mel_bins=16,
-        max_source_positions=32,
-        max_target_positions=32,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=1,
-    )
+    config = tiny_whisper_config(d=64, heads=2, vocab=100)
     torch.manual_seed(0)
     model = transformers.WhisperForConditionalGeneration(config)
     path = save(tmp_path / "pytorch_model.bin", model.state_dict())
