@@ -71,3 +71,17 @@ def test_peak_rss_sees_anonymous_memory() -> None:
     code = "import time; b = bytearray(200 << 20); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.2)"
     peak = harness.peak_rss([sys.executable, "-c", code])
     assert 200 <= peak["rss_anon_mb"] <= peak["vm_hwm_mb"] + 1
+
+
+def test_measure_takes_turns_and_keeps_the_fastest_round() -> None:
+    order: list[str] = []
+
+    def impl(name: str, seconds: list[float]) -> harness.Impl:
+        left = iter(seconds)
+        return harness.Impl(
+            lambda: (order.append(name), next(left))[1], setup=lambda: order.append("setup"), self_timed=True
+        )
+
+    best = harness.measure({"a": impl("a", [3.0, 1.0]), "b": impl("b", [2.0, 5.0, 4.0])}, {"a": 2, "b": 3})
+    assert best == {"a": 1.0, "b": 2.0}
+    assert order == ["setup", "a", "setup", "b", "setup", "a", "setup", "b", "setup", "b"]
