@@ -13,7 +13,7 @@ safetensors and from torch files, and against CTranslate2's converter where inst
 ``startup`` (fresh processes, warm and cold numba cache) and ``scaling`` (threads). The cases
 that run whole processes (``file``, ``startup``) are built in ``file_cases.py``.
 
-Checkpoints have the real Hugging Face Whisper key names and shapes (``fastfuse.demo``) with
+Checkpoints have the real Hugging Face Whisper key names and shapes (``fastfuse.cli.demo``) with
 random values, written once into ``$FASTFUSE_BENCH_CACHE`` (default ``.bench-cache/``).
 """
 
@@ -56,7 +56,7 @@ class Group:
 @functools.lru_cache(maxsize=1)
 def qkv_arrays(size: str, dtype: str) -> np.ndarray:
     """Whole-model self-attention Q/K/V (64 groups for large-v3) as one ``[groups, 3, d, d]`` buffer."""
-    from fastfuse.demo import whisper_shapes
+    from fastfuse.cli.demo import whisper_shapes
 
     shapes = [shape for key, shape in whisper_shapes(size).items() if key.endswith("self_attn.q_proj.weight")]
     rng = np.random.default_rng(0)
@@ -73,7 +73,7 @@ def _kernels_loaded() -> None:
 
 def _fastfuse(qkv: np.ndarray, out_dtype: Any) -> tuple[np.ndarray, Callable[[], list[np.ndarray]]]:
     """A ``[groups, d, 3d]`` output (pages touched) and fastfuse filling all of it in one call."""
-    from fastfuse._engine import run_groups
+    from fastfuse.kernels.engine import run_groups
 
     _kernels_loaded()
     out = np.full((qkv.shape[0], qkv.shape[3], 3 * qkv.shape[2]), 0, out_dtype)
@@ -153,7 +153,7 @@ def llama_qkv(size: str) -> list[np.ndarray]:
 
 def _layouts(size: str, layout: str) -> dict[str, Impl | None]:
     """GQA parts (k, v smaller than q) fused in either layout, against a memcpy of the same bytes."""
-    from fastfuse._engine import run_groups
+    from fastfuse.kernels.engine import run_groups
 
     _kernels_loaded()
     layers = llama_qkv(size)
@@ -180,7 +180,7 @@ _LOOP = """
 import json, time
 import numpy as np
 import fastfuse
-from fastfuse import _engine
+from fastfuse.kernels import engine as kernel_engine
 groups, d = {groups}, {d}
 qkv = np.ones((groups, 3, d, d), "{dtype}")
 out = np.zeros((groups, d, 3 * d), "{dtype}")
@@ -193,7 +193,7 @@ def loop():
 
 first = loop()
 deadline = time.monotonic() + 120
-while not _engine.status()["ready"] and time.monotonic() < deadline:  # more passes: more work seen
+while not kernel_engine.status()["ready"] and time.monotonic() < deadline:  # more passes: more work seen
     loop()
 steady = min(loop() for _ in range(3))
 src, dst = qkv.reshape(-1).view(np.uint8), out.reshape(-1).view(np.uint8)
@@ -210,7 +210,7 @@ print(json.dumps({{"first-loop": first, "steady": steady, "memcpy": min(copy() f
 def _loop(size: str, dtype: str) -> dict[str, Impl | None]:
     import json
 
-    from fastfuse.demo import WHISPER_SIZES
+    from fastfuse.cli.demo import WHISPER_SIZES
 
     d, encoder, decoder, _ = WHISPER_SIZES[size]
     code = _LOOP.format(groups=encoder + decoder, d=d, dtype=dtype)

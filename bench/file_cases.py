@@ -40,7 +40,7 @@ FILE_IMPLS = {
 
 
 def _fuse_file(src: str, dst: str) -> None:
-    from fastfuse.sink import fuse_file
+    from fastfuse.sinks.file_writer import fuse_file
 
     fuse_file(src, dst, overwrite_destination=True)
 

@@ -68,7 +68,7 @@ def checkpoint_file(size: str, dtype: str = "float16") -> Path:
     def write(temp: Path) -> None:
         from safetensors.numpy import save_file
 
-        from fastfuse.demo import whisper_checkpoint
+        from fastfuse.cli.demo import whisper_checkpoint
 
         save_file(whisper_checkpoint(size, np_dtype(dtype)), str(temp), metadata={"format": "pt"})
 

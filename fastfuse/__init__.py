@@ -13,8 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .core import execute, fuse, plan, transpose_concat
-from .errors import (
+from fastfuse.errors import (
     DtypeMismatchError,
     FuseError,
     FuseFileNotFoundError,
@@ -25,18 +24,25 @@ from .errors import (
     SchemeNotDetectedError,
     ShapeMismatchError,
 )
-from .plan import FusedTensor, Plan
+from fastfuse.fusion import execute, fuse, plan, transpose_concat
+from fastfuse.planning.planner import FusedTensor, Plan
 
 if TYPE_CHECKING:
-    from ._engine import warm_up
-    from .inverse import unfuse
-    from .loader import load
-    from .recipe import verify
-    from .sink import fuse_file
+    from fastfuse.kernels.engine import warm_up
+    from fastfuse.loading import load
+    from fastfuse.sinks.file_writer import fuse_file
+    from fastfuse.sinks.unfusing import unfuse
+    from fastfuse.sinks.verification import verify
 
-_LAZY = {"load": ".loader", "fuse_file": ".sink", "verify": ".recipe", "unfuse": ".inverse", "warm_up": "._engine"}
+_LAZY = {
+    "load": ".loading",
+    "fuse_file": ".sinks.file_writer",
+    "verify": ".sinks.verification",
+    "unfuse": ".sinks.unfusing",
+    "warm_up": ".kernels.engine",
+}
 
-__version__ = "0.1.0"
+from fastfuse.version import __version__
 
 __all__ = [
     "DtypeMismatchError",

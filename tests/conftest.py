@@ -1,6 +1,6 @@
 """Shared test helpers: independent Whisper-shaped checkpoint factories.
 
-These deliberately do not use ``fastfuse.demo``: the tests must not trust the code under test
+These deliberately do not use ``fastfuse.cli.demo``: the tests must not trust the code under test
 to spell the key names.
 """
 
@@ -91,12 +91,12 @@ def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> I
 def poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
     """New fused arrays start as 0xA5 bytes instead of whatever np.empty gives (often zeros), so a
     test cannot pass because memory happened to be clear (e.g. a zero-filled bias part)."""
-    import fastfuse.core
+    import fastfuse.fusion
 
     def allocate(nbytes: int) -> np.ndarray:
         return np.full(nbytes, 0xA5, np.uint8)
 
-    monkeypatch.setattr(fastfuse.core, "_new_buffer", allocate)
+    monkeypatch.setattr(fastfuse.fusion, "_new_buffer", allocate)
 
 
 def tiny_whisper_config(d: int = 64, layers: int = 2, heads: int = 4, vocab: int = 100) -> Any:

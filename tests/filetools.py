@@ -12,9 +12,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from fastfuse.atomic import AtomicWriter
-from fastfuse.st_format import Header, OutputTensor, layout, read_safetensors
-from fastfuse.stored import map_arrays
+from fastfuse.formats.safetensors_file import Header, OutputTensor, layout, read_safetensors
+from fastfuse.formats.stored import map_arrays
+from fastfuse.sinks.atomic import AtomicWriter
 
 
 def _permissions_enforced() -> bool:

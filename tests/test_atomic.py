@@ -17,10 +17,10 @@ from filetools import NO_PERMISSIONS, same, sample_arrays, write
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from fastfuse import atomic
-from fastfuse.atomic import AtomicWriter, write_bytes_atomic
 from fastfuse.errors import FuseError, MalformedFileError
-from fastfuse.st_format import OutputTensor, layout, read_header
+from fastfuse.formats.safetensors_file import OutputTensor, layout, read_header
+from fastfuse.sinks import atomic
+from fastfuse.sinks.atomic import AtomicWriter, write_bytes_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -251,10 +251,11 @@ def test_copy_from_short_source(tmp_path: Path, mode: str) -> None:
 CHILD = """
 import sys, time
 import numpy as np
-from fastfuse import atomic, st_format
+from fastfuse.sinks import atomic
+from fastfuse.formats import safetensors_file
 if sys.argv[2] == "named":
     atomic._O_TMPFILE = 0
-prefix, _ = st_format.layout([st_format.OutputTensor("a", np.dtype("<f4"), (1 << 20,))], None)
+prefix, _ = safetensors_file.layout([safetensors_file.OutputTensor("a", np.dtype("<f4"), (1 << 20,))], None)
 with atomic.AtomicWriter(sys.argv[1], prefix, 4 << 20, overwrite=True) as w:
     w.view(0, 4 << 20, np.float32, (1 << 20,))[:] = 1
     print("ready", flush=True)

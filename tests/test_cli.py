@@ -179,12 +179,12 @@ def test_demo_with_an_unknown_size_creates_nothing(tmp_path: Path) -> None:
 
 
 def test_import_does_not_load_numba() -> None:
-    code = "import sys, fastfuse, fastfuse.cli; print('numba' in sys.modules)"
+    code = "import sys, fastfuse, fastfuse.cli.main; print('numba' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
 
 
 def test_main_returns_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
-    from fastfuse.cli import main
+    from fastfuse.cli.main import main
 
     assert main(["--version"]) == 0
     assert main(["fuse"]) == 2

@@ -18,8 +18,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import fastfuse
-from fastfuse import FuseError, FuseFileNotFoundError, FusePermissionError, MalformedFileError, atomic
-from fastfuse.atomic import AtomicWriter
+from fastfuse import FuseError, FuseFileNotFoundError, FusePermissionError, MalformedFileError
+from fastfuse.sinks import atomic
+from fastfuse.sinks.atomic import AtomicWriter
 
 
 @pytest.fixture

@@ -44,7 +44,7 @@ def run(code: str, *, cache: Path | str | None, engine: str | None = None, **env
 def warm_cache() -> Iterator[Path]:
     """A numba cache filled once by ``fastfuse warmup`` (what an image build does)."""
     with tempfile.TemporaryDirectory(prefix="fastfuse-numba-") as folder:
-        run("from fastfuse.cli import main; raise SystemExit(main(['warmup']))", cache=folder)
+        run("from fastfuse.cli.main import main; raise SystemExit(main(['warmup']))", cache=folder)
         yield Path(folder)
 
 
@@ -52,7 +52,7 @@ PER_LAYER_LOOP = """
     import time
     import numpy as np
     import fastfuse
-    from fastfuse import _engine
+    from fastfuse.kernels import engine as kernel_engine
     rng = np.random.default_rng(0)
     parts = [rng.standard_normal((512, 512)).astype(np.float32) for _ in range(3)]  # 3 MB per call
     expected = np.concatenate([p.T for p in parts], axis=1)
@@ -60,14 +60,14 @@ PER_LAYER_LOOP = """
     used = []
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        before = _engine.status()["groups_moved"]["numba"]
+        before = kernel_engine.status()["groups_moved"]["numba"]
         out.fill(np.nan)
         fastfuse.transpose_concat(parts, out=out)
         assert np.array_equal(out, expected)
-        used.append("numba" if _engine.status()["groups_moved"]["numba"] > before else "numpy")
+        used.append("numba" if kernel_engine.status()["groups_moved"]["numba"] > before else "numpy")
         if used[-3:] == ["numba"] * 3:
             break
-    print(json.dumps({"used": used, "status": _engine.status()}, default=str))
+    print(json.dumps({"used": used, "status": kernel_engine.status()}, default=str))
 """
 
 
@@ -90,14 +90,14 @@ def test_a_first_small_job_never_imports_numba(tmp_path: Path) -> None:
         import sys
         import numpy as np
         import fastfuse
-        from fastfuse import _engine
-        from fastfuse.demo import whisper_checkpoint
+        from fastfuse.kernels import engine as kernel_engine
+        from fastfuse.cli.demo import whisper_checkpoint
         tensors = whisper_checkpoint("tiny", np.float16)
         fused = fastfuse.fuse(tensors)
         w = fused["fused.enc.3.self_attn.qkv.weight"]
         parts = [tensors[f"model.encoder.layers.3.self_attn.{p}_proj.weight"] for p in "qkv"]
         assert np.array_equal(w, np.concatenate([p.T for p in parts], axis=1))
-        print("numba" in sys.modules, _engine.status()["groups_moved"]["numba"])
+        print("numba" in sys.modules, kernel_engine.status()["groups_moved"]["numba"])
     """
     assert run(code, cache=tmp_path) == "False 0\n"
 
@@ -108,20 +108,21 @@ def test_a_big_call_hands_its_remaining_groups_to_the_kernels(tmp_path: Path) ->
     result is still exact."""
     code = """
         import numpy as np
-        from fastfuse import _engine, _numpy_path
-        numpy_move = _numpy_path.move_with_numpy
+        from fastfuse.kernels import engine as kernel_engine
+        from fastfuse.kernels import numpy_engine
+        numpy_move = numpy_engine.move_with_numpy
 
         def first_group_then_ready(groups):
             numpy_move(groups)
-            _engine._load({(0, 2)})  # what the loader thread does, at a known moment
+            kernel_engine._load({(0, 2)})  # what the loader thread does, at a known moment
 
-        _numpy_path.move_with_numpy = first_group_then_ready
+        numpy_engine.move_with_numpy = first_group_then_ready
         rng = np.random.default_rng(1)
         parts = [rng.integers(0, 2**16, size=(3000, 2000), dtype=np.uint16).view(np.float16) for _ in range(3)]
         out = np.full((2000, 9000), np.nan, np.float16)  # 36 MB: past the 32 MB threshold alone
-        _engine.run_groups([([p], out[:, 3000 * j : 3000 * (j + 1)]) for j, p in enumerate(parts)])
+        kernel_engine.run_groups([([p], out[:, 3000 * j : 3000 * (j + 1)]) for j, p in enumerate(parts)])
         expected = np.concatenate([p.T for p in parts], axis=1)
-        print(np.array_equal(out.view(np.uint16), expected.view(np.uint16)), _engine.status()["groups_moved"])
+        print(np.array_equal(out.view(np.uint16), expected.view(np.uint16)), kernel_engine.status()["groups_moved"])
     """
     assert run(code, cache=tmp_path) == "True {'numba': 2, 'numpy': 1}\n"
 
@@ -131,12 +132,13 @@ def test_a_big_call_waits_for_kernels_the_cache_holds(warm_cache: Path) -> None:
     than running on numpy meanwhile; a small call never does."""
     code = """
         import numpy as np
-        from fastfuse import _engine, transpose_concat
+        from fastfuse import transpose_concat
+        from fastfuse.kernels import engine as kernel_engine
         small = [np.ones((256, 256), np.float32)] * 3  # 0.75 MB
         assert np.array_equal(transpose_concat(small), np.concatenate([p.T for p in small], 1))
         big = [np.ones((2048, 2048), np.float32)] * 3  # 48 MB
         assert np.array_equal(transpose_concat(big), np.concatenate([p.T for p in big], 1))
-        print(_engine.status()["groups_moved"])
+        print(kernel_engine.status()["groups_moved"])
     """
     assert run(code, cache=warm_cache) == "{'numba': 1, 'numpy': 1}\n"
 
@@ -148,7 +150,7 @@ def test_no_deadlock_and_exact_results_while_the_kernels_compile(tmp_path: Path)
         import threading
         import numpy as np
         import fastfuse
-        from fastfuse import _engine
+        from fastfuse.kernels import engine as kernel_engine
         fastfuse.warm_up(wait=False)  # the loader thread starts compiling every kernel
         errors = []
 
@@ -163,7 +165,7 @@ def test_no_deadlock_and_exact_results_while_the_kernels_compile(tmp_path: Path)
                 errors.append(e)
 
         threads = [threading.Thread(target=fuse_repeatedly, args=(s,)) for s in range(3)]
-        threads.append(threading.Thread(target=_engine._load, args=({(0, 2), (1, 2)},)))
+        threads.append(threading.Thread(target=kernel_engine._load, args=({(0, 2), (1, 2)},)))
         for t in threads:
             t.start()
         for t in threads:
@@ -184,16 +186,17 @@ def test_exiting_while_the_kernels_compile_is_clean(delay: float, tmp_path: Path
 def test_warmup_fills_the_cache_for_the_next_process(warm_cache: Path) -> None:
     code = """
         import json, numpy as np, fastfuse
-        from fastfuse import _engine, _kernels
+        from fastfuse.kernels import engine as kernel_engine
+        from fastfuse.kernels import numba_kernels
         fastfuse.warm_up()
-        print(json.dumps(_kernels.cache_hits()))
+        print(json.dumps(numba_kernels.cache_hits()))
     """
     hits = json.loads(run(code, cache=warm_cache))
     assert hits == {"driver": 1, "copy-1": 1, "copy-2": 1, "copy-4": 1, "copy-8": 1, "widen-2": 1}
 
 
 def test_warmup_command(warm_cache: Path) -> None:
-    out = run("from fastfuse.cli import main; raise SystemExit(main(['warmup', '--json']))", cache=warm_cache)
+    out = run("from fastfuse.cli.main import main; raise SystemExit(main(['warmup', '--json']))", cache=warm_cache)
     report = json.loads(out)
     assert report["kernels"] == ["copy-1", "copy-2", "copy-4", "copy-8", "widen-2"]
     assert report["cache"].startswith(str(warm_cache)) and any(Path(report["cache"]).iterdir())
@@ -253,11 +256,12 @@ def read_only_install() -> Iterator[Path]:
 
 KERNEL_CHECK = """
     import json, sys, numpy as np, fastfuse
-    from fastfuse import _engine, _kernels
+    from fastfuse.kernels import engine as kernel_engine
+    from fastfuse.kernels import numba_kernels
     assert fastfuse.__file__.startswith({site!r})
     got = fastfuse.transpose_concat([np.arange(12, dtype=np.float32).reshape(3, 4)])
     assert np.array_equal(got, np.arange(12, dtype=np.float32).reshape(3, 4).T)
-    print(json.dumps({{"cache": _kernels.cache_location(), "hits": _kernels.cache_hits()}}))
+    print(json.dumps({{"cache": numba_kernels.cache_location(), "hits": numba_kernels.cache_hits()}}))
 """
 
 
@@ -291,6 +295,6 @@ def test_nowhere_to_cache_still_works(read_only_install: Path) -> None:
     result = as_nobody(KERNEL_CHECK.format(site=str(read_only_install)), env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout)["cache"] is None
-    code = "from fastfuse import _engine; _engine._load({(0, 1)}); print(_engine.cache_report())"
+    code = "from fastfuse.kernels import engine as kernel_engine; kernel_engine._load({(0, 1)}); print(kernel_engine.cache_report())"
     report = as_nobody(code, env)
     assert report.stdout == "{'cache': None, 'kernels': ['copy-1']}\n", report.stderr

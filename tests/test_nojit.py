@@ -34,9 +34,9 @@ def test_kernel_logic_without_jit() -> None:
             assert np.array_equal(transpose_concat(fortran), expected), ("fortran", dtype, shapes)
         half = rng.standard_normal((40, 70)).astype(np.float16)  # widening blocks and edges
         assert np.array_equal(transpose_concat([half], dtype="float32"), half.T.astype(np.float32))
-        import sys, fastfuse._kernels as k
-        assert k.numba.config.DISABLE_JIT and k.run_tiles.__module__ == "fastfuse._kernels", "compiled?"
-        print("ok", sorted(fastfuse._engine.status()["ready"]))
+        import sys, fastfuse.kernels.numba_kernels as k
+        assert k.numba.config.DISABLE_JIT and k.run_tiles.__module__ == "fastfuse.kernels.numba_kernels", "compiled?"
+        print("ok", sorted(fastfuse.kernels.engine.status()["ready"]))
     """)
     # FASTFUSE_ENGINE=numba: these inputs are small, and would otherwise take the numpy engine.
     env = {**os.environ, "NUMBA_DISABLE_JIT": "1", "FASTFUSE_ENGINE": "numba"}

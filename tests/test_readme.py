@@ -32,7 +32,7 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 
 def test_the_readme_lists_every_cli_command() -> None:
-    from fastfuse.cli import build_parser
+    from fastfuse.cli.main import build_parser
 
     commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     for name in commands:

@@ -1,4 +1,4 @@
-"""Tests of fastfuse.st_format: header validation, mmap views, layout and the atomic writer."""
+"""Tests of fastfuse.formats.safetensors_file: header validation, mmap views, layout and the atomic writer."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ from fastfuse.errors import (
     FusePermissionError,
     MalformedFileError,
 )
-from fastfuse.st_dtypes import DTYPES, dtype_code, dtype_of
-from fastfuse.st_format import (
+from fastfuse.formats.safetensors_dtypes import DTYPES, dtype_code, dtype_of
+from fastfuse.formats.safetensors_file import (
     MAX_HEADER_BYTES,
     OutputTensor,
     layout,
@@ -37,7 +37,7 @@ from fastfuse.st_format import (
     read_index,
     read_safetensors,
 )
-from fastfuse.stored import map_arrays
+from fastfuse.formats.stored import map_arrays
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -38,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import fastfuse
-import fastfuse.rules
+import fastfuse.planning.rules
 
 pytestmark = pytest.mark.usefixtures("engine")
 
@@ -447,7 +447,7 @@ TARGET_CASES = [
 
 
 def test_every_target_has_a_verify_case() -> None:
-    assert sorted(fastfuse.rules.TARGETS) == sorted(target for target, _, _ in TARGET_CASES)
+    assert sorted(fastfuse.planning.rules.TARGETS) == sorted(target for target, _, _ in TARGET_CASES)
 
 
 @pytest.mark.parametrize(("target", "weight_key", "bias_key"), TARGET_CASES, ids=[t for t, _, _ in TARGET_CASES])

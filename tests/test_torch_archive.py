@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 from test_torch_hostile import members, refused, state, tensor, watched, write, zip_bytes
 
 from fastfuse.errors import MalformedFileError
-from fastfuse.stored import map_arrays
-from fastfuse.torch_format import LEGACY_MAGIC, read_torch, verify_crcs
+from fastfuse.formats.stored import map_arrays
+from fastfuse.formats.torch_zip import LEGACY_MAGIC, read_torch, verify_crcs
 
 GOOD = state({"w": tensor()})
 

@@ -1,4 +1,4 @@
-"""Tests of fastfuse.torch_format on real torch.save archives: every value bit-exact with torch.load.
+"""Tests of fastfuse.formats.torch_zip on real torch.save archives: every value bit-exact with torch.load.
 
 Files are written here by torch itself (openai-whisper and Hugging Face layouts, every dtype,
 shared storages, strided/offset/expanded views, Parameters, empty and 0-d tensors); the
@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 from conftest import openai_whisper_shapes, tiny_whisper_config
 
-from fastfuse import torch_format
 from fastfuse.errors import FuseFileNotFoundError, MalformedFileError
-from fastfuse.stored import StoredFile, map_arrays
-from fastfuse.torch_format import LEGACY_MAGIC, claims, read_torch, torch_dtype, verify_crcs
+from fastfuse.formats import torch_zip
+from fastfuse.formats.stored import StoredFile, map_arrays
+from fastfuse.formats.torch_zip import LEGACY_MAGIC, claims, read_torch, torch_dtype, verify_crcs
 
 torch = pytest.importorskip("torch")
 
@@ -252,7 +252,7 @@ def test_verify_crcs_reads_storage_data(tmp_path: Path) -> None:
 
 
 def test_verify_crcs_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch_format, "_CHUNK", 1000)
+    monkeypatch.setattr(torch_zip, "_CHUNK", 1000)
     path = save(tmp_path / "big.pt", {"a": torch.arange(3000, dtype=torch.int32), "b": torch.ones(3)})
     with zipfile.ZipFile(path) as z:
         assert z.testzip() is None
@@ -279,8 +279,8 @@ import sys
 sys.modules["torch"] = None  # any import of torch now fails
 import json, numpy as np
 from pathlib import Path
-from fastfuse.stored import map_arrays
-from fastfuse.torch_format import read_torch, verify_crcs
+from fastfuse.formats.stored import map_arrays
+from fastfuse.formats.torch_zip import read_torch, verify_crcs
 folder = Path(sys.argv[1])
 reference = json.loads((folder / "reference.json").read_text())
 for file, tensors in reference.items():

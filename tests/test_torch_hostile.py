@@ -26,11 +26,11 @@ import ml_dtypes  # noqa: F401  (imported now: an import while reading would be 
 import numpy as np
 import pytest
 
-from fastfuse import _unpickle, torch_format
-from fastfuse._unpickle import MAX_DEPTH, load
 from fastfuse.errors import MalformedFileError
-from fastfuse.stored import map_arrays
-from fastfuse.torch_format import read_torch
+from fastfuse.formats import torch_zip, unpickler
+from fastfuse.formats.stored import map_arrays
+from fastfuse.formats.torch_zip import read_torch
+from fastfuse.formats.unpickler import MAX_DEPTH, load
 
 # ----------------------------------------------------------------------------- what runs
 
@@ -387,15 +387,15 @@ def test_persistent_ids(tmp_path: Path) -> None:
 
 def test_size_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pkl = state({"w": tensor()})
-    monkeypatch.setattr(torch_format, "MAX_PICKLE_BYTES", len(pkl) - 1)
+    monkeypatch.setattr(torch_zip, "MAX_PICKLE_BYTES", len(pkl) - 1)
     refused(archive(tmp_path, pkl), f"member 'archive/data.pkl' is {len(pkl)} bytes, over the limit of {len(pkl) - 1}")
-    monkeypatch.setattr(_unpickle, "MAX_PICKLE_BYTES", 10)
+    monkeypatch.setattr(unpickler, "MAX_PICKLE_BYTES", 10)
     with pytest.raises(MalformedFileError, match=r"^here byte 0: pickle is \d+ bytes, over the limit of 10$"):
         load(pkl, "here")
 
 
 def test_object_and_memo_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_unpickle, "MAX_OBJECTS", 1000)
+    monkeypatch.setattr(unpickler, "MAX_OBJECTS", 1000)
     many = b"\x80\x02](" + b"N" * 1000 + b"e."
     refused(archive(tmp_path, many), "more than 1000 values")
     memo = b"\x80\x02N" + b"".join(b"r" + struct.pack("<I", i) for i in range(1001)) + b"."

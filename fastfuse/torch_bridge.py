@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import FuseError
+from fastfuse.errors import FuseError
 
 __all__ = ["NumpyViews", "from_torch", "holds_torch", "to_torch"]
 

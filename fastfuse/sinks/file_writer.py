@@ -23,19 +23,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _engine, st_format
-from ._typing import PathLike
-from .atomic import AtomicWriter, CopyRange, write_bytes_atomic
-from .checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
-from .core import execute
-from .errors import FuseError
-from .plan import FuseOptions, Plan, make_plan
-from .recipe import META_PREFIX, TP_INDEX_NAME, describe
+from fastfuse.aliases import PathLike
+from fastfuse.errors import FuseError
+from fastfuse.formats import safetensors_file
+from fastfuse.formats.checkpoint import INDEX_NAME, TP_INDEX_NAME, Checkpoint, open_checkpoint
+from fastfuse.fusion import execute
+from fastfuse.kernels import engine
+from fastfuse.planning.planner import FuseOptions, Plan, make_plan
+from fastfuse.planning.recipe import META_PREFIX, describe
+from fastfuse.sinks.atomic import AtomicWriter, CopyRange, write_bytes_atomic
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-    from ._typing import FuseKwargs
+    from fastfuse.aliases import FuseKwargs
 
 __all__ = ["check_destination", "copy_originals", "fuse_file", "parse_size", "write_file"]
 
@@ -128,7 +129,7 @@ def fuse_file(
     checkpoint = open_checkpoint(src)
     destination = Path(dst)
     metas = checkpoint.metas()
-    fusion = make_plan(metas, checkpoint.with_config(FuseOptions.from_kwargs(options)))
+    fusion = make_plan(metas, FuseOptions.from_kwargs(options).with_head_counts(checkpoint.head_counts))
     sharded = not single_file and (checkpoint.index is not None or max_shard_size is not None)
     why = f"tp={fusion.tp}" if fusion.tp > 1 else "a sharded output; pass single_file / --single-file for one file"
     check_destination((f.path for f in checkpoint.files), destination, folder=fusion.tp > 1 or sharded, why=why)
@@ -142,7 +143,7 @@ def fuse_file(
     report: Callable[[int], None] | None = None
     if progress is not None:
         report = functools.partial(_report, progress, total, threading.Lock())
-    _engine.expect(((metas[_first(t.sources)].dtype, t.dtype) for t in fusion.fused), fusion.nbytes)
+    engine.expect(((metas[_first(t.sources)].dtype, t.dtype) for t in fusion.fused), fusion.nbytes)
     arrays = checkpoint.arrays()
     # A torch file's CRCs are checked once, in a thread, while the first file is copied; no
     # output is published before the check passed.
@@ -228,14 +229,14 @@ def write_file(
     let ``fill(writer, offsets)`` write its data; atomically. ``copied``: the checkpoint and
     the keys ``fill`` will copy from it; the header padding puts their longest run at the same
     place in a page as in the source."""
-    outputs = [st_format.OutputTensor(name, dtype, shape) for name, dtype, shape in entries]
-    prefix, offsets = st_format.layout(outputs, metadata, keep_order=True)
+    outputs = [safetensors_file.OutputTensor(name, dtype, shape) for name, dtype, shape in entries]
+    prefix, offsets = safetensors_file.layout(outputs, metadata, keep_order=True)
     if copied is not None:  # the longest copy then moves whole pages
         ranges, _ = _copy_ranges(*copied, offsets)
         longest = max(ranges, key=lambda r: r.length, default=None)
         if longest is not None:
-            data_start = (longest.offset - longest.start) % st_format.PAGE
-            prefix, _ = st_format.layout(outputs, metadata, keep_order=True, data_start=data_start)
+            data_start = (longest.offset - longest.start) % safetensors_file.PAGE
+            prefix, _ = safetensors_file.layout(outputs, metadata, keep_order=True, data_start=data_start)
     data_size = max((end for _, end in offsets.values()), default=0)
     with AtomicWriter(path, prefix, data_size, overwrite=overwrite) as writer:
         fill(writer, offsets)
@@ -268,7 +269,7 @@ def _fill(
     copying = _Background(functools.partial(copy_originals, checkpoint, arrays, _kept(file), writer, offsets, report))
     targets = [t for t in file.fusion.fused if t.key in offsets]
     outputs = {t.key: writer.view(*offsets[t.key], t.dtype, t.shape) for t in targets}
-    with _engine.impatient():  # the disk is the bottleneck: fused pages written early beat faster kernels
+    with engine.impatient():  # the disk is the bottleneck: fused pages written early beat faster kernels
         execute(replace(file.fusion, fused=tuple(targets)), arrays, outputs)
     for t in targets:
         writer.written(*offsets[t.key])

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from . import rules
-from .errors import FuseError, ShapeMismatchError
-from .options import FuseOptions
+from fastfuse.errors import FuseError, ShapeMismatchError
+from fastfuse.planning import rules
+from fastfuse.planning.options import FuseOptions
 
 __all__ = ["split_rows"]
 

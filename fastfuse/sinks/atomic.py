@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from ._typing import DTypeLike, PathLike
-from .errors import FuseError, FuseFileNotFoundError, FusePermissionError, MalformedFileError
-from .stored import open_regular
+from fastfuse.aliases import DTypeLike, PathLike
+from fastfuse.errors import FuseError, FuseFileNotFoundError, FusePermissionError, MalformedFileError
+from fastfuse.formats.stored import open_regular
 
 if TYPE_CHECKING:
     from typing_extensions import Self

@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from ._typing import DTypeLike
-from .errors import DtypeMismatchError
+from fastfuse.aliases import DTypeLike
+from fastfuse.errors import DtypeMismatchError
 
 __all__ = ["WIDENINGS", "as_dtype", "check_movable", "result_dtype"]
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from ._typing import PathLike
-from .errors import FuseFileNotFoundError, FusePermissionError, MalformedFileError
+from fastfuse.aliases import PathLike
+from fastfuse.errors import FuseFileNotFoundError, FusePermissionError, MalformedFileError
 
 __all__ = ["StoredFile", "StoredTensor", "c_strides", "map_arrays", "map_private", "open_regular", "pread_exactly"]
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ._typing import DTypeLike
-from .errors import DtypeMismatchError
+from fastfuse.aliases import DTypeLike
+from fastfuse.errors import DtypeMismatchError
 
 __all__ = ["DTYPES", "ITEMSIZE", "dtype_code", "dtype_of"]
 

@@ -16,11 +16,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .demo import WHISPER_SIZES
-from .errors import FuseError
-from .plan import Plan
-from .rules import TARGETS
+from fastfuse.cli.demo import WHISPER_SIZES
+from fastfuse.errors import FuseError
+from fastfuse.planning.planner import Plan
+from fastfuse.planning.rules import TARGETS
+from fastfuse.version import __version__
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -84,7 +84,7 @@ def _print_plan(fusion: Plan) -> None:
 
 
 def _cmd_fuse(args: argparse.Namespace) -> int:
-    from .sink import fuse_file
+    from fastfuse.sinks.file_writer import fuse_file
 
     with _progress("fuse", not args.quiet and not args.json) as progress:
         fusion = fuse_file(
@@ -111,8 +111,8 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .checkpoint import open_checkpoint
-    from .core import plan
+    from fastfuse.formats.checkpoint import open_checkpoint
+    from fastfuse.fusion import plan
 
     checkpoint = open_checkpoint(args.file)
     fusion = plan(args.file, **({"overwrite": True} | _options(args)))
@@ -137,7 +137,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .recipe import verify
+    from fastfuse.sinks.verification import verify
 
     different = verify(args.file, source=args.source)
     if args.json:
@@ -153,7 +153,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_unfuse(args: argparse.Namespace) -> int:
-    from .inverse import unfuse
+    from fastfuse.sinks.unfusing import unfuse
 
     rebuilt = unfuse(args.src, args.dst, overwrite_destination=args.force)
     if args.json:
@@ -164,7 +164,7 @@ def _cmd_unfuse(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from . import demo
+    from fastfuse.cli import demo
 
     report = demo.run(Path(args.out) if args.out else None, size=args.size, keep=args.keep, quiet=args.json)
     if args.json:
@@ -175,11 +175,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_warmup(args: argparse.Namespace) -> int:
     import time
 
-    from . import _engine
+    from fastfuse.kernels import engine
 
     start = time.perf_counter()
-    _engine.warm_up()
-    report = {"seconds": round(time.perf_counter() - start, 3), **_engine.cache_report()}
+    engine.warm_up()
+    report = {"seconds": round(time.perf_counter() - start, 3), **engine.cache_report()}
     if args.json:
         print(json.dumps(report))
     else:

@@ -1,8 +1,8 @@
 """``torch.save`` archives (``.pt``, ``.bin``): validate, and describe their tensors zero-copy.
 
 No torch import and no pickle code run: the zip directory is parsed here (ZIP64 included),
-``<prefix>/data.pkl`` is interpreted by :mod:`fastfuse._unpickle` (an allow-list, nothing
-called), and each tensor becomes a :class:`~fastfuse.stored.StoredTensor` pointing into its
+``<prefix>/data.pkl`` is interpreted by :mod:`fastfuse.formats.unpickler` (an allow-list, nothing
+called), and each tensor becomes a :class:`~fastfuse.formats.stored.StoredTensor` pointing into its
 storage member ``<prefix>/data/<key>`` (torch stores members uncompressed, 64-byte aligned).
 The top-level object is a state dict (name -> tensor; Hugging Face's ``pytorch_model.bin``)
 or openai-whisper's ``{"dims": {...}, "model_state_dict": {...}}``, whose ``dims`` become the
@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from ._pickled import PickledDict, TensorRef, a_kind
-from ._typing import PathLike
-from ._unpickle import MAX_PICKLE_BYTES, load
-from .errors import MalformedFileError
-from .stored import StoredFile, StoredTensor, c_strides, map_private, open_regular, pread_exactly
+from fastfuse.aliases import PathLike
+from fastfuse.errors import MalformedFileError
+from fastfuse.formats.pickle_objects import PickledDict, TensorRef, a_kind
+from fastfuse.formats.stored import StoredFile, StoredTensor, c_strides, map_private, open_regular, pread_exactly
+from fastfuse.formats.unpickler import MAX_PICKLE_BYTES, load
 
 __all__ = ["LEGACY_MAGIC", "MAX_DIRECTORY_BYTES", "claims", "read_torch", "torch_dtype", "verify_crcs"]
 

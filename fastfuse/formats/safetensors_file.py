@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from ._typing import PathLike
-from .errors import FuseError, MalformedFileError
-from .st_dtypes import ITEMSIZE, dtype_code, dtype_of
-from .stored import StoredFile, StoredTensor, open_regular, pread_exactly
+from fastfuse.aliases import PathLike
+from fastfuse.errors import FuseError, MalformedFileError
+from fastfuse.formats.safetensors_dtypes import ITEMSIZE, dtype_code, dtype_of
+from fastfuse.formats.stored import StoredFile, StoredTensor, open_regular, pread_exactly
 
 __all__ = [
     "MAX_HEADER_BYTES",

@@ -15,11 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from . import rules
-from ._dtypes import check_movable, result_dtype
-from ._split import split_rows
-from ._typing import TensorLike
-from .errors import (
+from fastfuse.aliases import TensorLike
+from fastfuse.dtypes import check_movable, result_dtype
+from fastfuse.errors import (
     DtypeMismatchError,
     FuseError,
     KeyConflictError,
@@ -27,7 +25,9 @@ from .errors import (
     SchemeNotDetectedError,
     ShapeMismatchError,
 )
-from .options import LAYOUTS, FuseOptions
+from fastfuse.planning import rules
+from fastfuse.planning.options import LAYOUTS, FuseOptions
+from fastfuse.planning.tensor_parallel import split_rows
 
 __all__ = ["LAYOUTS", "FuseOptions", "FusedTensor", "Plan", "make_plan"]  # options re-exported for callers
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from . import rules
-from ._typing import DTypeLike
-from .errors import FuseError
+from fastfuse.aliases import DTypeLike
+from fastfuse.errors import FuseError
+from fastfuse.planning import rules
 
 __all__ = ["LAYOUTS", "FuseOptions"]
 
@@ -67,6 +67,14 @@ class FuseOptions:
         if unknown:
             raise FuseError(f"unknown option(s) {sorted(unknown)}; expected some of {[f.name for f in fields(cls)]}")
         return cls(**options)
+
+    def with_head_counts(self, read: Callable[[], tuple[int | None, int | None]]) -> FuseOptions:
+        """These options with head counts filled from ``read()`` (a checkpoint's ``config.json``),
+        called only when splitting attention needs them (``tp > 1``) and one was not given."""
+        if self.tp == 1 or (self.heads and self.kv_heads):
+            return self
+        heads, kv_heads = read()
+        return replace(self, heads=self.heads or heads, kv_heads=self.kv_heads or kv_heads)
 
     def ranks(self) -> tuple[int | None, ...]:
         """The ranks to plan: all of them, one, or ``(None,)`` without tensor parallelism."""

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._typing import PathLike
-from .checkpoint import open_checkpoint
-from .core import execute, frameworks
-from .errors import FuseError
-from .plan import FuseOptions, make_plan
-from .recipe import META_PREFIX
+from fastfuse.aliases import PathLike
+from fastfuse.errors import FuseError
+from fastfuse.formats.checkpoint import open_checkpoint
+from fastfuse.fusion import execute, frameworks
+from fastfuse.planning.planner import FuseOptions, make_plan
+from fastfuse.planning.recipe import META_PREFIX
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-    from ._typing import FuseKwargs
+    from fastfuse.aliases import FuseKwargs
 
 __all__ = ["load"]
 
@@ -49,7 +49,7 @@ def load(path: PathLike, *, framework: str = "np", **options: Unpack[FuseKwargs]
             )
         arrays = checkpoint.arrays(writeable=to_torch is not None)
         return arrays if to_torch is None else {key: to_torch(value) for key, value in arrays.items()}
-    settings = checkpoint.with_config(FuseOptions.from_kwargs(options))
+    settings = FuseOptions.from_kwargs(options).with_head_counts(checkpoint.head_counts)
     if settings.tp > 1 and settings.rank is None:
         raise FuseError(f"tp={settings.tp}: load builds one rank; pass rank= (or use fuse_file for all ranks)")
     fusion = make_plan(checkpoint.metas(), settings)

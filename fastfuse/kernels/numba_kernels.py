@@ -46,7 +46,7 @@ import numba
 import numpy as np
 from numba import types
 
-from ._intrinsics import (
+from fastfuse.kernels.intrinsics import (
     LINE,
     call_worker,
     copy_bytes,
@@ -113,7 +113,7 @@ def _like(element):  # type: ignore[no-untyped-def]
 
 
 if numba.config.DISABLE_JIT:  # pragma: no cover - exercised by the NUMBA_DISABLE_JIT test run
-    from ._intrinsics import view
+    from fastfuse.kernels.intrinsics import view
 
     def _job(jobs, row):  # type: ignore[no-redef,no-untyped-def]
         return view(jobs + row * JOB_COLUMNS * 8, np.dtype(np.int64), JOB_COLUMNS)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FuseError
+from fastfuse.errors import FuseError
 
 # d, encoder layers, decoder layers, vocabulary (from the published configs).
 WHISPER_SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -102,7 +102,7 @@ def run(folder: Path | None, size: str = "tiny", *, keep: bool = False, quiet: b
 def _steps(folder: Path, size: str, say: Callable[[str], None]) -> dict[str, Any]:
     from safetensors.numpy import save_file
 
-    from . import fuse_file, load, verify
+    from fastfuse import fuse_file, load, verify
 
     source, destination = folder / f"whisper-{size}.safetensors", folder / f"whisper-{size}.fused.safetensors"
     tensors = whisper_checkpoint(size)

@@ -2,7 +2,7 @@
 
 Knows paths and which reader understands which bytes (``st_format`` for safetensors,
 ``torch_format`` for ``torch.save`` archives), not fusion: everything downstream sees one
-:class:`Checkpoint` of :class:`~fastfuse.stored.StoredTensor` entries, whatever the format.
+:class:`Checkpoint` of :class:`~fastfuse.formats.stored.StoredTensor` entries, whatever the format.
 """
 
 from __future__ import annotations
@@ -10,17 +10,16 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import st_format
-from ._typing import PathLike
-from .errors import FuseError, MalformedFileError
-from .plan import FuseOptions
-from .stored import StoredFile, StoredTensor, map_arrays, open_regular
+from fastfuse.aliases import PathLike
+from fastfuse.errors import FuseError, MalformedFileError
+from fastfuse.formats import safetensors_file
+from fastfuse.formats.stored import StoredFile, StoredTensor, map_arrays, open_regular
 
 __all__ = ["INDEX_NAME", "SINGLE_NAME", "Checkpoint", "open_checkpoint", "read_file"]
 
@@ -60,22 +59,22 @@ class Checkpoint:
         """Key -> entry (shape and dtype: what planning needs), in file then file order."""
         return {key: entry for key, (_, entry) in self.location.items()}
 
-    def with_config(self, options: FuseOptions) -> FuseOptions:
-        """``options`` with head counts from a ``config.json`` beside the checkpoint, if needed and found.
+    def head_counts(self) -> tuple[int | None, int | None]:
+        """``(heads, kv_heads)`` from a ``config.json`` beside the checkpoint; ``(None, None)`` without one.
 
-        Only read when ``tp > 1`` and a head count was not given: ``num_attention_heads`` (or
-        Whisper's ``encoder_attention_heads``) and ``num_key_value_heads``.
+        ``num_attention_heads`` (or Whisper's ``encoder_attention_heads``) and
+        ``num_key_value_heads`` (default: ``heads``). MalformedFileError for an unreadable config.
         """
         config_path = self.path.parent / "config.json"
-        if options.tp == 1 or (options.heads and options.kv_heads) or not config_path.is_file():
-            return options
+        if not config_path.is_file():
+            return None, None
         try:
             config = json.loads(config_path.read_text())
             heads = config.get("num_attention_heads") or config.get("encoder_attention_heads")
             kv_heads = config.get("num_key_value_heads") or heads
         except (OSError, ValueError, AttributeError) as exc:
             raise MalformedFileError(f"{config_path}: not a readable JSON config ({exc})") from None
-        return replace(options, heads=options.heads or heads, kv_heads=options.kv_heads or kv_heads)
+        return heads, kv_heads
 
     def arrays(self, *, writeable: bool = False) -> dict[str, np.ndarray[Any, Any]]:
         """Zero-copy views of every tensor over copy-on-write maps (see ``stored.map_arrays``)."""
@@ -93,9 +92,9 @@ class Checkpoint:
         every byte; MalformedFileError naming the first that differs. Safetensors keeps none."""
         for stored in self.files:
             if stored.format == "torch":
-                from . import torch_format
+                from fastfuse.formats import torch_zip
 
-                torch_format.verify_crcs(stored.path)
+                torch_zip.verify_crcs(stored.path)
 
     def byte_range(self, key: str) -> tuple[str, int] | None:
         """(file path, offset) where ``key``'s bytes lie as one C-ordered run, else None."""
@@ -114,12 +113,12 @@ def read_file(path: PathLike) -> StoredFile:
         head = os.pread(fd, 16, 0)
     finally:
         os.close(fd)
-    from . import torch_format
+    from fastfuse.formats import torch_zip
 
-    if torch_format.claims(head):
-        return torch_format.read_torch(path)
-    if len(head) < 9 or st_format.claims(head):
-        return st_format.read_safetensors(path)
+    if torch_zip.claims(head):
+        return torch_zip.read_torch(path)
+    if len(head) < 9 or safetensors_file.claims(head):
+        return safetensors_file.read_safetensors(path)
     raise MalformedFileError(
         f"{path}: not a safetensors or PyTorch checkpoint (it starts with {head[:8]!r}; safetensors starts "
         "with an 8-byte header length and '{', a torch.save archive with 'PK')"
@@ -154,7 +153,7 @@ def open_checkpoint(path: PathLike) -> Checkpoint:
     if os.path.isdir(path):  # unlike Path.is_dir, never raises (an unreadable path fails below, named)
         path = _in_folder(path)
     if path.name.endswith(".json"):
-        weight_map = st_format.read_index(path)
+        weight_map = safetensors_file.read_index(path)
         shards = list(dict.fromkeys(weight_map.values()))
         files = tuple(read_file(shard) for shard in shards)
         index: Path | None = path
@@ -176,3 +175,27 @@ def open_checkpoint(path: PathLike) -> Checkpoint:
         if len({f.format for f in files}) > 1:
             raise MalformedFileError(f"{index}: its shards mix safetensors and torch files")
     return Checkpoint(path, index, files, location)
+
+
+TP_INDEX_NAME = "tensor_parallel.json"  # a tensor-parallel folder's index of rank files
+
+
+def tensor_parallel_ranks(folder: Path) -> list[Path] | None:
+    """The rank files a tensor-parallel output folder lists (None if ``folder`` is not one).
+
+    MalformedFileError for an unreadable ``tensor_parallel.json`` or a rank that is not a plain
+    file name in the folder.
+    """
+    index = folder / TP_INDEX_NAME
+    if not folder.is_dir() or not index.is_file():
+        return None
+    try:
+        ranks = json.loads(index.read_text())["ranks"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise MalformedFileError(f"{index}: not a tensor-parallel index with a list of ranks ({exc})") from None
+    if not isinstance(ranks, list) or not ranks:
+        raise MalformedFileError(f"{index}: 'ranks' is {ranks!r}, expected a list of rank file names")
+    for name in ranks:
+        if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+            raise MalformedFileError(f"{index}: rank {name!r} is not a plain file name in the folder")
+    return [folder / name for name in ranks]

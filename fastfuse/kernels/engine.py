@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from ._dtypes import WIDENINGS
-from .errors import FuseError
+from fastfuse.dtypes import WIDENINGS
+from fastfuse.errors import FuseError
 
 __all__ = [
     "ENGINES",
@@ -90,9 +90,9 @@ def _spec(parts: Sequence[np.ndarray], out: np.ndarray) -> Spec:
 
 
 def _kernels() -> ModuleType:
-    from . import _kernels
+    from fastfuse.kernels import numba_kernels
 
-    return _kernels
+    return numba_kernels
 
 
 def _load(specs: Iterable[Spec]) -> None:
@@ -176,7 +176,7 @@ def _cache_looks_warm() -> bool:
     else:
         user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
         places = [os.path.join(package, "__pycache__"), os.path.join(user_cache, "numba", subpath)]
-    return any(glob.glob(os.path.join(place, "_kernels._run_tiles-*.nbi")) for place in places)
+    return any(glob.glob(os.path.join(place, "numba_kernels._run_tiles-*.nbi")) for place in places)
 
 
 class Expectation:
@@ -225,7 +225,7 @@ def run_groups(groups: Sequence[Group]) -> None:
         if not getattr(_caller, "impatient", False) and _wait_if_cached(Expectation(frozenset(specs))):
             _run_kernels(work)
             return
-    from ._numpy_path import move_with_numpy
+    from fastfuse.kernels.numpy_engine import move_with_numpy
 
     # Largest first: if the kernels arrive meanwhile, the many small groups (biases) go to them in
     # one launch instead of each paying a hand-over of the GIL to the loader thread.

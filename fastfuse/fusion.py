@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._dtypes import check_movable, result_dtype
-from ._engine import Group, run_groups
-from .errors import DtypeMismatchError, FuseError, ShapeMismatchError
-from .plan import FusedTensor, FuseOptions, Plan, make_plan
+from fastfuse.dtypes import check_movable, result_dtype
+from fastfuse.errors import DtypeMismatchError, FuseError, ShapeMismatchError
+from fastfuse.kernels.engine import Group, run_groups
+from fastfuse.planning.planner import FusedTensor, FuseOptions, Plan, make_plan
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-    from ._typing import DTypeLike, FuseKwargs, PathLike, TensorLike
+    from fastfuse.aliases import DTypeLike, FuseKwargs, PathLike, TensorLike
 
 __all__ = ["execute", "fuse", "plan", "transpose_concat"]
 
@@ -40,7 +40,7 @@ def plan(tensors: Mapping[str, TensorLike] | PathLike, **options: Unpack[FuseKwa
         convert: for checkpoints stored already fused (Phi-3, GPT-2): write them in ``layout``.
         keep_originals: keep the source tensors beside the fused ones (default True).
         dtype: output dtype; ``None`` keeps the input's, ``"float32"`` widens f16/bf16.
-        scheme: ``"auto"`` (detect from the keys) or a name from ``fastfuse.rules.SCHEMES``.
+        scheme: ``"auto"`` (detect from the keys) or a name from ``fastfuse.planning.rules.SCHEMES``.
         names: per-group fused key templates, e.g. ``{"encoder_qkv": "enc.{i}.qkv.{kind}"}``.
         overwrite: allow replacing fused keys the input already holds.
         layout: ``"in_out"`` (default, ``[in, sum(out)]`` for ``x @ W``) or ``"out_in"``
@@ -55,10 +55,10 @@ def plan(tensors: Mapping[str, TensorLike] | PathLike, **options: Unpack[FuseKwa
     """
     settings = FuseOptions.from_kwargs(options)
     if isinstance(tensors, (str, os.PathLike)):
-        from .checkpoint import open_checkpoint
+        from fastfuse.formats.checkpoint import open_checkpoint
 
         checkpoint = open_checkpoint(tensors)
-        return make_plan(checkpoint.metas(), checkpoint.with_config(settings))
+        return make_plan(checkpoint.metas(), settings.with_head_counts(checkpoint.head_counts))
     if not isinstance(tensors, Mapping):
         raise FuseError(f"expected a mapping of name -> array or a path, found {type(tensors).__name__}")
     return make_plan(tensors, settings)
@@ -83,10 +83,10 @@ def fuse(tensors: Mapping[str, Any], **options: Unpack[FuseKwargs]) -> dict[str,
     arrays: Mapping[str, Any] = tensors
     # Without torch imported, the input cannot hold torch tensors: no import for numpy users.
     if "torch" in sys.modules and isinstance(tensors, Mapping):
-        from . import _torch
+        from fastfuse import torch_bridge
 
-        if _torch.holds_torch(tensors):
-            framework, arrays = "pt", _torch.NumpyViews(tensors)
+        if torch_bridge.holds_torch(tensors):
+            framework, arrays = "pt", torch_bridge.NumpyViews(tensors)
     fusion = plan(arrays, **options)
     if fusion.tp > 1 and options.get("rank") is None:
         raise FuseError(f"tp={fusion.tp}: fuse builds one rank in memory; pass rank= (or use fuse_file for all ranks)")
@@ -101,9 +101,9 @@ def frameworks(framework: str) -> Callable[[np.ndarray], Any] | None:
     if framework == "np":
         return None
     if framework == "pt":
-        from . import _torch
+        from fastfuse import torch_bridge
 
-        return _torch.to_torch
+        return torch_bridge.to_torch
     raise FuseError(f"framework {framework!r}: expected 'np' (numpy) or 'pt' (torch)")
 
 
@@ -173,9 +173,9 @@ def _numpy_of(result: Any) -> np.ndarray:
     """The numpy view the kernels fill, of a result made by :func:`_allocate`."""
     if isinstance(result, np.ndarray):
         return result
-    from . import _torch
+    from fastfuse import torch_bridge
 
-    return _torch.from_torch("output", result)
+    return torch_bridge.from_torch("output", result)
 
 
 def _source_part(

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ._dtypes import as_dtype
-from ._typing import PathLike
-from .atomic import AtomicWriter
-from .checkpoint import open_checkpoint
-from .core import transpose_concat
-from .errors import FuseError
-from .plan import FusedTensor
-from .recipe import META_PREFIX, recorded_plan
-from .sink import check_destination, copy_originals, write_file
+from fastfuse.aliases import PathLike
+from fastfuse.dtypes import as_dtype
+from fastfuse.errors import FuseError
+from fastfuse.formats.checkpoint import open_checkpoint
+from fastfuse.fusion import transpose_concat
+from fastfuse.planning.planner import FusedTensor
+from fastfuse.planning.recipe import META_PREFIX, recorded_plan
+from fastfuse.sinks.atomic import AtomicWriter
+from fastfuse.sinks.file_writer import check_destination, copy_originals, write_file
 
 __all__ = ["unfuse"]
 

@@ -27,8 +27,18 @@ import struct
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from ._pickled import ALLOWED, HINTS, NAMES, Global, PickledDict, StorageRef, TensorRef, a_kind, kinds
-from .errors import MalformedFileError
+from fastfuse.errors import MalformedFileError
+from fastfuse.formats.pickle_objects import (
+    ALLOWED,
+    HINTS,
+    NAMES,
+    Global,
+    PickledDict,
+    StorageRef,
+    TensorRef,
+    a_kind,
+    kinds,
+)
 
 __all__ = ["MAX_DEPTH", "MAX_OBJECTS", "MAX_PICKLE_BYTES", "load"]
 

@@ -1,0 +1,93 @@
+"""fastfuse's recipe in a file it wrote: the schema of its ``fastfuse.*`` metadata, both ways.
+
+Every fused file records in its ``__metadata__`` which sources (and rows of them) each fused
+tensor holds, the layout and the target (``fastfuse.*`` keys), so that it can be checked and
+taken apart with nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from fastfuse.aliases import TensorLike
+from fastfuse.errors import MalformedFileError
+from fastfuse.planning.planner import FusedTensor, Plan
+
+__all__ = ["META_PREFIX", "describe", "recorded_plan"]
+
+META_PREFIX = "fastfuse."
+
+
+def describe(fusion: Plan, metas: Mapping[str, TensorLike], rank: int | None) -> dict[str, str]:
+    """fastfuse's own ``__metadata__`` entries: enough for ``verify`` and ``unfuse`` to work alone."""
+    from fastfuse.version import __version__
+
+    recipe = {
+        t.key: {
+            "sources": list(t.sources),
+            "rows": list(t.rows),
+            "starts": list(t.row_starts()),
+            "transposed": t.transposed,
+            "source_dtype": metas[next(s for s in t.sources if s is not None)].dtype.name,
+        }
+        for t in fusion.fused
+    }
+    described = {
+        f"{META_PREFIX}version": __version__,
+        f"{META_PREFIX}layout": fusion.layout,
+        f"{META_PREFIX}target": fusion.target,
+        f"{META_PREFIX}scheme": fusion.scheme,
+        f"{META_PREFIX}groups": json.dumps(fusion.layers, separators=(",", ":")),
+        f"{META_PREFIX}fused": json.dumps(recipe, separators=(",", ":")),
+    }
+    if rank is not None:
+        described.update({f"{META_PREFIX}tp": str(fusion.tp), f"{META_PREFIX}rank": str(rank)})
+    return described
+
+
+def recorded_plan(
+    metadata: Mapping[str, str], metas: Mapping[str, TensorLike], path: object
+) -> tuple[Plan, dict[str, str]]:
+    """Rebuild the plan a fastfuse-written file records; also the source dtype of each fused key.
+
+    MalformedFileError if the file carries no recipe (it was not written by ``fastfuse fuse``)
+    or a broken one.
+    """
+    if f"{META_PREFIX}fused" not in metadata:
+        raise MalformedFileError(
+            f"{path} was not written by fastfuse fuse (no {META_PREFIX}fused metadata); "
+            "fuse it first or pass the fused file"
+        )
+    layout = metadata.get(f"{META_PREFIX}layout", "in_out")
+    try:
+        recipe = json.loads(metadata[f"{META_PREFIX}fused"])
+        fused = []
+        for key, entry in recipe.items():
+            meta = metas[key]
+            kind = "weight" if len(meta.shape) == 2 else "bias"
+            fused.append(
+                FusedTensor(
+                    key,
+                    "recorded",
+                    None,
+                    kind,
+                    tuple(entry["sources"]),
+                    tuple(int(n) for n in entry["rows"]),
+                    tuple(meta.shape),
+                    meta.dtype,
+                    tuple(int(n) for n in entry["starts"]),
+                    bool(entry["transposed"]),
+                    layout,
+                )
+            )
+        dtypes = {key: str(entry["source_dtype"]) for key, entry in recipe.items()}
+        tp = int(metadata.get(f"{META_PREFIX}tp", "1"))
+    except KeyError as exc:
+        raise MalformedFileError(f"{path}: its fastfuse recipe names {exc}, which the file does not hold") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise MalformedFileError(f"{path}: its fastfuse recipe ({META_PREFIX}fused) is broken: {exc}") from None
+    target = metadata.get(f"{META_PREFIX}target", "fastfuse")
+    scheme = metadata.get(f"{META_PREFIX}scheme", "recorded")
+    fusion = Plan(scheme, "", None, {}, tuple(fused), layout=layout, tp=tp, target=target)
+    return fusion, dtypes

@@ -1,0 +1,3 @@
+"""Bytes out: atomic writes, the safetensors file writer (``fuse_file``), ``verify`` and
+``unfuse`` of what it wrote.
+"""
