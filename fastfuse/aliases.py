@@ -23,18 +23,21 @@ class TensorLike(Protocol):
 
 
 class FuseKwargs(TypedDict, total=False):
-    """The keyword options of ``plan``, ``fuse``, ``load`` and ``fuse_file`` (see ``fastfuse.plan``)."""
+    """The keyword options of ``plan``, ``fuse``, ``load`` and ``fuse_file``: exactly the fields of
+    ``fastfuse.planning.options.FuseOptions`` (same names and types; tests/test_options.py checks),
+    so that a type checker knows them. Their meaning: ``fastfuse.plan``."""
 
     cross_kv: bool
     logits: bool
     convert: bool
-    keep_originals: bool
+    keep_originals: bool | None
     dtype: DTypeLike | None
     scheme: str
     names: Mapping[str, str] | None
     overwrite: bool
-    layout: str
+    layout: str | None
     tp: int
     rank: int | None
     heads: int | None
     kv_heads: int | None
+    target: str

@@ -49,9 +49,25 @@ def plan(tensors: Mapping[str, TensorLike] | PathLike, **options: Unpack[FuseKwa
             (replicated when there are fewer kv heads than ranks) and its MLP rows.
         rank: plan only this rank (``fuse`` needs one when ``tp > 1``).
         heads, kv_heads: attention head counts, needed to split attention for ``tp > 1``.
+        target: ``"fastfuse"`` (``fused.*`` keys beside the originals) or an engine's names
+            and layout from ``fastfuse.planning.rules.TARGETS`` (``"vllm"``: ``qkv_proj``,
+            ``[sum(out), in]``, sources dropped).
+
+    Every option, its type, default and allowed values is defined once, in
+    ``fastfuse.planning.options.FuseOptions``; the CLI's flags are derived from it.
+
+    Returns:
+        The :class:`~fastfuse.planning.planner.Plan`: every fused tensor (key, sources, rows,
+        shape, dtype), the dropped keys, layout, target and layer counts.
 
     Raises:
         FuseError (and subclasses), naming the key, the expected and the found value.
+
+    Example:
+        >>> import numpy as np, fastfuse
+        >>> sd = {f"model.encoder.layers.0.self_attn.{p}_proj.weight": np.eye(4, dtype=np.float16) for p in "qkv"}
+        >>> [(t.key, t.shape) for t in fastfuse.plan(sd).fused]
+        [('fused.enc.0.self_attn.qkv.weight', (4, 12))]
     """
     settings = FuseOptions.from_kwargs(options)
     if isinstance(tensors, (str, os.PathLike)):
@@ -67,17 +83,27 @@ def plan(tensors: Mapping[str, TensorLike] | PathLike, **options: Unpack[FuseKwa
 def fuse(tensors: Mapping[str, Any], **options: Unpack[FuseKwargs]) -> dict[str, Any]:
     """Return a new dict: the originals (same objects, unless dropped) plus fused tensors.
 
-    ``tensors``: name -> numpy array, or name -> CPU torch tensor (a ``state_dict()``: any
-    dtype including bf16, non-contiguous views, shared storage); given torch tensors, the fused
-    tensors are torch tensors too (torch-owned), the originals are returned untouched. Options
-    as in :func:`plan`; with ``tp > 1`` pass the ``rank`` to build. The input mapping is not
-    modified. All groups are filled by one parallel kernel call; see :func:`transpose_concat`
-    for the layout. FuseError for a CUDA or meta tensor (saying what to do).
+    All groups are filled by one parallel kernel call; see :func:`transpose_concat` for the
+    layout. The input mapping is not modified.
 
-    >>> import numpy as np, fastfuse
-    >>> sd = {f"model.encoder.layers.0.self_attn.{p}_proj.weight": np.eye(2, dtype=np.float32) for p in "qkv"}
-    >>> fastfuse.fuse(sd, keep_originals=False)["fused.enc.0.self_attn.qkv.weight"].shape
-    (2, 6)
+    Args:
+        tensors: name -> numpy array, or name -> CPU torch tensor (a ``state_dict()``: any
+            dtype including bf16, non-contiguous views, shared storage).
+        **options: as for :func:`plan`; with ``tp > 1`` pass the ``rank`` to build.
+
+    Returns:
+        A new dict: the originals (the same objects, unless the target drops them) and the
+        fused tensors, numpy arrays or, given torch tensors, torch-owned tensors.
+
+    Raises:
+        FuseError (and subclasses) as :func:`plan`; also for a CUDA or meta tensor, saying
+        what to do.
+
+    Example:
+        >>> import numpy as np, fastfuse
+        >>> sd = {f"model.encoder.layers.0.self_attn.{p}_proj.weight": np.eye(2, dtype=np.float32) for p in "qkv"}
+        >>> fastfuse.fuse(sd, keep_originals=False)["fused.enc.0.self_attn.qkv.weight"].shape
+        (2, 6)
     """
     framework = "np"
     arrays: Mapping[str, Any] = tensors
@@ -96,7 +122,7 @@ def fuse(tensors: Mapping[str, Any], **options: Unpack[FuseKwargs]) -> dict[str,
     return result
 
 
-def frameworks(framework: str) -> Callable[[np.ndarray], Any] | None:
+def torch_converter(framework: str) -> Callable[[np.ndarray], Any] | None:
     """None for ``"np"``; for ``"pt"``, the zero-copy numpy -> torch conversion (torch imported now)."""
     if framework == "np":
         return None
@@ -159,7 +185,7 @@ def _allocate(targets: Sequence[FusedTensor], framework: str) -> dict[str, Any]:
         end = start + t.nbytes
     if not targets:
         return {}
-    to_torch = frameworks(framework)
+    to_torch = torch_converter(framework)
     buffer = _new_buffer(end + _ALIGN)
     skip = -buffer.ctypes.data % _ALIGN
     results = {}
@@ -213,11 +239,12 @@ def transpose_concat(
     Raises:
         ShapeMismatchError, DtypeMismatchError: with the part index, expected and found.
 
-    >>> q, k = np.arange(6.0).reshape(2, 3), np.arange(3.0).reshape(1, 3)
-    >>> transpose_concat([q, k])
-    array([[0., 3., 0.],
-           [1., 4., 1.],
-           [2., 5., 2.]])
+    Example:
+        >>> q, k = np.arange(6.0).reshape(2, 3), np.arange(3.0).reshape(1, 3)
+        >>> transpose_concat([q, k])
+        array([[0., 3., 0.],
+               [1., 4., 1.],
+               [2., 5., 2.]])
     """
     arrays = _check_parts(parts)
     target = result_dtype(arrays[0].dtype, dtype)

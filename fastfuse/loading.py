@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from fastfuse.aliases import PathLike
 from fastfuse.errors import FuseError
 from fastfuse.formats.checkpoint import open_checkpoint
-from fastfuse.fusion import execute, frameworks
+from fastfuse.fusion import execute, torch_converter
 from fastfuse.planning.planner import FuseOptions, make_plan
 from fastfuse.planning.recipe import META_PREFIX
 
@@ -38,8 +38,23 @@ def load(path: PathLike, *, framework: str = "np", **options: Unpack[FuseKwargs]
         written by ``fastfuse fuse`` (it records ``fastfuse.fused`` in its metadata) is returned
         as stored, fused tensors included, all zero-copy; options are refused for it, since its
         fusion was chosen when it was written (``fastfuse verify`` checks it).
+
+    Raises:
+        FuseError (and subclasses) as :func:`fastfuse.plan`; FuseFileNotFoundError and
+        MalformedFileError for paths and bytes; FuseError for options given with a file
+        fastfuse already fused.
+
+    Example:
+        >>> import tempfile, numpy as np, fastfuse
+        >>> from safetensors.numpy import save_file
+        >>> sd = {f"model.encoder.layers.0.self_attn.{p}_proj.weight": np.eye(4, dtype=np.float16) for p in "qkv"}
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     save_file(sd, f"{folder}/model.safetensors")
+        ...     weights = fastfuse.load(f"{folder}/model.safetensors")
+        ...     print(weights["fused.enc.0.self_attn.qkv.weight"].shape, len(weights))
+        (4, 12) 4
     """
-    to_torch = frameworks(framework)
+    to_torch = torch_converter(framework)
     checkpoint = open_checkpoint(path)
     if f"{META_PREFIX}fused" in checkpoint.metadata:
         if options:

@@ -18,20 +18,18 @@ from typing import Any
 
 from fastfuse.cli.demo import WHISPER_SIZES
 from fastfuse.errors import FuseError
+from fastfuse.planning.options import WRITE_ONLY, options
 from fastfuse.planning.planner import Plan
-from fastfuse.planning.rules import TARGETS
 from fastfuse.version import __version__
+
+# What a command does with an option, where that differs by command: (option, writes files) -> note.
+_WHAT_IT_DOES = {("tp", True): ": one file per rank into DST, a folder", ("tp", False): ": plan one slice per rank"}
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    """The fusion options given on the command line (defaults left out, so they stay the library's)."""
-    names = ("cross_kv", "logits", "convert", "dtype", "scheme", "layout", "tp", "heads", "kv_heads", "target")
-    options = {name: getattr(args, name) for name in names if getattr(args, name, None) not in (None, False)}
-    if getattr(args, "drop_originals", False):
-        options["keep_originals"] = False
-    if getattr(args, "overwrite", False):
-        options["overwrite"] = True
-    return options
+    """The fusion options given on the command line (those not given left out: the library's defaults hold)."""
+    given = {option.name: getattr(args, option.name, None) for option in options() if option.flag}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def _human(n: float) -> str:
@@ -204,31 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     def fusion_options(p: argparse.ArgumentParser, *, writes: bool) -> None:
-        p.add_argument("--cross-kv", action="store_true", help="also fuse decoder cross-attention K,V")
-        p.add_argument("--logits", action="store_true", help="also write the tied logits weight [d, vocab]")
-        p.add_argument("--dtype", choices=["float32"], help="widen float16/bfloat16 to float32 while fusing")
-        p.add_argument("--scheme", help="naming scheme (default: detect from the keys)")
-        p.add_argument(
-            "--target",
-            choices=list(TARGETS),
-            help="fastfuse: fused.* keys beside the originals (default); vllm: the names and [sum(out), in] "
-            "layout vLLM, SGLang and transformers' Phi-3 load as already fused, sources dropped",
-        )
-        p.add_argument(
-            "--convert", action="store_true", help="convert an already fused checkpoint (Phi-3, GPT-2) to --layout"
-        )
-        p.add_argument(
-            "--layout",
-            choices=["in_out", "out_in"],
-            help="in_out: [in, sum(out)] for x @ W (default); out_in: [sum(out), in] for F.linear (vLLM, CTranslate2)",
-        )
-        ranks = "one file per rank into DST, a folder" if writes else "plan one slice per rank"
-        p.add_argument("--tp", type=int, help=f"tensor-parallel ranks: {ranks}")
-        p.add_argument("--heads", type=int, help="attention heads, to split for --tp (default: config.json beside SRC)")
-        p.add_argument("--kv-heads", type=int, help="key/value heads (GQA), to split for --tp")
-        p.add_argument(
-            "--overwrite", action="store_true", help="allow fused keys the input already holds to be replaced"
-        )
+        """One flag per option of ``FuseOptions`` that has one (absent flags stay None: not given)."""
+        for option in options():
+            if option.flag is None or (option.scope == WRITE_ONLY and not writes):
+                continue
+            if option.type.startswith("bool"):  # a switch; one with flag_help turns its option off
+                on = option.flag_help is None
+                help = option.help if on else option.flag_help
+                p.add_argument(option.flag, dest=option.name, action="store_const", const=on, help=help)
+            else:
+                kind = int if option.type.startswith("int") else str
+                help = option.help + _WHAT_IT_DOES.get((option.name, writes), "")
+                p.add_argument(option.flag, dest=option.name, type=kind, choices=option.choices, help=help)
 
     p = command("fuse", "fuse SRC (a safetensors or torch file, an index or a folder) into a new safetensors DST")
     p.add_argument("src", help="source .safetensors, .bin or .pt file, index (.index.json), or folder")
@@ -238,7 +223,6 @@ def build_parser() -> argparse.ArgumentParser:
         "or a sharded SRC",
     )
     fusion_options(p, writes=True)
-    p.add_argument("--drop-originals", action="store_true", help="leave out the fused sources")
     p.add_argument(
         "--max-shard-size",
         metavar="SIZE",

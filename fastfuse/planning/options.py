@@ -1,38 +1,101 @@
-"""Every fusion option in one validated object (see ``fastfuse.plan`` for their meaning)."""
+"""Every fusion option in one validated object: the single source of their names, types, defaults,
+allowed values, help and command-line flags (the CLI, ``FuseKwargs`` and ``plan``'s docstring are
+derived from it or checked against it by tests/test_options.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from fastfuse.aliases import DTypeLike
+from fastfuse.dtypes import WIDENINGS
 from fastfuse.errors import FuseError
 from fastfuse.planning import rules
 
-__all__ = ["LAYOUTS", "FuseOptions"]
+__all__ = ["LAYOUTS", "WRITE_ONLY", "FuseOptions", "Option", "options"]
 
 LAYOUTS = ("in_out", "out_in")  # [in, sum(out)] for x @ W (ours); [sum(out), in] for F.linear (vLLM, CTranslate2)
+WRITE_ONLY = "write"  # an Option.scope: offered by the commands that write files, not by inspect
+
+
+@dataclass(frozen=True)
+class Option:
+    """One fusion option as every interface spells it: derived from :class:`FuseOptions`.
+
+    ``flag`` is the command line's spelling (None: Python only); ``choices`` the allowed values
+    (None: any value of ``type``); ``scope`` None (every command) or ``WRITE_ONLY``.
+    """
+
+    name: str
+    type: str
+    default: Any
+    help: str
+    flag: str | None
+    choices: tuple[str, ...] | None
+    scope: str | None
+    flag_help: str | None = None  # the flag's own help where it turns the option off
+
+
+def _option(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = "",
+    choices: Callable[[], tuple[str, ...]] | None = None,
+    scope: str | None = None,
+    flag_help: str | None = None,
+) -> Any:
+    """A dataclass field carrying its interfaces. ``flag=""`` spells the name (``--cross-kv``);
+    ``choices`` is called when the options are listed (the rules tables are data, read late)."""
+    return field(
+        default=default,
+        metadata={"help": help, "flag": flag, "choices": choices, "scope": scope, "flag_help": flag_help},
+    )
 
 
 @dataclass(frozen=True)
 class FuseOptions:
-    """Every fusion option, validated once (see ``fastfuse.plan`` for their meaning)."""
+    """Every fusion option, validated once: the one place that defines them (name, type, default,
+    allowed values, meaning, command-line flag). ``fastfuse.plan`` documents them for callers."""
 
-    cross_kv: bool = False
-    logits: bool = False
-    convert: bool = False
-    keep_originals: bool | None = None  # None: as the target says
-    dtype: DTypeLike | None = None
-    scheme: str = "auto"
-    names: Mapping[str, str] | None = None
-    overwrite: bool = False
-    layout: str | None = None  # None: the target's
-    tp: int = 1
-    rank: int | None = None
-    heads: int | None = None
-    kv_heads: int | None = None
-    target: str = "fastfuse"
+    cross_kv: bool = _option(False, "also fuse decoder cross-attention K,V")
+    logits: bool = _option(False, "also write the tied logits weight [d, vocab]")
+    convert: bool = _option(False, "convert an already fused checkpoint (Phi-3, GPT-2) to --layout")
+    keep_originals: bool | None = _option(
+        None,
+        "keep the fused sources beside the fused tensors (default: as the target says)",
+        flag="--drop-originals",
+        flag_help="leave out the fused sources",
+        scope=WRITE_ONLY,
+    )
+    dtype: DTypeLike | None = _option(  # noqa: RUF009 - _option is dataclasses.field with metadata
+        None, "widen float16/bfloat16 to float32 while fusing", choices=lambda: tuple(sorted({d for _, d in WIDENINGS}))
+    )
+    scheme: str = _option(
+        "auto",
+        "naming scheme (default: detect from the keys)",
+        choices=lambda: ("auto", *(scheme.name for scheme in rules.SCHEMES)),
+    )
+    names: Mapping[str, str] | None = _option(
+        None, "per-group fused key templates, e.g. {'encoder_qkv': 'enc.{i}.qkv.{kind}'}", flag=None
+    )
+    overwrite: bool = _option(False, "allow fused keys the input already holds to be replaced", scope=WRITE_ONLY)
+    layout: str | None = _option(
+        None,
+        "in_out: [in, sum(out)] for x @ W (default); out_in: [sum(out), in] for F.linear (vLLM, CTranslate2)",
+        choices=lambda: LAYOUTS,
+    )
+    tp: int = _option(1, "tensor-parallel ranks")
+    rank: int | None = _option(None, "the one tensor-parallel rank to build (load, fuse, plan)", flag=None)
+    heads: int | None = _option(None, "attention heads, to split for --tp (default: config.json beside SRC)")
+    kv_heads: int | None = _option(None, "key/value heads (GQA), to split for --tp")
+    target: str = _option(
+        "fastfuse",
+        "fastfuse: fused.* keys beside the originals (default); vllm: the names and [sum(out), in] layout "
+        "vLLM, SGLang and transformers' Phi-3 load as already fused, sources dropped",
+        choices=lambda: tuple(rules.TARGETS),
+    )
 
     def __post_init__(self) -> None:
         if self.target not in rules.TARGETS:
@@ -81,3 +144,24 @@ class FuseOptions:
         if self.tp == 1:
             return (None,)
         return (self.rank,) if self.rank is not None else tuple(range(self.tp))
+
+
+def options() -> tuple[Option, ...]:
+    """Every option of :class:`FuseOptions`, as the interfaces spell it, in declaration order."""
+    listed = []
+    for f in fields(FuseOptions):
+        meta = f.metadata
+        flag = meta["flag"]
+        listed.append(
+            Option(
+                name=f.name,
+                type=str(f.type),
+                default=f.default,
+                help=meta["help"],
+                flag=("--" + f.name.replace("_", "-")) if flag == "" else flag,
+                choices=meta["choices"]() if meta["choices"] else None,
+                scope=meta["scope"],
+                flag_help=meta["flag_help"],
+            )
+        )
+    return tuple(listed)

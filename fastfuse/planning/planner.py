@@ -32,7 +32,7 @@ from fastfuse.planning.tensor_parallel import split_rows
 __all__ = ["LAYOUTS", "FuseOptions", "FusedTensor", "Plan", "make_plan"]  # options re-exported for callers
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FusedTensor:
     """One tensor the plan writes: rows ``starts[j]:starts[j]+rows[j]`` of ``sources[j]``, concatenated.
 
@@ -62,7 +62,7 @@ class FusedTensor:
         return self.starts or (0,) * len(self.sources)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Plan:
     """What fusing a checkpoint will do; computing nothing.
 
@@ -163,16 +163,16 @@ def make_plan(tensors: Mapping[str, TensorLike], options: FuseOptions) -> Plan:
     _check_outputs(fused, tensors, options.overwrite)
     dropped = frozenset() if options.keep_originals else frozenset(builder.droppable)
     return Plan(
-        chosen.name,
-        prefix,
-        builder.d,
-        layers,
-        fused,
-        dropped,
-        str(options.layout),
-        options.tp,
-        chosen.already_fused,
-        options.target,
+        scheme=chosen.name,
+        prefix=prefix,
+        d=builder.d,
+        layers=layers,
+        fused=fused,
+        dropped=dropped,
+        layout=str(options.layout),
+        tp=options.tp,
+        already_fused=chosen.already_fused,
+        target=options.target,
     )
 
 
@@ -277,37 +277,23 @@ class _Builder:
             starts, counts = self._split(rule, weights, rows, rank)
             total = sum(counts)
             shape = (d, total) if layout == "in_out" else (total, d)
-            self.fused.append(
-                FusedTensor(
-                    name(kind="weight"),
-                    rule.name,
-                    layer,
-                    "weight",
-                    tuple(weights),
-                    counts,
-                    shape,
-                    target,
-                    starts,
-                    transposed,
-                    layout,
-                    rank,
-                )
-            )
-            if any(b is not None for b in biases):
+            for kind, sources, kind_shape in (("weight", weights, shape), ("bias", biases, (total,))):
+                if kind == "bias" and all(b is None for b in biases):
+                    continue
                 self.fused.append(
                     FusedTensor(
-                        name(kind="bias"),
-                        rule.name,
-                        layer,
-                        "bias",
-                        tuple(biases),
-                        counts,
-                        (total,),
-                        target,
-                        starts,
-                        False,
-                        layout,
-                        rank,
+                        key=name(kind=kind),
+                        group=rule.name,
+                        layer=layer,
+                        kind=kind,
+                        sources=tuple(sources),
+                        rows=counts,
+                        shape=kind_shape,
+                        dtype=target,
+                        starts=starts,
+                        transposed=transposed and kind == "weight",
+                        layout=layout,
+                        rank=rank,
                     )
                 )
         if rule.drop_sources:

@@ -68,17 +68,17 @@ def recorded_plan(
             kind = "weight" if len(meta.shape) == 2 else "bias"
             fused.append(
                 FusedTensor(
-                    key,
-                    "recorded",
-                    None,
-                    kind,
-                    tuple(entry["sources"]),
-                    tuple(int(n) for n in entry["rows"]),
-                    tuple(meta.shape),
-                    meta.dtype,
-                    tuple(int(n) for n in entry["starts"]),
-                    bool(entry["transposed"]),
-                    layout,
+                    key=key,
+                    group="recorded",
+                    layer=None,
+                    kind=kind,
+                    sources=tuple(entry["sources"]),
+                    rows=tuple(int(n) for n in entry["rows"]),
+                    shape=tuple(meta.shape),
+                    dtype=meta.dtype,
+                    starts=tuple(int(n) for n in entry["starts"]),
+                    transposed=bool(entry["transposed"]),
+                    layout=layout,
                 )
             )
         dtypes = {key: str(entry["source_dtype"]) for key, entry in recipe.items()}
@@ -89,5 +89,5 @@ def recorded_plan(
         raise MalformedFileError(f"{path}: its fastfuse recipe ({META_PREFIX}fused) is broken: {exc}") from None
     target = metadata.get(f"{META_PREFIX}target", "fastfuse")
     scheme = metadata.get(f"{META_PREFIX}scheme", "recorded")
-    fusion = Plan(scheme, "", None, {}, tuple(fused), layout=layout, tp=tp, target=target)
+    fusion = Plan(scheme=scheme, prefix="", d=None, layers={}, fused=tuple(fused), layout=layout, tp=tp, target=target)
     return fusion, dtypes

@@ -107,15 +107,30 @@ def fuse_file(
 ) -> Plan:
     """Fuse a checkpoint file into a new safetensors file (or folder), streaming, atomically.
 
-    ``src``: a ``.safetensors`` or torch (``.bin``/``.pt``) file, an index or a folder. ``dst``:
-    a new ``*.safetensors`` file; or a folder, for a sharded output (``model-0000k-of-0000n
-    .safetensors`` and ``model.safetensors.index.json``) or a tensor-parallel one
-    (``rank-k-of-n.safetensors`` per rank, each complete on its own, and
-    ``tensor_parallel.json``). A sharded input gives a sharded output (shards of at most
-    ``max_shard_size`` bytes, default the largest input shard) unless ``single_file``;
-    ``max_shard_size`` shards a single-file input too. ``overwrite_destination`` allows
-    replacing existing files (CLI ``--force``); files of a replaced folder output that the new
-    one does not have are removed. ``options`` as for :func:`fastfuse.plan`. The output keeps
+    Args:
+        src: a ``.safetensors`` or torch (``.bin``/``.pt``) file, an index or a folder.
+        dst: a new ``*.safetensors`` file; or a folder, for a sharded output
+            (``model-0000k-of-0000n.safetensors`` and ``model.safetensors.index.json``) or a
+            tensor-parallel one (``rank-k-of-n.safetensors`` per rank, each complete on its
+            own, and ``tensor_parallel.json``).
+        overwrite_destination: allow replacing existing files (CLI ``--force``); files of a
+            replaced folder output that the new one does not have are removed.
+        max_shard_size: shard the output (bytes, or ``"5GB"``); a sharded input gives a
+            sharded output (default: its largest shard) unless ``single_file``.
+        single_file: write a sharded input as one file.
+        progress: ``progress(done, total)`` is called as data is written (from a worker
+            thread at times, never two calls at once).
+        **options: as for :func:`fastfuse.plan`.
+
+    Returns:
+        The executed :class:`~fastfuse.planning.planner.Plan`.
+
+    Raises:
+        FuseError (and subclasses) as :func:`fastfuse.plan`; FuseFileNotFoundError,
+        FusePermissionError and MalformedFileError for paths and bytes. On any error no
+        destination file is created or changed.
+
+    The output keeps
     the input's metadata (``"format": "pt"`` added for torch files) plus fastfuse's recipe
     (``fastfuse.*`` keys). The originals keep their source order, then come the fused tensors
     (item size descending, then name), unless that would misalign a tensor (then all are in
@@ -125,6 +140,16 @@ def fuse_file(
 
     Everything is validated before anything is created; on any error no destination file is
     changed. Each file is atomic; an index is written last.
+
+    Example:
+        >>> import tempfile, numpy as np, fastfuse
+        >>> from safetensors.numpy import save_file
+        >>> sd = {f"model.encoder.layers.0.self_attn.{p}_proj.weight": np.eye(4, dtype=np.float16) for p in "qkv"}
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     save_file(sd, f"{folder}/model.safetensors")
+        ...     fusion = fastfuse.fuse_file(f"{folder}/model.safetensors", f"{folder}/fused.safetensors")
+        ...     print([t.key for t in fusion.fused], fastfuse.verify(f"{folder}/fused.safetensors"))
+        ['fused.enc.0.self_attn.qkv.weight'] []
     """
     checkpoint = open_checkpoint(src)
     destination = Path(dst)

@@ -22,10 +22,30 @@ __all__ = ["unfuse"]
 def unfuse(src: PathLike, dst: PathLike, *, overwrite_destination: bool = False) -> list[str]:
     """Rebuild the original tensors of a fastfuse-written file and write them without fused keys.
 
-    Fuse then unfuse is bit-exact, in either layout and for every target; ``dst`` is a new
-    ``*.safetensors`` file. Zero-filled bias parts (a missing ``k_proj.bias``) are not invented.
-    Returns the rebuilt keys. Raises FuseError for a file fused with a widening ``dtype``
-    (unfusing would have to narrow) or a tensor-parallel rank.
+    Fuse then unfuse is bit-exact, in either layout and for every target. Zero-filled bias
+    parts (a missing ``k_proj.bias``) are not invented.
+
+    Args:
+        src: a file written by ``fuse_file`` (any target, originals kept or dropped).
+        dst: the new ``*.safetensors`` file.
+        overwrite_destination: allow replacing an existing ``dst``.
+
+    Returns:
+        The rebuilt source keys (empty when the file kept its originals).
+
+    Raises:
+        FuseError: a file fused with a widening ``dtype`` (unfusing would have to narrow) or
+            one tensor-parallel rank; MalformedFileError for a file without a recipe.
+
+    Example:
+        >>> import tempfile, numpy as np, fastfuse
+        >>> from safetensors.numpy import save_file
+        >>> sd = {f"model.encoder.layers.0.self_attn.{p}_proj.weight": np.eye(4, dtype=np.float16) for p in "qkv"}
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     save_file(sd, f"{folder}/model.safetensors")
+        ...     _ = fastfuse.fuse_file(f"{folder}/model.safetensors", f"{folder}/vllm.safetensors", target="vllm")
+        ...     fastfuse.unfuse(f"{folder}/vllm.safetensors", f"{folder}/back.safetensors")
+        ['model.encoder.layers.0.self_attn.q_proj.weight', 'model.encoder.layers.0.self_attn.k_proj.weight', 'model.encoder.layers.0.self_attn.v_proj.weight']
     """
     checkpoint = open_checkpoint(src)
     destination = Path(dst)

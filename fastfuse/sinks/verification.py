@@ -18,12 +18,29 @@ __all__ = ["verify"]
 def verify(path: PathLike, *, source: PathLike | None = None) -> list[str]:
     """Recompute every fused tensor of a fastfuse-written file from its originals.
 
-    ``path``: a file, an index or folder of shards, or a tensor-parallel folder (every rank is
-    checked). The originals come from the file itself, or from ``source`` (the checkpoint it
-    was fused from: needed when the originals were dropped, e.g. ``target="vllm"``). Returns
-    the keys whose bytes differ (``rank-k-of-n.safetensors:key`` for ranks; empty: all
-    bit-exact). Raises MalformedFileError if the file carries no fastfuse recipe,
-    MissingTensorError if an original is in neither file.
+    Args:
+        path: a file, an index or folder of shards, or a tensor-parallel folder (every rank
+            is checked).
+        source: the checkpoint it was fused from, where the originals come from when the
+            file dropped them (e.g. ``target="vllm"``); default: the file itself.
+
+    Returns:
+        The keys whose bytes differ (``rank-k-of-n.safetensors:key`` for ranks); empty when
+        every fused tensor is bit-exact.
+
+    Raises:
+        MalformedFileError: the file carries no fastfuse recipe (or a broken one).
+        MissingTensorError: an original is in neither file.
+
+    Example:
+        >>> import tempfile, numpy as np, fastfuse
+        >>> from safetensors.numpy import save_file
+        >>> sd = {f"model.encoder.layers.0.self_attn.{p}_proj.weight": np.eye(4, dtype=np.float16) for p in "qkv"}
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     save_file(sd, f"{folder}/model.safetensors")
+        ...     _ = fastfuse.fuse_file(f"{folder}/model.safetensors", f"{folder}/fused.safetensors")
+        ...     fastfuse.verify(f"{folder}/fused.safetensors")
+        []
     """
     ranks = tensor_parallel_ranks(Path(path))
     if ranks is not None:
