@@ -366,10 +366,6 @@ class _Background(threading.Thread):
         if self._error is not None:
             raise self._error
 
-    def join_quietly(self, timeout: float) -> None:
-        """Wait up to ``timeout`` s; an error waits for :meth:`join`."""
-        super().join(timeout)
-
 
 def _write_folder(
     folder: Path,
