@@ -41,7 +41,9 @@ def test_the_typed_keywords_are_the_options() -> None:
 def test_plan_documents_every_option_and_no_other() -> None:
     doc = fastfuse.plan.__doc__ or ""
     args = doc.split("Args:")[1].split("Every option")[0]
-    documented = {name.strip() for line in re.findall(r"^ {8}(\w[\w, ]*):", args, flags=re.M) for name in line.split(",")}
+    documented = {
+        name.strip() for line in re.findall(r"^ {8}(\w[\w, ]*):", args, flags=re.MULTILINE) for name in line.split(",")
+    }
     assert documented - {"tensors"} == {f.name for f in fields(FuseOptions)}
 
 
@@ -84,7 +86,16 @@ def test_the_readme_code_type_checks_strictly(tmp_path: Path) -> None:
     for n, block in enumerate(blocks):
         (tmp_path / f"readme_{n}.py").write_text(preamble + block)
     done = subprocess.run(
-        [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"), "--cache-dir", str(tmp_path / "cache"), "."],
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--config-file",
+            str(ROOT / "pyproject.toml"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            ".",
+        ],
         cwd=tmp_path,
         env={"MYPYPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
         capture_output=True,
