@@ -82,9 +82,16 @@ ENGINES = ["numba", "numpy"]
 
 @pytest.fixture(params=ENGINES)
 def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Run the test on one engine, whatever the job size and what ran before (child processes too)."""
+    """Run the test on one engine, whatever the job size and what ran before (child processes too);
+    in this process, only that engine may have moved groups."""
+    from fastfuse.kernels import engine as kernel_engine
+
     monkeypatch.setenv("FASTFUSE_ENGINE", request.param)
+    before = kernel_engine.status()["groups_moved"]
     yield request.param
+    after = kernel_engine.status()["groups_moved"]
+    moved = {name: after[name] - before[name] for name in after}
+    assert all(n == 0 for name, n in moved.items() if name != request.param), (request.param, moved)
 
 
 @pytest.fixture

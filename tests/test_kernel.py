@@ -120,6 +120,22 @@ def test_widens_every_bfloat16_pattern_exactly() -> None:
     assert same_bits(out.view(np.uint32), bits.T.astype(np.uint32) << 16)
 
 
+@pytest.mark.parametrize(("rows", "cols"), [(257, 255), (33, 70), (1, 65), (95, 17), (64, 129)])
+def test_widening_ragged_shapes(rows: int, cols: int) -> None:
+    """Sizes that are not multiples of the block (edges of the tile and block grids), f16 and bf16,
+    into an output whose rows start off the cache-line grid too."""
+    rng = np.random.default_rng(rows * cols)
+    half = rng.standard_normal((rows, cols)).astype(np.float16)
+    bits = rng.integers(0, 2**16, size=(rows, cols), dtype=np.uint16)
+    buffer = np.full(2 * rows * cols + 3, np.nan, np.float32)
+    out = buffer[3:].reshape(cols, 2 * rows)  # 12 bytes past the allocation: off the line grid
+    assert same_bits(transpose_concat([half], dtype="float32"), half.T.astype(np.float32))
+    transpose_concat([half, half[::-1]], dtype="float32", out=out)
+    assert same_bits(out, np.concatenate([half.T, half[::-1].T], axis=1).astype(np.float32))
+    got_bf16 = transpose_concat([bits.view(ml_dtypes.bfloat16)], dtype="float32")
+    assert same_bits(got_bf16.view(np.uint32), bits.T.astype(np.uint32) << 16)
+
+
 # The engine fixture only sets an environment variable: sharing it across examples is fine.
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(

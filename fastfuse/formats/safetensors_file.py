@@ -27,10 +27,11 @@ import numpy as np
 from fastfuse.aliases import PathLike
 from fastfuse.errors import FuseError, MalformedFileError
 from fastfuse.formats.safetensors_dtypes import ITEMSIZE, dtype_code, dtype_of
-from fastfuse.formats.stored import StoredFile, StoredTensor, open_regular, pread_exactly
+from fastfuse.formats.stored import StoredFile, StoredTensor, check_shape, open_regular, pread_exactly
 
 __all__ = [
     "MAX_HEADER_BYTES",
+    "MAX_TENSORS",
     "Header",
     "OutputTensor",
     "TensorInfo",
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 MAX_HEADER_BYTES = 100_000_000  # as the reference reader (safetensors) limits it
+MAX_TENSORS = 200_000  # entries of one header: bounds the time to read it (large-v3 has ~1300)
 PAGE = 4096
 _FIELDS = ["data_offsets", "dtype", "shape"]
 
@@ -143,6 +145,8 @@ def read_header(path: PathLike) -> Header:
         raw = pread_exactly(fd, n, 8, p)
     finally:
         os.close(fd)
+    if raw.count(b'"data_offsets"') > MAX_TENSORS:  # counted before parsing: an upper bound of the entries
+        raise MalformedFileError(f"{p}: header has more than {MAX_TENSORS} tensor entries, over the limit")
     obj = _loads(p, "header", raw)
     if not isinstance(obj, dict):
         raise MalformedFileError(f"{p}: header is a {_kind(obj)}, expected an object")
@@ -196,6 +200,7 @@ def _tensor(path: str, name: str, entry: Any, data_size: int) -> TensorInfo:
             f"{where} data_offsets [{start}, {end}] hold {end - start} "
             f"bytes but shape {_show(shape)} of {dtype} needs {needs}"
         )
+    check_shape(where, shape)  # zero-size tensors too: numpy must be able to build them
     return TensorInfo(name, dtype, tuple(shape), start, end)
 
 

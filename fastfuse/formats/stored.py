@@ -27,7 +27,56 @@ import numpy as np
 from fastfuse.aliases import PathLike
 from fastfuse.errors import FuseFileNotFoundError, FusePermissionError, MalformedFileError
 
-__all__ = ["StoredFile", "StoredTensor", "c_strides", "map_arrays", "map_private", "open_regular", "pread_exactly"]
+__all__ = [
+    "MAX_DIMS",
+    "MAX_EXPANSION",
+    "StoredFile",
+    "StoredTensor",
+    "c_strides",
+    "check_expansion",
+    "check_shape",
+    "map_arrays",
+    "map_private",
+    "open_regular",
+    "pread_exactly",
+]
+
+MAX_DIMS = 64  # numpy's limit on dimensions
+MAX_ELEMENTS = 2**62  # of a tensor, zero dims left out (numpy refuses shapes whose product overflows)
+MAX_EXPANSION = 4  # the tensors of a file may hold at most this many times the file's bytes (tied weights: 2)
+
+
+def check_shape(where: str, shape: tuple[int, ...] | list[int]) -> None:
+    """Refuse a shape numpy cannot build: more than ``MAX_DIMS`` dimensions, or a product of its
+    non-zero dims over ``MAX_ELEMENTS`` (also when another dim is 0). Raises MalformedFileError.
+
+    >>> check_shape("t", (0, 2**40, 2**40))
+    Traceback (most recent call last):
+    fastfuse.errors.MalformedFileError: t: shape [0, 1099511627776, 1099511627776] has more than 2**62 elements (zero dims left out); numpy cannot hold it
+    """
+    if len(shape) > MAX_DIMS:
+        raise MalformedFileError(f"{where}: shape has {len(shape)} dimensions, more than numpy's {MAX_DIMS}")
+    product = 1
+    for d in shape:
+        product *= max(d, 1)
+        if product > MAX_ELEMENTS:
+            shown = list(shape) if len(shape) <= 8 else f"{list(shape[:8])[:-1]}, ...]"
+            raise MalformedFileError(
+                f"{where}: shape {shown} has more than 2**62 elements (zero dims left out); numpy cannot hold it"
+            )
+
+
+def check_expansion(path: str, tensors: list[StoredTensor], file_size: int) -> None:
+    """Refuse a file whose tensors, counted one by one, hold more than ``MAX_EXPANSION`` times
+    its size (plus 1 MB): views whose elements overlap (a stride 0, as ``expand`` makes) or many
+    keys viewing one storage would make fused outputs far larger than the bytes stored (a
+    decompression bomb). Raises MalformedFileError."""
+    total = sum(t.nbytes for t in tensors)
+    if total > MAX_EXPANSION * file_size + (1 << 20):
+        raise MalformedFileError(
+            f"{path}: its tensors hold {total} bytes, more than {MAX_EXPANSION}x the file's {file_size} bytes "
+            "(keys sharing storage many times over); re-save each tensor with its own storage"
+        )
 
 
 def c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:

@@ -32,7 +32,16 @@ import numpy as np
 from fastfuse.aliases import PathLike
 from fastfuse.errors import MalformedFileError
 from fastfuse.formats.pickle_objects import PickledDict, TensorRef, a_kind
-from fastfuse.formats.stored import StoredFile, StoredTensor, c_strides, map_private, open_regular, pread_exactly
+from fastfuse.formats.stored import (
+    StoredFile,
+    StoredTensor,
+    c_strides,
+    check_expansion,
+    check_shape,
+    map_private,
+    open_regular,
+    pread_exactly,
+)
 from fastfuse.formats.unpickler import MAX_PICKLE_BYTES, load
 
 __all__ = ["LEGACY_MAGIC", "MAX_DIRECTORY_BYTES", "claims", "read_torch", "torch_dtype", "verify_crcs"]
@@ -104,8 +113,9 @@ def _end_records(fd: int, size: int, p: str) -> tuple[int, int, int, int]:
     _, disk, cd_disk, on_disk, count, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, at)
     disks = [disk, cd_disk, on_disk - count]  # one file: disk 0 holds everything
     records = start + at
-    if records >= _LOCATOR.size and tail[at - _LOCATOR.size : at - _LOCATOR.size + 4] == b"PK\x06\x07":
-        _, disk64, eocd64, total = _LOCATOR.unpack_from(tail, at - _LOCATOR.size)
+    locator = pread_exactly(fd, _LOCATOR.size, records - _LOCATOR.size, p) if records >= _LOCATOR.size else b""
+    if locator.startswith(b"PK\x06\x07"):  # read from the file: the tail may start after it
+        _, disk64, eocd64, total = _LOCATOR.unpack(locator)
         if eocd64 + _EOCD64.size > records - _LOCATOR.size:
             raise MalformedFileError(f"{p}: ZIP64 end record at byte {eocd64} runs past its locator")
         fields = _EOCD64.unpack(pread_exactly(fd, _EOCD64.size, eocd64, p))
@@ -280,6 +290,7 @@ def read_torch(path: PathLike) -> StoredFile:
     tensors, metadata = _top_level(p, load(raw, f"{p}: member {pkl.name!r}"))
     _check_shared(p, tensors)
     stored = {name: _locate(p, prefix, members, name, t) for name, t in tensors.items()}
+    check_expansion(p, list(stored.values()), size)
     return StoredFile(p, size, "torch", stored, metadata)
 
 
@@ -335,6 +346,7 @@ def _locate(p: str, prefix: str, members: dict[str, _Member], name: str, t: Tens
             f"{where}: size {_short(t.size)}, stride {_short(t.stride)}, offset {_short(t.offset)}: expected at most "
             "64 dimensions, as many strides as sizes, all integers in [0, 2**62]"
         )
+    check_shape(where, t.size)
     item = dtype.itemsize
     if math.prod(t.size) == 0:
         return StoredTensor(name, dtype, t.size, member.data)

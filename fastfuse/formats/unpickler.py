@@ -40,10 +40,11 @@ from fastfuse.formats.pickle_objects import (
     kinds,
 )
 
-__all__ = ["MAX_DEPTH", "MAX_OBJECTS", "MAX_PICKLE_BYTES", "load"]
+__all__ = ["MAX_DEPTH", "MAX_OBJECTS", "MAX_OPCODES", "MAX_PICKLE_BYTES", "load"]
 
 MAX_PICKLE_BYTES = 100_000_000  # a large-v3 state dict pickles to ~0.1 MB
-MAX_OBJECTS = 10_000_000  # values pushed (and memo entries): ~10k per large model
+MAX_OBJECTS = 1_000_000  # values pushed (and memo entries): ~10k per large model; bounds memory
+MAX_OPCODES = 1_000_000  # opcodes run: ~30k for large-v3 (about 40k tensors a file); bounds time (~3 s here)
 MAX_DEPTH = 100  # open MARKs; torch nests 3
 
 
@@ -167,7 +168,11 @@ class _Machine:
     def run(self) -> Any:
         """Interpret every opcode through its handler (one dict lookup each) until STOP."""
         data, handlers = self.data, self.handlers
+        budget = MAX_OPCODES
         while self.pos < len(data):
+            budget -= 1
+            if budget < 0:
+                self.fail(f"more than {MAX_OPCODES} opcodes; a state dict needs far fewer")
             self.at = self.pos
             code = data[self.pos]
             self.pos += 1

@@ -19,6 +19,15 @@ install, or every run where the cache is not kept). The policy, per process:
   uses them; ``FASTFUSE_ENGINE=numpy`` never loads numba. :func:`warm_up` compiles every
   kernel into numba's cache (``fastfuse warmup``), so that the next process starts warm.
 
+Exit is safe at every moment: no background thread ever runs LLVM while the interpreter could
+be torn down. When numba's cache does not hold the kernels, the loader thread has a child
+process compile them into the cache (``python -m fastfuse.kernels.cache_filler``, see ``kernel_cache``)
+and only waits for it; then it loads them from the cache in process, one kernel at a time,
+each inside an *LLVM section*. An exit hook (``atexit``) ends the child and waits for the
+section in progress (one kernel's load, a fraction of a second; at most ``EXIT_WAIT``); no
+section starts once the hook has run. Where numba has nowhere to write a cache, the kernels
+compile in process, and exit waits for the one being compiled (a few seconds at most).
+
 Kernel launches take turns (one lock): each already uses every core, and numba's workqueue
 threading layer (used where neither TBB nor OpenMP is installed) aborts the process on
 concurrent launches.
@@ -26,11 +35,12 @@ concurrent launches.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
-import glob
-import hashlib
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -41,6 +51,7 @@ import numpy as np
 
 from fastfuse.dtypes import WIDENINGS
 from fastfuse.errors import FuseError
+from fastfuse.kernels import kernel_cache
 
 __all__ = [
     "ENGINES",
@@ -61,15 +72,72 @@ Spec = tuple[int, int]  # (0 copy or 1 widen, source element width): one kernel 
 LOAD_AFTER_BYTES = 32 << 20
 ALL_SPECS: frozenset[Spec] = frozenset({(0, 1), (0, 2), (0, 4), (0, 8), (1, 2)})
 ENGINES = ("auto", "numba", "numpy")
+EXIT_WAIT = 120.0  # seconds the exit hook waits for the kernel being loaded (or, without a cache, compiled)
 
-_state_lock = threading.Lock()  # guards the fields below; never held while compiling
-_seen_bytes = 0
-_wanted: set[Spec] = set()
-_ready: frozenset[Spec] = frozenset()  # replaced, never mutated: read without the lock
-_loader: threading.Thread | None = None
-_failure: BaseException | None = None
-_groups_moved = {"numba": 0, "numpy": 0}  # by engine, for status()
+
+class _Closing(Exception):
+    """The interpreter is exiting: no LLVM work may start."""
+
+
+class _EngineState:
+    """What the engine knows in this process. Every field is guarded by ``lock`` (a condition,
+    never held while compiling), except ``ready``, which is replaced, never mutated, and read
+    without it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Condition()
+        self.seen_bytes = 0
+        self.wanted: set[Spec] = set()
+        self.ready: frozenset[Spec] = frozenset()
+        self.loader: threading.Thread | None = None
+        self.phase = "idle"  # the loader's: "starting", "compiling in a child", "loading", "idle"
+        self.child: subprocess.Popen[bytes] | None = None
+        self.failure: BaseException | None = None
+        self.child_failure: str | None = None  # how the compiling child failed (then: compiled in process)
+        self.groups_moved = {"numba": 0, "numpy": 0}  # by engine, for status()
+        self.in_llvm = 0  # threads inside an LLVM section
+        self.closing = False  # the exit hook ran
+
+
+_state = _EngineState()
 _launch_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _llvm_section() -> Iterator[None]:
+    """Around anything that may run LLVM (importing the kernels, loading or compiling one):
+    refused once the exit hook ran; the hook waits for the sections in progress."""
+    with _state.lock:
+        if _state.closing:
+            raise _Closing
+        _state.in_llvm += 1
+    try:
+        yield
+    finally:
+        with _state.lock:
+            _state.in_llvm -= 1
+            _state.lock.notify_all()
+
+
+def _at_exit() -> None:
+    """End the compiling child, wait (at most ``EXIT_WAIT``) for the LLVM section in progress."""
+    with _state.lock:
+        _state.closing = True
+        child = _state.child
+    if child is not None:
+        with contextlib.suppress(OSError):
+            child.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(EXIT_WAIT)
+    deadline = time.monotonic() + EXIT_WAIT
+    with _state.lock:
+        while _state.in_llvm and time.monotonic() < deadline:
+            _state.lock.wait(deadline - time.monotonic())
+        if _state.in_llvm:
+            print(f"fastfuse: kernels still loading after {EXIT_WAIT:.0f} s at exit", file=sys.stderr)
+
+
+atexit.register(_at_exit)
 
 
 def _engine() -> str:
@@ -96,43 +164,86 @@ def _kernels() -> ModuleType:
 
 
 def _load(specs: Iterable[Spec]) -> None:
-    """Load or compile the driver and the workers of ``specs`` in this thread; mark them ready."""
-    global _ready
-    kernels = _kernels()
-    kernels.run_tiles(np.zeros((0, kernels.JOB_COLUMNS), np.int64), 0)  # the driver, for every width
-    for spec in specs:
-        kernels.worker(*spec)
-        with _state_lock:
-            _ready = _ready | {spec}
+    """Load (from numba's cache) or compile the driver and the workers of ``specs`` in this
+    thread, one LLVM section each; mark them ready. Raises :class:`_Closing` once exiting."""
+    with _llvm_section():
+        kernel_cache.compile_here(())  # numba, the kernels module and the driver
+    for spec in sorted(specs):
+        if spec in _state.ready:
+            continue
+        with _llvm_section():
+            kernel_cache.compile_here((spec,), driver=False)
+        with _state.lock:
+            _state.ready = _state.ready | {spec}
+
+
+def _load_now(specs: Iterable[Spec]) -> None:
+    """:func:`_load` for a caller that needs the kernels (``FASTFUSE_ENGINE=numba``, ``warm_up``)."""
+    try:
+        _load(specs)
+    except _Closing:
+        raise FuseError("the interpreter is exiting: the kernels can no longer be loaded") from None
+
+
+def _fill_in_child(todo: list[Spec]) -> None:
+    """Have a child process compile ``todo`` into numba's cache when it seems not to hold them
+    (its failure is not ours to report: loading in process then compiles, and tells)."""
+    if kernel_cache.looks_warm() or os.environ.get("NUMBA_DISABLE_JIT", "0") not in ("", "0"):
+        return
+
+    def remember(child: subprocess.Popen[bytes]) -> None:
+        with _state.lock:
+            _state.child = child
+            closing = _state.closing
+        if closing:  # the exit hook ran before it could see this child
+            child.kill()
+
+    with _state.lock:
+        _state.phase = "compiling in a child"
+    try:
+        code, stderr = kernel_cache.fill(todo, remember)
+    finally:
+        with _state.lock:
+            _state.child = None
+    if code not in (0, kernel_cache.NO_CACHE) and not _state.closing:
+        with _state.lock:
+            _state.child_failure = f"exit {code}: {stderr.strip()[-300:]}"
 
 
 def _background() -> None:
     """The loader thread: load what is wanted until nothing is left, then end."""
-    global _loader, _failure
-    while True:
-        with _state_lock:
-            todo = sorted(_wanted - _ready)
-            if not todo or _failure is not None:
-                _loader = None
-                return
-        try:
+    try:
+        while True:
+            with _state.lock:
+                todo = sorted(_state.wanted - _state.ready)
+                if not todo or _state.failure is not None or _state.closing:
+                    return
+            _fill_in_child(todo)
+            with _state.lock:
+                _state.phase = "loading"
             _load(todo)
-        except BaseException as e:  # noqa: BLE001 - recorded; the process stays on numpy
-            with _state_lock:
-                _failure = e
+    except _Closing:
+        return
+    except BaseException as e:  # noqa: BLE001 - recorded; the process stays on numpy
+        with _state.lock:
+            _state.failure = e
+    finally:
+        with _state.lock:
+            _state.loader = None
+            _state.phase = "idle"
 
 
 def _request(specs: set[Spec], nbytes: int) -> None:
     """Count ``nbytes``; once past ``LOAD_AFTER_BYTES``, have the loader thread load ``specs``."""
-    global _seen_bytes, _loader
-    with _state_lock:
-        _seen_bytes += nbytes
-        if _seen_bytes < LOAD_AFTER_BYTES or _failure is not None:
+    with _state.lock:
+        _state.seen_bytes += nbytes
+        if _state.seen_bytes < LOAD_AFTER_BYTES or _state.failure is not None or _state.closing:
             return
-        _wanted.update(specs)
-        if _loader is None and not specs <= _ready:
-            _loader = threading.Thread(target=_background, name="fastfuse-kernel-loader", daemon=True)
-            _loader.start()
+        _state.wanted.update(specs)
+        if _state.loader is None and not specs <= _state.ready:
+            _state.loader = threading.Thread(target=_background, name="fastfuse-kernel-loader", daemon=True)
+            _state.phase = "starting"
+            _state.loader.start()
 
 
 WARM_WAIT = 2.0  # seconds a call may wait for kernels numba's cache seems to hold (loading: ~0.5 s)
@@ -156,27 +267,15 @@ def _wait_if_cached(expected: Expectation) -> bool:
     """Wait (up to ``WARM_WAIT``) for kernels that are loading when numba's cache seems to hold
     them: loading from the cache beats numpy on any call worth loading for, and numpy running
     meanwhile would only slow the loader down (they share the GIL). True if they are ready."""
-    if not expected.pending() or not _cache_looks_warm():
+    if not expected.pending() or not _cache_looked_warm():
         return False
     deadline = time.monotonic() + WARM_WAIT
     while expected.pending() and time.monotonic() < deadline:
         time.sleep(0.005)
-    return expected.specs <= _ready
+    return expected.specs <= _state.ready
 
 
-@functools.cache
-def _cache_looks_warm() -> bool:
-    """Does numba's on-disk cache seem to hold the kernels? A guess from file names, without
-    importing numba: a stale cache (other numba, other CPU) makes the caller wait ``WARM_WAIT``
-    at most once, then it runs on numpy while the kernels compile."""
-    package = os.path.dirname(os.path.abspath(__file__))
-    subpath = f"{os.path.basename(package)}_{hashlib.sha1(package.encode()).hexdigest()}"  # numba's naming
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        places = [os.path.join(os.environ["NUMBA_CACHE_DIR"], subpath)]
-    else:
-        user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-        places = [os.path.join(package, "__pycache__"), os.path.join(user_cache, "numba", subpath)]
-    return any(glob.glob(os.path.join(place, "numba_kernels._run_tiles-*.nbi")) for place in places)
+_cache_looked_warm = functools.cache(kernel_cache.looks_warm)  # at the first call that asked
 
 
 class Expectation:
@@ -187,8 +286,8 @@ class Expectation:
 
     def pending(self) -> bool:
         """Are they still loading (so that waiting a little would let the kernels do the work)?"""
-        with _state_lock:
-            return not self.specs <= _ready and _loader is not None and _failure is None
+        with _state.lock:
+            return not self.specs <= _state.ready and _state.loader is not None and _state.failure is None
 
 
 def expect(conversions: Iterable[tuple[np.dtype[Any], np.dtype[Any]]], nbytes: int) -> Expectation:
@@ -213,11 +312,11 @@ def run_groups(groups: Sequence[Group]) -> None:
     specs = {_spec(parts, out) for parts, out in work}
     engine = _engine()
     if engine == "numba":
-        if not specs <= _ready:
-            _load(specs)
+        if not specs <= _state.ready:
+            _load_now(specs)
         _run_kernels(work)
         return
-    if engine == "auto" and specs <= _ready:
+    if engine == "auto" and specs <= _state.ready:
         _run_kernels(work)
         return
     if engine == "auto":
@@ -231,7 +330,7 @@ def run_groups(groups: Sequence[Group]) -> None:
     # one launch instead of each paying a hand-over of the GIL to the loader thread.
     work.sort(key=lambda group: group[1].nbytes, reverse=True)
     for index, group in enumerate(work):
-        if engine == "auto" and index and specs <= _ready:  # loaded meanwhile: the rest at kernel speed
+        if engine == "auto" and index and specs <= _state.ready:  # loaded meanwhile: the rest at kernel speed
             _run_kernels(work[index:])
             return
         move_with_numpy([group])
@@ -239,8 +338,8 @@ def run_groups(groups: Sequence[Group]) -> None:
 
 
 def _count(engine: str, groups: int) -> None:
-    with _state_lock:
-        _groups_moved[engine] += groups
+    with _state.lock:
+        _state.groups_moved[engine] += groups
 
 
 def _run_kernels(work: Sequence[Group]) -> None:
@@ -284,36 +383,34 @@ def _address(array: np.ndarray) -> int:
 def warm_up(*, wait: bool = True) -> None:
     """Load or compile every kernel specialisation (numba caches them on disk for later processes).
 
-    ``wait=False`` does it in the background thread and returns at once; calls keep running on
-    numpy until it is done. Raises (when waiting) whatever compiling raised.
+    ``wait=False`` does it in the background (a child process compiles, see the module's
+    docstring) and returns at once; calls keep running on numpy until it is done. Raises (when
+    waiting) whatever compiling raised.
     """
     if wait:
-        _load(sorted(ALL_SPECS))
+        _load_now(ALL_SPECS)
         return
-    global _seen_bytes
-    with _state_lock:
-        _seen_bytes = max(_seen_bytes, LOAD_AFTER_BYTES)
+    with _state.lock:
+        _state.seen_bytes = max(_state.seen_bytes, LOAD_AFTER_BYTES)
     _request(set(ALL_SPECS), 0)
 
 
 def cache_report() -> dict[str, Any]:
     """Where numba caches the kernels (None: nowhere writable) and which are loaded."""
-    kernels = _kernels()
-    return {
-        "cache": kernels.cache_location(),
-        "kernels": [f"{'widen' if k else 'copy'}-{w}" for k, w in sorted(_ready)],
-    }
+    return {"cache": kernel_cache.location(), "kernels": kernel_cache.spec_names(_state.ready)}
 
 
 def status() -> dict[str, Any]:
-    """What the engine knows: bytes seen, groups each engine moved, kernels ready, loading, the
-    failure that stopped loading."""
-    with _state_lock:
+    """What the engine knows: bytes seen, groups each engine moved, kernels ready, loading (and
+    the loader's phase), the failure that stopped loading."""
+    with _state.lock:
         return {
             "engine": _engine(),
-            "seen_bytes": _seen_bytes,
-            "groups_moved": dict(_groups_moved),
-            "ready": sorted(_ready),
-            "loading": _loader is not None,
-            "failure": None if _failure is None else f"{type(_failure).__name__}: {_failure}",
+            "seen_bytes": _state.seen_bytes,
+            "groups_moved": dict(_state.groups_moved),
+            "ready": sorted(_state.ready),
+            "loading": _state.loader is not None,
+            "phase": _state.phase,
+            "child_failure": _state.child_failure,
+            "failure": None if _state.failure is None else f"{type(_state.failure).__name__}: {_state.failure}",
         }

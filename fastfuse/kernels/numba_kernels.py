@@ -360,24 +360,3 @@ def worker(mode: int, width: int) -> Any:
                 _COMPILED[key] = compiled
                 _WORKERS[key] = compiled.address
         return _WORKERS[key]
-
-
-def cache_hits() -> dict[str, int]:
-    """How many kernels this process loaded from numba's cache (the rest, if any, it compiled)."""
-    hits = {"driver": sum(run_tiles.stats.cache_hits.values()) if hasattr(run_tiles, "stats") else 0}
-    with _WORKERS_LOCK:
-        for (kind, width), compiled in _COMPILED.items():
-            hits[f"{kind}-{width}"] = compiled.cache_hits
-    return hits
-
-
-def cache_location() -> str | None:
-    """The folder numba caches the kernels in (None: caching is off, nowhere was writable).
-
-    Read from numba's cache object (not a public API: any surprise there reads as None).
-    """
-    try:
-        cache = run_tiles._cache
-        return str(cache.cache_path) if type(cache).__name__ != "NullCache" else None
-    except AttributeError:
-        return None

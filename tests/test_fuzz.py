@@ -1,0 +1,37 @@
+"""A bounded fuzz run of each reader (tests/fuzz_readers.py): a fixed budget of mutated inputs
+from real seed files, deterministic seed, in a child process (hangs and memory are its own). Any
+exception other than a FuseError, an input over 10 s or 2 GB of memory fails."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).with_name("fuzz_readers.py")
+BUDGET = {"safetensors": 3000, "zip": 2000, "pickle": 3000}
+
+
+def fuzz(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONWARNINGS": "error"}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], check=False, capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+@pytest.mark.parametrize("target", sorted(BUDGET))
+def test_mutation_fuzz(target: str) -> None:
+    result = fuzz(target, "--inputs", str(BUDGET[target]), "--seed", "1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.startswith(f"{target}: {BUDGET[target] + 3}") or "inputs in" in result.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris is not installed")
+@pytest.mark.parametrize("target", sorted(BUDGET))
+def test_coverage_guided_fuzz(target: str) -> None:
+    result = fuzz(target, "--atheris", "--", "-runs=3000", "-seed=1")
+    assert result.returncode == 0, result.stderr[-3000:]
