@@ -27,6 +27,8 @@ from typing import Any
 
 import harness
 import numpy as np
+from codegen_cases import CODEGENS, build_codegen
+from codegen_cases import IMPLS as CODEGEN_IMPLS
 from file_cases import FILE_IMPLS, TINY, build_file, build_startup
 from harness import (
     Impl,
@@ -345,18 +347,36 @@ GROUPS: dict[str, Group] = {
     "startup": Group(
         {"load": ("fastfuse", "fastfuse-cold", "load_file"), "fuse": ("fastfuse", "numpy")}, build_startup, rounds=5
     ),
-    "scaling": Group(
-        {
-            dt: tuple(f"{impl}-{n}t" for impl in ("fastfuse", "memcpy") for n in THREADS)
-            for dt in ("float32", "float16")
-        },
-        _scaling,
-        rounds=7,
-    ),
+    "codegen": Group({f"{cg}/{dt}": CODEGEN_IMPLS for cg in CODEGENS for dt in DTYPES}, build_codegen, rounds=3),
 }
-CASES = [
-    (group, param, impl) for group, spec in GROUPS.items() for param, names in spec.params.items() for impl in names
-]
+
+
+def _scaling_group() -> Group:
+    return Group(
+        {dt: tuple(f"{impl}-{n}t" for impl in ("fastfuse", "memcpy") for n in THREADS) for dt in DTYPES},
+        _scaling,
+        rounds=5,
+    )
+
+
+def _cases() -> list[tuple[str, str, str]]:
+    return [
+        (group, param, impl) for group, spec in GROUPS.items() for param, names in spec.params.items() for impl in names
+    ]
+
+
+GROUPS["scaling"] = _scaling_group()
+CASES = _cases()
+
+
+def set_threads(threads: tuple[int, ...]) -> None:
+    """Measure the ``scaling`` group at these thread counts (``report.py --threads``)."""
+    global THREADS
+    THREADS = threads
+    GROUPS["scaling"] = _scaling_group()
+    CASES[:] = _cases()
+
+
 SLOW = {"fastfuse-cold", "ctranslate2+sync", "cli-hf+sync"}  # seconds each: fewer rounds
 QUICK_LEAVES_OUT = {"ctranslate2+sync", "cli-hf+sync", "numpy", "serial", "copyfile+fsync", "safe_open+numpy"}
 

@@ -4,7 +4,10 @@ Runs the cases of ``cases.py`` (the ones ``pytest bench --benchmark-only`` runs)
 after ``fastfuse warmup``: each implementation is warmed up once (not fresh processes), then timed
 min-of-N, the implementations of a comparison taking turns round by round. ``--quick`` for a look
 in under two minutes (whisper-small), ``--only kernel,load`` to pick groups (kernel, widen,
-layouts, loop, load, torch, ptload, file, startup, scaling).
+layouts, loop, load, torch, ptload, file, startup, codegen, scaling). ``codegen``: the kernel and
+the per-layer loop under each instruction set numba generates here (``host``, ``haswell``).
+``--only scaling --threads 1,2,4,8,16`` runs the thread scaling alone (about a minute; from a
+copied tree: ``PYTHONPATH=. python bench/report.py ...``).
 """
 
 from __future__ import annotations
@@ -103,17 +106,41 @@ ROWS = [
     Row("fresh process: import + first tiny fuse vs import numpy", "startup", "fuse", "fastfuse", "numpy", "+<=", 0.15),
     *[
         row
-        for dt in ("float32", F16)
+        for cg in cases.CODEGENS
+        for dt in cases.DTYPES
         for row in [
-            Row(f"scaling {dt}: kernel vs memcpy, 1 thread", "scaling", dt, "fastfuse-1t", "memcpy-1t"),
-            Row(f"scaling {dt}: kernel vs memcpy, 2 threads", "scaling", dt, "fastfuse-2t", "memcpy-2t"),
-            Row(f"scaling {dt}: kernel 2 threads vs 1", "scaling", dt, "fastfuse-2t", "fastfuse-1t"),
-            Row(f"scaling {dt}: memcpy 2 threads vs 1", "scaling", dt, "memcpy-2t", "memcpy-1t"),
+            Row(f"kernel {dt}, {cg} code vs memcpy", "codegen", f"{cg}/{dt}", "kernel", "memcpy", "<=", 1.0),
+            Row(f"per-layer loop {dt}, {cg} code, steady state vs memcpy", "codegen", f"{cg}/{dt}", "loop", "memcpy"),
         ]
     ],
 ]
+
+
+def scaling_rows() -> list[Row]:
+    """Per dtype and thread count: the kernel against the numba-threaded memcpy of the same
+    bytes at the same thread count, and each against itself on one thread."""
+    rows = []
+    for dt in cases.DTYPES:
+        for n in cases.THREADS:
+            rows.append(
+                Row(
+                    f"scaling {dt}: kernel vs memcpy, {n} thread{'s' if n > 1 else ''}",
+                    "scaling",
+                    dt,
+                    f"fastfuse-{n}t",
+                    f"memcpy-{n}t",
+                    "<=",
+                    1.0,
+                )
+            )
+        for n in cases.THREADS[1:]:
+            rows.append(Row(f"scaling {dt}: kernel {n} threads vs 1", "scaling", dt, f"fastfuse-{n}t", "fastfuse-1t"))
+            rows.append(Row(f"scaling {dt}: memcpy {n} threads vs 1", "scaling", dt, f"memcpy-{n}t", "memcpy-1t"))
+    return rows
+
+
 QUICK_SIZE = "small"  # whisper-small: 0.5 GB files, everything in under two minutes
-QUICK_SKIP = {"scaling", "widen"}
+QUICK_SKIP = {"scaling", "widen", "codegen"}
 
 
 def wait_for_idle(limit: float = 60.0, window: float = 0.5, share: float = 0.1) -> float:
@@ -168,7 +195,7 @@ def _seconds(s: float) -> str:
 
 def table(times: dict[Case, float], extras: dict[Case, dict[str, float]], groups: list[str]) -> list[str]:
     lines = ["| case | fastfuse | baseline | ratio | target | met? |", "|---|---|---|---|---|---|"]
-    for row in ROWS:
+    for row in [*ROWS, *scaling_rows()]:
         if row.group not in groups:
             continue
         a, b = (row.group, row.param, row.impl), (row.group, row.param, row.base)
@@ -223,7 +250,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help=f"whisper-{QUICK_SIZE}, one round, no {sorted(QUICK_SKIP)} nor slow baselines: under 2 minutes",
     )
+    parser.add_argument(
+        "--threads",
+        default="1,2",
+        help="thread counts of the scaling group, e.g. 1,2,4,8,16 (those above the host's CPUs are skipped)",
+    )
     args = parser.parse_args(argv)
+    available = len(os.sched_getaffinity(0))
+    threads = tuple(n for n in (int(t) for t in args.threads.split(",") if t) if 1 <= n <= available)
+    if not threads or threads[0] != 1:
+        parser.error(f"--threads {args.threads}: expected counts from 1 to this host's {available}, starting at 1")
+    cases.set_threads(threads)
     size = args.size or (QUICK_SIZE if args.quick else "large-v3")
     harness.QUICK = args.quick
     groups = [g for g in args.only.split(",") if g and not (args.quick and g in QUICK_SKIP)]

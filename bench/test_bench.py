@@ -3,6 +3,7 @@ compute what fastfuse computes (run them alone: ``pytest bench --benchmark-disab
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -85,3 +86,28 @@ def test_measure_takes_turns_and_keeps_the_fastest_round() -> None:
     best = harness.measure({"a": impl("a", [3.0, 1.0]), "b": impl("b", [2.0, 5.0, 4.0])}, {"a": 2, "b": 3})
     assert best == {"a": 1.0, "b": 2.0}
     assert order == ["setup", "a", "setup", "b", "setup", "a", "setup", "b", "setup", "b"]
+
+
+def test_scaling_group_and_rows_follow_the_thread_counts() -> None:
+    import report
+
+    try:
+        cases.set_threads((1, 2, 4))
+        assert set(cases.GROUPS["scaling"].params) == set(cases.DTYPES)
+        assert ("scaling", "bfloat16", "memcpy-4t") in cases.CASES
+        same_count = [row for row in report.scaling_rows() if row.impl[-2:] == row.base[-2:]]
+        assert {(row.param, row.impl) for row in same_count} == {
+            (dt, f"fastfuse-{n}t") for dt in cases.DTYPES for n in (1, 2, 4)
+        }
+    finally:
+        cases.set_threads((1, 2))
+    assert ("scaling", "float32", "memcpy-4t") not in cases.CASES
+
+
+def test_haswell_children_compile_into_their_own_cache() -> None:
+    import codegen_cases
+
+    env = codegen_cases.environment("haswell")
+    assert env["NUMBA_CPU_NAME"] == "haswell"
+    assert env["NUMBA_CACHE_DIR"] != os.environ.get("NUMBA_CACHE_DIR")
+    assert codegen_cases.environment("host") == {}
