@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -26,12 +27,44 @@ from fastfuse.version import __version__
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     """The fusion options given on the command line (defaults left out, so they stay the library's)."""
     names = ("cross_kv", "logits", "convert", "dtype", "scheme", "layout", "tp", "heads", "kv_heads", "target")
-    options = {name: getattr(args, name) for name in names if getattr(args, name, None) not in (None, False)}
+    options = {name: value for name in names if (value := getattr(args, name, None)) is not None and value is not False}
     if getattr(args, "drop_originals", False):
         options["keep_originals"] = False
     if getattr(args, "overwrite", False):
         options["overwrite"] = True
     return options
+
+
+# The CLI flag of each fusion option, for messages the library words in Python spellings.
+_FLAGS = {
+    "cross_kv": "--cross-kv",
+    "logits": "--logits",
+    "convert": "--convert",
+    "dtype": "--dtype",
+    "scheme": "--scheme",
+    "layout": "--layout",
+    "tp": "--tp",
+    "heads": "--heads",
+    "kv_heads": "--kv-heads",
+    "target": "--target",
+    "overwrite": "--overwrite",
+}
+_SPELLING = re.compile(r"(?<![\w.-])(" + "|".join(_FLAGS) + r")=('[^']*'|True\b|None\b|[\w.]+)?")
+
+
+def cli_message(message: str) -> str:
+    """A library message with each option spelt as the CLI flag a user typed: ``tp=0`` -> ``--tp 0``,
+    ``logits=True`` -> ``--logits``, ``pass dtype=None`` -> ``drop --dtype``, ``heads=`` -> ``--heads``."""
+
+    def flag(match: re.Match[str]) -> str:
+        name, value = match.group(1), match.group(2)
+        if value in (None, "True", "None"):
+            return _FLAGS[name]
+        return f"{_FLAGS[name]} {value.strip(chr(39))}"
+
+    message = re.sub(r"\bpass (\w+)=None\b", r"drop \1=None", message)
+    message = _SPELLING.sub(flag, message)
+    return re.sub(r"(--[\w-]+) \(\1\)", r"\1", message)  # "--overwrite (--overwrite)"
 
 
 def _human(n: float) -> str:
@@ -158,6 +191,8 @@ def _cmd_unfuse(args: argparse.Namespace) -> int:
     rebuilt = unfuse(args.src, args.dst, overwrite_destination=args.force)
     if args.json:
         print(json.dumps({"destination": str(args.dst), "rebuilt": rebuilt}))
+    elif not args.quiet and not rebuilt:
+        print(f"rebuilt  nothing: {args.src} kept its originals; wrote them into {args.dst} without the fused tensors")
     elif not args.quiet:
         print(f"rebuilt  {len(rebuilt)} tensors into {args.dst}")
     return 0
@@ -199,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(parser=p)
         p.add_argument("--debug", action="store_true", help="show a traceback on errors")
         p.add_argument("--json", action="store_true", help="print one JSON object for machines")
         return p
@@ -226,9 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tp", type=int, help=f"tensor-parallel ranks: {ranks}")
         p.add_argument("--heads", type=int, help="attention heads, to split for --tp (default: config.json beside SRC)")
         p.add_argument("--kv-heads", type=int, help="key/value heads (GQA), to split for --tp")
-        p.add_argument(
-            "--overwrite", action="store_true", help="allow fused keys the input already holds to be replaced"
-        )
+        if writes:  # inspect writes nothing: nothing to overwrite
+            p.add_argument(
+                "--overwrite", action="store_true", help="allow fused keys the input already holds to be replaced"
+            )
 
     p = command("fuse", "fuse SRC (a safetensors or torch file, an index or a folder) into a new safetensors DST")
     p.add_argument("src", help="source .safetensors, .bin or .pt file, index (.index.json), or folder")
@@ -293,7 +330,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # the subcommand's usage, not the top level's
+            args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        split_flags = getattr(args, "heads", None) is not None or getattr(args, "kv_heads", None) is not None
+        if split_flags and getattr(args, "tp", None) in (None, 1):
+            args.parser.error("--heads and --kv-heads split attention for --tp; pass --tp N (N > 1) or drop them")
     except SystemExit as exit_:  # argparse exits on --help / usage errors
         return int(exit_.code or 0)
     try:
@@ -306,6 +348,8 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.debug:
             raise
         message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        if isinstance(exc, FuseError):
+            message = cli_message(message)
         print(f"fastfuse: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -142,10 +142,17 @@ def make_plan(tensors: Mapping[str, TensorLike], options: FuseOptions) -> Plan:
             continue
         template = names.get(rule.name) or target.names.get(chosen.name, {}).get(rule.name)
         if template is None:
+            whisper = " (vLLM loads Whisper in Hugging Face naming: convert_openai_to_hf.py in transformers)"
+            convert = (
+                ""
+                if chosen.name in target.names
+                else f"convert it to a naming the target has, {sorted(target.names)}"
+                + (whisper if chosen.name == "openai-whisper" else "")
+                + "; or "
+            )
             raise FuseError(
-                f"target {target.name!r} has no name for group {rule.name!r} of {chosen.name} checkpoints"
-                + ("" if chosen.name in target.names else f" (it supports {sorted(target.names)})")
-                + f"; pass names={{{rule.name!r}: ...}} or another target"
+                f"target={target.name!r} has no name for group {rule.name!r} of {chosen.name} checkpoints; "
+                f"{convert}use target='fastfuse', or in Python pass names={{{rule.name!r}: ...}}"
             )
         if rule.per_layer:
             count = _layer_count(tensors, rule, prefix, required=rule.option is not None)
