@@ -107,7 +107,8 @@ def _print_plan(fusion: Plan) -> None:
     layers = ", ".join(f"{name} x{count}" for name, count in fusion.layers.items()) or "none"
     dtypes = sorted({t.dtype.name for t in fusion.fused})
     tp = f", tp {fusion.tp}" if fusion.tp > 1 else ""
-    print(f"scheme   {fusion.scheme} (prefix {fusion.prefix!r}), target {fusion.target}, layout {fusion.layout}{tp}")
+    prefix = f" (prefix {fusion.prefix!r})" if fusion.prefix else ""
+    print(f"scheme   {fusion.scheme}{prefix}, target {fusion.target}, layout {fusion.layout}{tp}")
     print(f"d        {fusion.d}")
     print(f"groups   {layers}")
     print(f"dtype    {', '.join(dtypes) or '-'}")
@@ -144,29 +145,62 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from fastfuse.formats.checkpoint import open_checkpoint
-    from fastfuse.fusion import plan
+    from fastfuse.formats.checkpoint import open_checkpoint, tensor_parallel_ranks
+    from fastfuse.planning.planner import FuseOptions, make_plan
+    from fastfuse.planning.recipe import META_PREFIX
 
-    checkpoint = open_checkpoint(args.file)
-    fusion = plan(args.file, **({"overwrite": True} | _options(args)))
-    if fusion.already_fused and not fusion.fused:
-        print(
-            f"note     {args.file} is stored already fused ({fusion.scheme}); --convert rewrites it in --layout",
-            file=sys.stderr,
-        )
-    kept = sum(entry.nbytes for key, entry in checkpoint.metas().items() if key not in fusion.dropped)
-    if args.json:
-        described = {"file": str(args.file), "format": checkpoint.format, "tensors": len(checkpoint.location)}
-        print(
-            json.dumps(
-                {**described, "file_bytes": checkpoint.size, "output_bytes": kept + fusion.nbytes, **fusion.to_dict()}
+    ranks = tensor_parallel_ranks(Path(args.file))
+    checkpoints = [open_checkpoint(rank) for rank in ranks] if ranks else [open_checkpoint(args.file)]
+    checkpoint = checkpoints[0]
+    written = ranks is not None or f"{META_PREFIX}fused" in checkpoint.metadata
+    options = _options(args)
+    if written:
+        if options:
+            flags = ", ".join(_FLAGS[name] for name in options if name in _FLAGS)
+            raise FuseError(f"{args.file} was written by fastfuse: inspect describes it as written; drop {flags}")
+        fusion = _written_plan(checkpoints)
+        output = None
+    else:
+        settings = FuseOptions.from_kwargs({"overwrite": True} | options).with_head_counts(checkpoint.head_counts)
+        fusion = make_plan(checkpoint.metas(), settings)
+        if fusion.already_fused and not fusion.fused:
+            print(
+                f"note     {args.file} is stored already fused ({fusion.scheme}); --convert rewrites it in --layout",
+                file=sys.stderr,
             )
-        )
+        kept = sum(entry.nbytes for key, entry in checkpoint.metas().items() if key not in fusion.dropped)
+        output = kept + fusion.nbytes
+    tensors = sum(len(c.location) for c in checkpoints)
+    size = sum(c.size for c in checkpoints)
+    if args.json:
+        described: dict[str, Any] = {"file": str(args.file), "format": checkpoint.format, "tensors": tensors}
+        described |= {"file_bytes": size, "written_by_fastfuse": written}
+        described |= {"ranks": [str(r) for r in ranks]} if ranks else {}
+        described |= {"output_bytes": output} if output is not None else {}
+        print(json.dumps({**described, **fusion.to_dict()}))
         return 0
-    print(f"file     {args.file} ({checkpoint.format}, {len(checkpoint.location)} tensors, {_human(checkpoint.size)})")
+    files = f", {len(checkpoints)} files" if len(checkpoints) > 1 else ""
+    print(f"file     {args.file} ({checkpoint.format}, {tensors} tensors{files}, {_human(size)})")
+    if written:
+        version = checkpoint.metadata.get(f"{META_PREFIX}version", "?")
+        print(f"written  by fastfuse {version}: fused as described below (verify checks it, unfuse undoes it)")
     _print_plan(fusion)
-    print(f"output   about {_human(kept + fusion.nbytes)}")
+    if fusion.opt_in:
+        print(f"opt-in   {', '.join(_FLAGS.get(o, o) for o in fusion.opt_in)} (present in the checkpoint, not asked for)")
+    if output is not None:
+        print(f"output   about {_human(output)}")
     return 0
+
+
+def _written_plan(checkpoints: Sequence[Any]) -> Plan:
+    """The plan files fastfuse wrote record (every rank's, for a tensor-parallel folder)."""
+    from dataclasses import replace
+
+    from fastfuse.planning.recipe import recorded_plan
+
+    plans = [recorded_plan(c.metadata, c.metas(), c.path)[0] for c in checkpoints]
+    dropped = frozenset().union(*(p.dropped for p in plans))
+    return replace(plans[0], fused=tuple(t for p in plans for t in p.fused), dropped=dropped)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:

@@ -143,6 +143,11 @@ def _in_folder(folder: Path) -> Path:
     for name in STANDARD_NAMES:
         if (folder / name).exists():
             return folder / name
+    if (folder / TP_INDEX_NAME).is_file():
+        raise FuseError(
+            f"{folder}: a tensor-parallel folder ({TP_INDEX_NAME}); pass one of its rank files, or load it "
+            "with rank=; inspect, verify and unfuse take the folder"
+        )
     found = sorted(p for p in folder.iterdir() if p.name.endswith(CHECKPOINT_SUFFIXES) and not p.is_dir())
     if len(found) == 1:
         return found[0]
