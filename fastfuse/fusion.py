@@ -109,7 +109,9 @@ def frameworks(framework: str) -> Callable[[np.ndarray], Any] | None:
         try:
             from fastfuse import torch_bridge
         except ImportError:
-            raise FuseError('framework="pt" needs torch, which is not installed: pip install "fastfuse[torch]"') from None
+            raise FuseError(
+                'framework="pt" needs torch, which is not installed: pip install "fastfuse[torch]"'
+            ) from None
 
         return torch_bridge.to_torch
     raise FuseError(f"framework {framework!r}: expected 'np' (numpy) or 'pt' (torch)")

@@ -186,7 +186,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(f"written  by fastfuse {version}: fused as described below (verify checks it, unfuse undoes it)")
     _print_plan(fusion)
     if fusion.opt_in:
-        print(f"opt-in   {', '.join(_FLAGS.get(o, o) for o in fusion.opt_in)} (present in the checkpoint, not asked for)")
+        print(
+            f"opt-in   {', '.join(_FLAGS.get(o, o) for o in fusion.opt_in)} (present in the checkpoint, not asked for)"
+        )
     if output is not None:
         print(f"output   about {_human(output)}")
     return 0
