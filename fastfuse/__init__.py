@@ -76,3 +76,8 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(_LAZY[name], __name__), name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    """The module's names, the lazily imported file functions included (``dir(fastfuse)``)."""
+    return sorted(set(globals()) | set(_LAZY))

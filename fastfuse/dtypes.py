@@ -16,7 +16,10 @@ WIDENINGS = {("float16", "float32"): 1, ("bfloat16", "float32"): 2}
 
 
 def as_dtype(dtype: DTypeLike) -> np.dtype[Any]:
-    """``np.dtype(dtype)``, also for ``"bfloat16"`` (imports ml_dtypes only when asked)."""
+    """``np.dtype(dtype)``, also for ``"bfloat16"`` (imports ml_dtypes only when asked) and for a
+    torch dtype (``torch.float32``, by its name; torch is not imported)."""
+    if type(dtype).__module__ == "torch":  # torch.dtype: "torch.float32" -> "float32"
+        dtype = str(dtype).removeprefix("torch.")
     if isinstance(dtype, str) and dtype.lower() in ("bfloat16", "bf16"):
         import ml_dtypes
 
@@ -25,7 +28,10 @@ def as_dtype(dtype: DTypeLike) -> np.dtype[Any]:
     try:
         return np.dtype(dtype)
     except TypeError as exc:
-        raise DtypeMismatchError(f"unknown dtype {dtype!r}: {exc}") from None
+        raise DtypeMismatchError(
+            f"unknown dtype {dtype!r} ({exc}); expected a numpy or torch dtype, or a name such as "
+            "'float32', 'float16' or 'bfloat16'"
+        ) from None
 
 
 def result_dtype(source: np.dtype[Any], requested: DTypeLike | None) -> np.dtype[Any]:

@@ -105,6 +105,11 @@ def fuse(tensors: Mapping[str, Any], **options: Unpack[FuseKwargs]) -> dict[str,
         >>> fastfuse.fuse(sd, keep_originals=False)["fused.enc.0.self_attn.qkv.weight"].shape
         (2, 6)
     """
+    if isinstance(tensors, (str, bytes, os.PathLike)):
+        raise FuseError(
+            f"fuse takes a mapping of name -> array, found the path {os.fsdecode(tensors)!r}; "
+            "use load() (in memory) or fuse_file() (file to file) for a path"
+        )
     framework = "np"
     arrays: Mapping[str, Any] = tensors
     # Without torch imported, the input cannot hold torch tensors: no import for numpy users.
@@ -127,7 +132,12 @@ def torch_converter(framework: str) -> Callable[[np.ndarray], Any] | None:
     if framework == "np":
         return None
     if framework == "pt":
-        from fastfuse import torch_bridge
+        try:
+            from fastfuse import torch_bridge
+        except ImportError:
+            raise FuseError(
+                'framework="pt" needs torch, which is not installed: pip install "fastfuse[torch]"'
+            ) from None
 
         return torch_bridge.to_torch
     raise FuseError(f"framework {framework!r}: expected 'np' (numpy) or 'pt' (torch)")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastfuse.aliases import PathLike
 from fastfuse.errors import FuseError
-from fastfuse.formats.checkpoint import open_checkpoint
+from fastfuse.formats.checkpoint import open_checkpoint, tensor_parallel_ranks
 from fastfuse.fusion import execute, torch_converter
 from fastfuse.planning.planner import FuseOptions, make_plan
 from fastfuse.planning.recipe import META_PREFIX
@@ -27,7 +29,9 @@ def load(path: PathLike, *, framework: str = "np", **options: Unpack[FuseKwargs]
             folder holding one of them.
         framework: ``"np"`` (numpy arrays) or ``"pt"`` (torch tensors; bf16 as
             ``torch.bfloat16``), as safetensors spells it.
-        **options: as for :func:`fastfuse.plan`; with ``tp > 1`` pass the ``rank`` to load.
+        **options: as for :func:`fastfuse.plan`; with ``tp > 1`` pass the ``rank`` to load. For a
+            tensor-parallel folder fastfuse wrote (``tensor_parallel.json``), pass only
+            ``rank=`` (and optionally its ``tp=``): that rank's file is returned as stored.
 
     Returns:
         key -> array or tensor. Originals are views of a copy-on-write map of the file, valid as
@@ -55,6 +59,9 @@ def load(path: PathLike, *, framework: str = "np", **options: Unpack[FuseKwargs]
         (4, 12) 4
     """
     to_torch = torch_converter(framework)
+    ranks = tensor_parallel_ranks(Path(path))
+    if ranks is not None:  # a tensor-parallel folder: the rank asked for, as stored
+        path, options = _rank_file(Path(path), ranks, options), {}
     checkpoint = open_checkpoint(path)
     if f"{META_PREFIX}fused" in checkpoint.metadata:
         if options:
@@ -74,3 +81,22 @@ def load(path: PathLike, *, framework: str = "np", **options: Unpack[FuseKwargs]
     if to_torch is not None:
         kept = {key: to_torch(value) for key, value in kept.items()}
     return kept | fused
+
+
+def _rank_file(folder: Path, ranks: list[Path], options: Mapping[str, Any]) -> Path:
+    """The file of the rank ``options`` asks for in a tensor-parallel folder; FuseError for any
+    other option, a missing rank or a ``tp`` that is not the folder's."""
+    rank, tp = options.get("rank"), options.get("tp", len(ranks))
+    others = sorted(set(options) - {"rank", "tp"})
+    if others or tp != len(ranks):
+        got = others or [f"tp={tp}"]
+        raise FuseError(
+            f"{folder} is a tensor-parallel folder of {len(ranks)} ranks, fused when it was written; "
+            f"load it with rank= only (got {got})"
+        )
+    if not isinstance(rank, int) or not 0 <= rank < len(ranks):
+        raise FuseError(
+            f"{folder} is a tensor-parallel folder of {len(ranks)} ranks: pass rank= (0..{len(ranks) - 1}), "
+            f"found {rank!r}"
+        )
+    return ranks[rank]

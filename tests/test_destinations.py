@@ -184,7 +184,7 @@ def test_the_key_conflict_names_the_option_that_allows_it(tmp_path: Path, source
 
 
 def test_logits_in_the_out_in_layout_would_copy_the_embedding(source: Path) -> None:
-    with pytest.raises(FuseError, match=r"logits=True with layout 'out_in': the token embedding \[vocab, d\]"):
+    with pytest.raises(FuseError, match=r"logits=True with layout='out_in': the token embedding \[vocab, d\]"):
         fastfuse.plan(source, logits=True, layout="out_in")
 
 

@@ -27,7 +27,7 @@ def test_readme_python_examples_run(block: str) -> None:
 def test_ci_runs_the_readme_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
     command = ci[-1]
-    assert command == 'pip install -e ".[test,hf]" && pytest'
+    assert command == 'PIP_CONSTRAINT=.ci/constraints.txt pip install -e ".[test,hf]" && pytest'
     assert f"```bash\n{command}\n```" in README
 
 

@@ -81,10 +81,12 @@ def run(folder: Path | None, size: str = "tiny", *, keep: bool = False, quiet: b
 
     ``folder``: where to write (kept); None: a new temporary folder, removed at the end unless
     ``keep``. Returns what was done (``"ok"``: every check passed). FuseError for an unknown
-    ``size``, before anything is created.
+    ``size`` or a ``folder`` that is a file, before anything is created.
     """
     if size not in WHISPER_SIZES:
         raise FuseError(f"unknown size {size!r}; expected one of {list(WHISPER_SIZES)}")
+    if folder is not None and folder.exists() and not folder.is_dir():
+        raise FuseError(f"--out {folder}: exists and is not a folder; pass a new or existing folder")
     say = (lambda line: None) if quiet else print
     temporary = folder is None
     folder = Path(tempfile.mkdtemp(prefix="fastfuse-demo-")) if folder is None else folder

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -30,6 +31,26 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     """The fusion options given on the command line (those not given left out: the library's defaults hold)."""
     given = {option.name: getattr(args, option.name, None) for option in options() if option.flag}
     return {name: value for name, value in given.items() if value is not None}
+
+
+# The CLI flag of each fusion option (from FuseOptions), for messages the library words in Python spellings.
+_FLAGS = {option.name: option.flag for option in options() if option.flag and option.flag_help is None}
+_SPELLING = re.compile(r"(?<![\w.-])(" + "|".join(_FLAGS) + r")=('[^']*'|True\b|None\b|[\w.]+)?")
+
+
+def cli_message(message: str) -> str:
+    """A library message with each option spelt as the CLI flag a user typed: ``tp=0`` -> ``--tp 0``,
+    ``logits=True`` -> ``--logits``, ``pass dtype=None`` -> ``drop --dtype``, ``heads=`` -> ``--heads``."""
+
+    def flag(match: re.Match[str]) -> str:
+        name, value = match.group(1), match.group(2)
+        if value in (None, "True", "None"):
+            return _FLAGS[name]
+        return f"{_FLAGS[name]} {value.strip(chr(39))}"
+
+    message = re.sub(r"\bpass (\w+)=None\b", r"drop \1=None", message)
+    message = _SPELLING.sub(flag, message)
+    return re.sub(r"(--[\w-]+) \(\1\)", r"\1", message)  # "--overwrite (--overwrite)"
 
 
 def _human(n: float) -> str:
@@ -72,7 +93,8 @@ def _print_plan(fusion: Plan) -> None:
     layers = ", ".join(f"{name} x{count}" for name, count in fusion.layers.items()) or "none"
     dtypes = sorted({t.dtype.name for t in fusion.fused})
     tp = f", tp {fusion.tp}" if fusion.tp > 1 else ""
-    print(f"scheme   {fusion.scheme} (prefix {fusion.prefix!r}), target {fusion.target}, layout {fusion.layout}{tp}")
+    prefix = f" (prefix {fusion.prefix!r})" if fusion.prefix else ""
+    print(f"scheme   {fusion.scheme}{prefix}, target {fusion.target}, layout {fusion.layout}{tp}")
     print(f"d        {fusion.d}")
     print(f"groups   {layers}")
     print(f"dtype    {', '.join(dtypes) or '-'}")
@@ -109,29 +131,64 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from fastfuse.formats.checkpoint import open_checkpoint
-    from fastfuse.fusion import plan
+    from fastfuse.formats.checkpoint import open_checkpoint, tensor_parallel_ranks
+    from fastfuse.planning.planner import FuseOptions, make_plan
+    from fastfuse.planning.recipe import META_PREFIX
 
-    checkpoint = open_checkpoint(args.file)
-    fusion = plan(args.file, **({"overwrite": True} | _options(args)))
-    if fusion.already_fused and not fusion.fused:
-        print(
-            f"note     {args.file} is stored already fused ({fusion.scheme}); --convert rewrites it in --layout",
-            file=sys.stderr,
-        )
-    kept = sum(entry.nbytes for key, entry in checkpoint.metas().items() if key not in fusion.dropped)
-    if args.json:
-        described = {"file": str(args.file), "format": checkpoint.format, "tensors": len(checkpoint.location)}
-        print(
-            json.dumps(
-                {**described, "file_bytes": checkpoint.size, "output_bytes": kept + fusion.nbytes, **fusion.to_dict()}
+    ranks = tensor_parallel_ranks(Path(args.file))
+    checkpoints = [open_checkpoint(rank) for rank in ranks] if ranks else [open_checkpoint(args.file)]
+    checkpoint = checkpoints[0]
+    written = ranks is not None or f"{META_PREFIX}fused" in checkpoint.metadata
+    options = _options(args)
+    if written:
+        if options:
+            flags = ", ".join(_FLAGS[name] for name in options if name in _FLAGS)
+            raise FuseError(f"{args.file} was written by fastfuse: inspect describes it as written; drop {flags}")
+        fusion = _written_plan(checkpoints)
+        output = None
+    else:
+        settings = FuseOptions.from_kwargs({"overwrite": True} | options).with_head_counts(checkpoint.head_counts)
+        fusion = make_plan(checkpoint.metas(), settings)
+        if fusion.already_fused and not fusion.fused:
+            print(
+                f"note     {args.file} is stored already fused ({fusion.scheme}); --convert rewrites it in --layout",
+                file=sys.stderr,
             )
-        )
+        kept = sum(entry.nbytes for key, entry in checkpoint.metas().items() if key not in fusion.dropped)
+        output = kept + fusion.nbytes
+    tensors = sum(len(c.location) for c in checkpoints)
+    size = sum(c.size for c in checkpoints)
+    if args.json:
+        described: dict[str, Any] = {"file": str(args.file), "format": checkpoint.format, "tensors": tensors}
+        described |= {"file_bytes": size, "written_by_fastfuse": written}
+        described |= {"ranks": [str(r) for r in ranks]} if ranks else {}
+        described |= {"output_bytes": output} if output is not None else {}
+        print(json.dumps({**described, **fusion.to_dict()}))
         return 0
-    print(f"file     {args.file} ({checkpoint.format}, {len(checkpoint.location)} tensors, {_human(checkpoint.size)})")
+    files = f", {len(checkpoints)} files" if len(checkpoints) > 1 else ""
+    print(f"file     {args.file} ({checkpoint.format}, {tensors} tensors{files}, {_human(size)})")
+    if written:
+        version = checkpoint.metadata.get(f"{META_PREFIX}version", "?")
+        print(f"written  by fastfuse {version}: fused as described below (verify checks it, unfuse undoes it)")
     _print_plan(fusion)
-    print(f"output   about {_human(kept + fusion.nbytes)}")
+    if fusion.opt_in:
+        print(
+            f"opt-in   {', '.join(_FLAGS.get(o, o) for o in fusion.opt_in)} (present in the checkpoint, not asked for)"
+        )
+    if output is not None:
+        print(f"output   about {_human(output)}")
     return 0
+
+
+def _written_plan(checkpoints: Sequence[Any]) -> Plan:
+    """The plan files fastfuse wrote record (every rank's, for a tensor-parallel folder)."""
+    from dataclasses import replace
+
+    from fastfuse.planning.recipe import recorded_plan
+
+    plans = [recorded_plan(c.metadata, c.metas(), c.path)[0] for c in checkpoints]
+    dropped = frozenset().union(*(p.dropped for p in plans))
+    return replace(plans[0], fused=tuple(t for p in plans for t in p.fused), dropped=dropped)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -156,6 +213,8 @@ def _cmd_unfuse(args: argparse.Namespace) -> int:
     rebuilt = unfuse(args.src, args.dst, overwrite_destination=args.force)
     if args.json:
         print(json.dumps({"destination": str(args.dst), "rebuilt": rebuilt}))
+    elif not args.quiet and not rebuilt:
+        print(f"rebuilt  nothing: {args.src} kept its originals; wrote them into {args.dst} without the fused tensors")
     elif not args.quiet:
         print(f"rebuilt  {len(rebuilt)} tensors into {args.dst}")
     return 0
@@ -197,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(parser=p)
         p.add_argument("--debug", action="store_true", help="show a traceback on errors")
         p.add_argument("--json", action="store_true", help="print one JSON object for machines")
         return p
@@ -277,7 +337,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # the subcommand's usage, not the top level's
+            args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        split_flags = getattr(args, "heads", None) is not None or getattr(args, "kv_heads", None) is not None
+        if split_flags and getattr(args, "tp", None) in (None, 1):
+            args.parser.error("--heads and --kv-heads split attention for --tp; pass --tp N (N > 1) or drop them")
     except SystemExit as exit_:  # argparse exits on --help / usage errors
         return int(exit_.code or 0)
     try:
@@ -290,6 +355,8 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.debug:
             raise
         message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        if isinstance(exc, FuseError):
+            message = cli_message(message)
         print(f"fastfuse: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

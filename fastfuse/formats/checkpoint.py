@@ -63,11 +63,13 @@ class Checkpoint:
         """``(heads, kv_heads)`` from a ``config.json`` beside the checkpoint; ``(None, None)`` without one.
 
         ``num_attention_heads`` (or Whisper's ``encoder_attention_heads``) and
-        ``num_key_value_heads`` (default: ``heads``). MalformedFileError for an unreadable config.
+        ``num_key_value_heads`` (default: ``heads``). Without a config, an openai-whisper file's
+        ``dims`` (``n_audio_head``, when ``n_text_head`` agrees: one count splits both sides).
+        MalformedFileError for an unreadable config.
         """
         config_path = self.path.parent / "config.json"
         if not config_path.is_file():
-            return None, None
+            return self._dims_head_counts()
         try:
             config = json.loads(config_path.read_text())
             heads = config.get("num_attention_heads") or config.get("encoder_attention_heads")
@@ -75,6 +77,17 @@ class Checkpoint:
         except (OSError, ValueError, AttributeError) as exc:
             raise MalformedFileError(f"{config_path}: not a readable JSON config ({exc})") from None
         return heads, kv_heads
+
+    def _dims_head_counts(self) -> tuple[int | None, int | None]:
+        """``(heads, heads)`` from openai-whisper's ``dims`` metadata (see :meth:`head_counts`)."""
+        try:
+            dims = json.loads(self.metadata.get("dims", "{}"))
+            heads = dims.get("n_audio_head")
+        except (ValueError, AttributeError):
+            return None, None
+        if not isinstance(heads, int) or dims.get("n_text_head", heads) != heads:
+            return None, None
+        return heads, heads
 
     def arrays(self, *, writeable: bool = False) -> dict[str, np.ndarray[Any, Any]]:
         """Zero-copy views of every tensor over copy-on-write maps (see ``stored.map_arrays``)."""
@@ -130,6 +143,11 @@ def _in_folder(folder: Path) -> Path:
     for name in STANDARD_NAMES:
         if (folder / name).exists():
             return folder / name
+    if (folder / TP_INDEX_NAME).is_file():
+        raise FuseError(
+            f"{folder}: a tensor-parallel folder ({TP_INDEX_NAME}); pass one of its rank files, or load it "
+            "with rank=; inspect, verify and unfuse take the folder"
+        )
     found = sorted(p for p in folder.iterdir() if p.name.endswith(CHECKPOINT_SUFFIXES) and not p.is_dir())
     if len(found) == 1:
         return found[0]

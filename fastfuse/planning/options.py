@@ -110,9 +110,10 @@ class FuseOptions:
         if self.target != "fastfuse" and self.layout != preset.layout:
             raise FuseError(f"target {self.target!r} writes layout {preset.layout!r}; drop layout={self.layout!r}")
         if self.logits and self.layout == "out_in":
+            chosen = f"target={self.target!r}" if self.target != "fastfuse" else "layout='out_in'"
             raise FuseError(
-                "logits=True with layout 'out_in': the token embedding [vocab, d] already is the logits "
-                "matrix in this layout, so fastfuse would write a copy of it; drop logits"
+                f"logits=True with {chosen}: the token embedding [vocab, d] already is the logits matrix in "
+                "the [out, in] layout it writes, so fastfuse would write a copy of it; drop logits=True"
             )
         if not isinstance(self.tp, int) or self.tp < 1:
             raise FuseError(f"tp={self.tp!r}: expected a positive number of tensor-parallel ranks")

@@ -73,7 +73,10 @@ class Plan:
         fused: every output tensor, in a deterministic order (group, layer, rank, weight, bias).
         dropped: source keys left out of the result (empty when originals are kept).
         layout: ``"in_out"`` or ``"out_in"``; ``tp``: tensor-parallel ranks.
-        already_fused: the checkpoint stores fused tensors (convert them with ``convert=True``).
+        already_fused: the checkpoint stores fused tensors (convert them with ``convert=True``),
+            or is a file fastfuse wrote (a plan rebuilt from its recipe).
+        opt_in: options of opt-in groups the checkpoint holds that were not asked for
+            (``"cross_kv"``, ``"logits"``, ``"convert"``).
     """
 
     scheme: str
@@ -86,6 +89,7 @@ class Plan:
     tp: int = 1
     already_fused: bool = False
     target: str = "fastfuse"
+    opt_in: tuple[str, ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -108,6 +112,7 @@ class Plan:
             "target": self.target,
             "tp": self.tp,
             "already_fused": self.already_fused,
+            "opt_in": list(self.opt_in),
             "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
             "fused_bytes": self.nbytes,
             "dropped": sorted(self.dropped),
@@ -137,15 +142,25 @@ def make_plan(tensors: Mapping[str, TensorLike], options: FuseOptions) -> Plan:
     builder = _Builder(tensors, prefix, options)
     target = rules.TARGETS[options.target]
     layers: dict[str, int] = {}
+    opt_in: list[str] = []
     for rule in chosen.groups:
         if rule.option is not None and not getattr(options, rule.option):
+            if _present(tensors, rule, prefix) and not (rule.option == "logits" and options.layout == "out_in"):
+                opt_in.append(rule.option)
             continue
         template = names.get(rule.name) or target.names.get(chosen.name, {}).get(rule.name)
         if template is None:
+            whisper = " (vLLM loads Whisper in Hugging Face naming: convert_openai_to_hf.py in transformers)"
+            convert = (
+                ""
+                if chosen.name in target.names
+                else f"convert it to a naming the target has, {sorted(target.names)}"
+                + (whisper if chosen.name == "openai-whisper" else "")
+                + "; or "
+            )
             raise FuseError(
-                f"target {target.name!r} has no name for group {rule.name!r} of {chosen.name} checkpoints"
-                + ("" if chosen.name in target.names else f" (it supports {sorted(target.names)})")
-                + f"; pass names={{{rule.name!r}: ...}} or another target"
+                f"target={target.name!r} has no name for group {rule.name!r} of {chosen.name} checkpoints; "
+                f"{convert}use target='fastfuse', or in Python pass names={{{rule.name!r}: ...}}"
             )
         if rule.per_layer:
             count = _layer_count(tensors, rule, prefix, required=rule.option is not None)
@@ -173,7 +188,17 @@ def make_plan(tensors: Mapping[str, TensorLike], options: FuseOptions) -> Plan:
         tp=options.tp,
         already_fused=chosen.already_fused,
         target=options.target,
+        opt_in=tuple(dict.fromkeys(opt_in)),
     )
+
+
+def _present(tensors: Mapping[str, TensorLike], rule: rules.GroupRule, prefix: str) -> bool:
+    """Does the checkpoint hold (the first part of) ``rule``'s group? Validates nothing."""
+    if rule.per_layer:
+        pattern = _regex(rule.source, prefix, rule.parts)
+        return any(pattern.fullmatch(key) for key in tensors)
+    keys = (t.format(prefix=prefix, part=rule.parts[0], kind="weight") for t in rule.sources)
+    return any(key in tensors for key in keys)
 
 
 def _detect(tensors: Mapping[str, TensorLike], scheme: str) -> tuple[rules.Scheme, str]:

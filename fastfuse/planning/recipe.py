@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 
 from fastfuse.aliases import TensorLike
 from fastfuse.errors import MalformedFileError
@@ -49,7 +50,8 @@ def describe(fusion: Plan, metas: Mapping[str, TensorLike], rank: int | None) ->
 def recorded_plan(
     metadata: Mapping[str, str], metas: Mapping[str, TensorLike], path: object
 ) -> tuple[Plan, dict[str, str]]:
-    """Rebuild the plan a fastfuse-written file records; also the source dtype of each fused key.
+    """Rebuild the plan a fastfuse-written file records (``already_fused`` set, ``dropped``: the
+    sources the file does not hold; the prefix is not recorded); also the source dtype of each fused key.
 
     MalformedFileError if the file carries no recipe (it was not written by ``fastfuse fuse``)
     or a broken one.
@@ -83,11 +85,28 @@ def recorded_plan(
             )
         dtypes = {key: str(entry["source_dtype"]) for key, entry in recipe.items()}
         tp = int(metadata.get(f"{META_PREFIX}tp", "1"))
+        rank = int(metadata[f"{META_PREFIX}rank"]) if f"{META_PREFIX}rank" in metadata else None
+        layers = {str(name): int(n) for name, n in json.loads(metadata.get(f"{META_PREFIX}groups", "{}")).items()}
     except KeyError as exc:
         raise MalformedFileError(f"{path}: its fastfuse recipe names {exc}, which the file does not hold") from None
     except (TypeError, ValueError, AttributeError) as exc:
         raise MalformedFileError(f"{path}: its fastfuse recipe ({META_PREFIX}fused) is broken: {exc}") from None
     target = metadata.get(f"{META_PREFIX}target", "fastfuse")
     scheme = metadata.get(f"{META_PREFIX}scheme", "recorded")
-    fusion = Plan(scheme=scheme, prefix="", d=None, layers={}, fused=tuple(fused), layout=layout, tp=tp, target=target)
+    weights = [t for t in fused if t.kind == "weight"]
+    d = (weights[0].shape[0] if layout == "in_out" else weights[0].shape[1]) if weights else None
+    dropped = frozenset(s for t in fused for s in t.sources if s is not None and s not in metas)
+    fused = [replace(t, rank=rank) for t in fused]
+    fusion = Plan(
+        scheme=scheme,
+        prefix="",
+        d=d,
+        layers=layers,
+        fused=tuple(fused),
+        dropped=dropped,
+        layout=layout,
+        tp=tp,
+        already_fused=True,
+        target=target,
+    )
     return fusion, dtypes

@@ -16,6 +16,7 @@ import math
 import mmap
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
@@ -92,6 +93,7 @@ class AtomicWriter:
         self._tmp = ""  # name in the folder of the named temporary, or of the O_TMPFILE's link
         self._mm: mmap.mmap | None = None
         self._data: np.ndarray[Any, np.dtype[np.uint8]] = np.empty(0, np.uint8)
+        self._cancelled = threading.Event()
         self._check()
 
     def _check(self) -> None:
@@ -228,6 +230,8 @@ class AtomicWriter:
             ]
 
             def copy_chunk(chunk: tuple[int, int, int, int]) -> int:
+                if self._cancelled.is_set():
+                    raise FuseError(f"{self.dst}: copy cancelled")
                 fd, offset, start, length = chunk
                 self.copy_from(fd, offset, start, length)
                 self.written(start, start + length)
@@ -243,6 +247,11 @@ class AtomicWriter:
         finally:
             for fd in sources.values():
                 os.close(fd)
+
+    def cancel(self) -> None:
+        """Make a :meth:`copy` running in another thread stop after the chunks it is copying
+        (a Ctrl-C then takes effect at once, not after the whole copy); it raises FuseError."""
+        self._cancelled.set()
 
     def copy_from(self, src: int | PathLike, src_offset: int, start: int, length: int) -> None:
         """Copy ``length`` bytes at ``src_offset`` of ``src`` (fd or path) to data byte ``start``

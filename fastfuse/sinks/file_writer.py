@@ -26,11 +26,12 @@ import numpy as np
 from fastfuse.aliases import PathLike
 from fastfuse.errors import FuseError
 from fastfuse.formats import safetensors_file
-from fastfuse.formats.checkpoint import INDEX_NAME, TP_INDEX_NAME, Checkpoint, open_checkpoint
+from fastfuse.formats.checkpoint import INDEX_NAME, SINGLE_NAME, TP_INDEX_NAME, Checkpoint, open_checkpoint
 from fastfuse.fusion import execute
 from fastfuse.kernels import engine
 from fastfuse.planning.planner import FuseOptions, Plan, make_plan
 from fastfuse.planning.recipe import META_PREFIX, describe
+from fastfuse.sinks import model_folder
 from fastfuse.sinks.atomic import AtomicWriter, CopyRange, write_bytes_atomic
 
 if TYPE_CHECKING:
@@ -85,6 +86,11 @@ def check_destination(sources: Iterable[PathLike], dst: Path, *, folder: bool, w
         raise FuseError(f"{dst}: this output is a folder of files ({why}); give a folder name without .safetensors")
     if not folder and suffix != ".safetensors":
         wrote = " (fastfuse writes safetensors, never torch files)" if suffix in (".bin", ".pt", ".pth") else ""
+        if dst.is_dir():
+            raise FuseError(
+                f"{dst}: is a folder, and a fused checkpoint file must be named *.safetensors; pass "
+                f"{dst / SINGLE_NAME} (or a folder source, to write a model folder)"
+            )
         raise FuseError(f"{dst}: a fused checkpoint file must be named *.safetensors{wrote}")
     if not dst.exists():
         return
@@ -157,7 +163,13 @@ def fuse_file(
     fusion = make_plan(metas, FuseOptions.from_kwargs(options).with_head_counts(checkpoint.head_counts))
     sharded = not single_file and (checkpoint.index is not None or max_shard_size is not None)
     why = f"tp={fusion.tp}" if fusion.tp > 1 else "a sharded output; pass single_file / --single-file for one file"
-    check_destination((f.path for f in checkpoint.files), destination, folder=fusion.tp > 1 or sharded, why=why)
+    folder_output = fusion.tp > 1 or sharded
+    # A folder source into a folder: a model folder (weights as model.safetensors, config and tokenizer beside).
+    into_folder = not folder_output and os.path.isdir(src) and destination.suffix.lower() != ".safetensors"
+    file_destination = destination / SINGLE_NAME if into_folder else destination
+    check_destination((f.path for f in checkpoint.files), file_destination, folder=folder_output, why=why)
+    side = model_folder.side_files(src) if folder_output or into_folder else []
+    model_folder.check_side_files(side, destination, overwrite=overwrite_destination)
     if fusion.tp > 1 and max_shard_size is not None:
         raise FuseError("tp and max_shard_size do not combine: each rank is written as one file")
     files = _plan_files(checkpoint, fusion)
@@ -175,16 +187,17 @@ def fuse_file(
     checking = _Background(checkpoint.check_integrity)
     fill = functools.partial(_fill, checking, arrays, checkpoint, report)
     write = functools.partial(_write, fill=fill, checkpoint=checkpoint, overwrite=overwrite_destination)
-    if fusion.tp == 1 and not sharded:
-        write(destination, files[0])
-        return fusion
-    if fusion.tp > 1:
+    if not folder_output:
+        with model_folder.new_folder(destination if into_folder else None):
+            write(file_destination, files[0])
+    elif fusion.tp > 1:
         index: dict[str, Any] = {"tp": fusion.tp, "layout": fusion.layout, "ranks": [f.name for f in files]}
         _write_folder(destination, files, TP_INDEX_NAME, index, write, overwrite=overwrite_destination)
-        return fusion
-    weight_map = dict(sorted((name, file.name) for file in files for name, _, _ in file.entries))
-    index = {"metadata": {"total_size": total, **files[0].metadata}, "weight_map": weight_map}
-    _write_folder(destination, files, INDEX_NAME, index, write, overwrite=overwrite_destination)
+    else:
+        weight_map = dict(sorted((name, file.name) for file in files for name, _, _ in file.entries))
+        index = {"metadata": {"total_size": total, **files[0].metadata}, "weight_map": weight_map}
+        _write_folder(destination, files, INDEX_NAME, index, write, overwrite=overwrite_destination)
+    model_folder.copy_side_files(side, destination, overwrite=overwrite_destination)
     return fusion
 
 
@@ -294,13 +307,18 @@ def _fill(
     copying = _Background(functools.partial(copy_originals, checkpoint, arrays, _kept(file), writer, offsets, report))
     targets = [t for t in file.fusion.fused if t.key in offsets]
     outputs = {t.key: writer.view(*offsets[t.key], t.dtype, t.shape) for t in targets}
-    with engine.impatient():  # the disk is the bottleneck: fused pages written early beat faster kernels
-        execute(replace(file.fusion, fused=tuple(targets)), arrays, outputs)
-    for t in targets:
-        writer.written(*offsets[t.key])
-    if report:
-        report(sum(t.nbytes for t in targets))
-    copying.join()
+    try:
+        with engine.impatient():  # the disk is the bottleneck: fused pages written early beat faster kernels
+            execute(replace(file.fusion, fused=tuple(targets)), arrays, outputs)
+        for t in targets:
+            writer.written(*offsets[t.key])
+        if report:
+            report(sum(t.nbytes for t in targets))
+        copying.join()
+    except BaseException:  # an error or Ctrl-C: stop the copy now, not when it is done
+        writer.cancel()
+        copying.join_quietly(None)
+        raise
     checking.join()
 
 
@@ -365,6 +383,10 @@ class _Background(threading.Thread):
         super().join(timeout)
         if self._error is not None:
             raise self._error
+
+    def join_quietly(self, timeout: float | None) -> None:
+        """Wait up to ``timeout`` s (None: until done); an error waits for :meth:`join`."""
+        super().join(timeout)
 
 
 def _write_folder(
