@@ -118,7 +118,9 @@ def _device_of_sources(tensors: Mapping[str, Any], fusion: Plan) -> str:
     return found[0] if found else "cpu"
 
 
-def _fuse_on_device(tensors: Mapping[str, Any], fusion: Plan, device: str, options: Mapping[str, Any]) -> dict[str, Any]:
+def _fuse_on_device(
+    tensors: Mapping[str, Any], fusion: Plan, device: str, options: Mapping[str, Any]
+) -> dict[str, Any]:
     """``fuse`` for tensors on a CUDA device: the fused tensors carved from one allocation there,
     filled by the CUDA engine (transposed copies at HBM speed); the sources are not copied
     unless strided (then once, contiguous)."""
@@ -137,7 +139,7 @@ def _fuse_on_device(tensors: Mapping[str, Any], fusion: Plan, device: str, optio
         arena = torch.empty(nbytes, dtype=torch.uint8, device=device)
         flats = [arena] + [tensors[key].detach().contiguous().reshape(-1).view(torch.uint8) for key in sources]
         run_moves(flats, moves)
-    fused = carve(arena, placements)
+    fused = carve(arena, placements, torch_bridge.torch_dtype)
     result = {key: value for key, value in tensors.items() if key not in fusion.dropped and key not in fused}
     result.update(fused)
     return result

@@ -63,12 +63,13 @@ def load(
     checkpoint = open_checkpoint(path)
     fusion = _fusion_plan(checkpoint, options)
     if cuda is not None:
+        from fastfuse import torch_bridge
         from fastfuse.kernels.cuda_engine import CudaDestination
         from fastfuse.staging.pipeline import StagingConfig, run_transfer
         from fastfuse.staging.transfer_plan import plan_transfer
 
         config = StagingConfig.from_environment()
-        destination = CudaDestination(cuda, config.lanes, config.slots)
+        destination = CudaDestination(cuda, config.lanes, config.slots, torch_bridge.torch_dtype)
         return run_transfer(checkpoint, plan_transfer(checkpoint, fusion), destination, config)
     framework = framework or "np"
     to_torch = frameworks(framework)

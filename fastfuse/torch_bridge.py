@@ -18,7 +18,13 @@ from fastfuse.errors import FuseError
 __all__ = [
     "NumpyViews",
     "TensorMetas",
-    "devices_of", "from_torch", "holds_torch", "numpy_dtype", "to_torch", "torch_dtype"]
+    "devices_of",
+    "from_torch",
+    "holds_torch",
+    "numpy_dtype",
+    "to_torch",
+    "torch_dtype",
+]
 
 # torch dtypes numpy only has through ml_dtypes, by their common name.
 _VIA_INTEGERS = {
@@ -65,10 +71,11 @@ def numpy_dtype(dtype: torch.dtype) -> np.dtype[Any]:
 
 def torch_dtype(dtype: np.dtype[Any]) -> torch.dtype:
     """The torch dtype of a numpy dtype (bfloat16 and float8 by their ml_dtypes names)."""
-    special = _VIA_INTEGERS.get(dtype.name)
+    special: torch.dtype | None = _VIA_INTEGERS.get(dtype.name)
     if special is not None:
         return special
-    return torch.from_numpy(np.empty(0, dtype)).dtype
+    result: torch.dtype = torch.from_numpy(np.empty(0, dtype)).dtype
+    return result
 
 
 def from_torch(key: str, tensor: torch.Tensor) -> np.ndarray:

@@ -73,14 +73,16 @@ def test_fuse_of_cuda_tensors_is_the_cpu_fuse_moved(options: dict[str, Any]) -> 
     state = {k: torch.from_numpy(v) for k, v in whisper(np.float16).items()}
     expected = fastfuse.fuse(state, **options)
     on_device = {k: v.to("cuda") for k, v in state.items()}
-    on_device["model.decoder.layers.0.self_attn.q_proj.weight"] = on_device[
-        "model.decoder.layers.0.self_attn.q_proj.weight"
-    ].T.contiguous().T  # a strided source
+    on_device["model.decoder.layers.0.self_attn.q_proj.weight"] = (
+        on_device["model.decoder.layers.0.self_attn.q_proj.weight"].T.contiguous().T
+    )  # a strided source
     assert_on_device_as(expected, fastfuse.fuse(on_device, **options))
 
 
 def test_fuse_on_mixed_devices_is_an_error() -> None:
     state = {k: torch.from_numpy(v).to("cuda") for k, v in whisper(np.float16).items()}
-    state["model.encoder.layers.1.self_attn.v_proj.weight"] = state["model.encoder.layers.1.self_attn.v_proj.weight"].cpu()
+    state["model.encoder.layers.1.self_attn.v_proj.weight"] = state[
+        "model.encoder.layers.1.self_attn.v_proj.weight"
+    ].cpu()
     with pytest.raises(FuseError, match=r"on 2 devices \(.*on cpu, .*on cuda:0\); move them to one"):
         fastfuse.fuse(state)

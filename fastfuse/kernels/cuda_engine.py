@@ -17,7 +17,7 @@ process exit releases it), one stream per lane, events to reuse the staging slot
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,11 +38,15 @@ def cuda_device(device: Any) -> torch.device:
     try:
         chosen = torch.device(f"cuda:{device}") if isinstance(device, int) else torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise FuseError(f"device {device!r}: not a device torch knows ({e}); pass 'cuda', 'cuda:<n>' or 'cpu'") from None
+        raise FuseError(
+            f"device {device!r}: not a device torch knows ({e}); pass 'cuda', 'cuda:<n>' or 'cpu'"
+        ) from None
     if chosen.type != "cuda":
         raise FuseError(f"device {str(chosen)!r}: fastfuse loads onto 'cpu' or CUDA devices ('cuda', 'cuda:<n>')")
     if not torch.cuda.is_available():
-        raise FuseError(f"device {str(chosen)!r}: torch {torch.__version__} sees no CUDA device here; pass device='cpu'")
+        raise FuseError(
+            f"device {str(chosen)!r}: torch {torch.__version__} sees no CUDA device here; pass device='cpu'"
+        )
     index = torch.cuda.current_device() if chosen.index is None else chosen.index
     if not 0 <= index < torch.cuda.device_count():
         raise FuseError(
@@ -97,13 +101,14 @@ def run_moves(buffers: Sequence[torch.Tensor], moves: Sequence[Move]) -> None:
                 destination[first : first + step].copy_(block)
 
 
-def carve(arena: torch.Tensor, placements: Sequence[Placement]) -> dict[str, torch.Tensor]:
-    """key -> a tensor viewing its placement in ``arena`` (a flat uint8 tensor), in order."""
-    from fastfuse import torch_bridge
-
+def carve(
+    arena: torch.Tensor, placements: Sequence[Placement], torch_dtype: Callable[[np.dtype[Any]], torch.dtype]
+) -> dict[str, torch.Tensor]:
+    """key -> a tensor viewing its placement in ``arena`` (a flat uint8 tensor), in order;
+    ``torch_dtype`` names the torch dtype of a numpy one (``torch_bridge.torch_dtype``)."""
     out = {}
     for p in placements:
-        dtype = torch_bridge.torch_dtype(p.dtype)
+        dtype = torch_dtype(p.dtype)
         out[p.key] = arena[p.offset : p.offset + p.nbytes].view(dtype).view(p.shape)
     return out
 
@@ -115,12 +120,14 @@ class CudaDestination:
     waits for every lane; the next stage's uploads wait for the moves (they reuse the scratch).
     """
 
-    def __init__(self, device: torch.device, lanes: int, slots: int) -> None:
-        self.device = device
+    def __init__(
+        self, device: torch.device, lanes: int, slots: int, torch_dtype: Callable[[np.dtype[Any]], torch.dtype]
+    ) -> None:
+        self.device, self.torch_dtype = device, torch_dtype
         self.buffers: list[torch.Tensor] = []
-        self.streams = [torch.cuda.Stream(device) for _ in range(lanes)]
-        self.compute = torch.cuda.Stream(device)
-        self.slot_events = [[torch.cuda.Event() for _ in range(slots)] for _ in range(lanes)]
+        self.streams = [torch.cuda.Stream(device) for _ in range(lanes)]  # type: ignore[no-untyped-call]
+        self.compute = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        self.slot_events = [[torch.cuda.Event() for _ in range(slots)] for _ in range(lanes)]  # type: ignore[no-untyped-call]
         self.host: torch.Tensor | None = None
 
     def allocate(self, arena_bytes: int, scratch_bytes: int) -> None:
@@ -164,7 +171,7 @@ class CudaDestination:
         torch.cuda.synchronize(self.device)
         arena = self.buffers[0]
         self.buffers = [arena]  # the scratch goes back to torch's allocator now
-        return carve(arena, placements)
+        return carve(arena, placements, self.torch_dtype)
 
     def close(self) -> None:
         if self.host is not None:

@@ -82,9 +82,11 @@ def _view(buffers: Sequence[np.ndarray], region: Region) -> np.ndarray:
     flat = buffers[region.buffer]
     span = flat[region.offset : region.offset + region.span] if region.span else flat[:0]
     dtype = np.dtype(f"u{region.itemsize}")
-    return np.ndarray(
-        (region.rows, region.cols), dtype, buffer=span, strides=(region.row_stride, region.itemsize)
-    ) if region.span else np.empty((region.rows, region.cols), dtype)
+    return (
+        np.ndarray((region.rows, region.cols), dtype, buffer=span, strides=(region.row_stride, region.itemsize))
+        if region.span
+        else np.empty((region.rows, region.cols), dtype)
+    )
 
 
 def run_moves_numpy(buffers: Sequence[np.ndarray], moves: Sequence[Move]) -> None:

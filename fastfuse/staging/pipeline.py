@@ -28,7 +28,7 @@ import numpy as np
 from fastfuse.formats.checkpoint import Checkpoint
 from fastfuse.formats.stored import open_regular
 from fastfuse.kernels.regions import Move, run_moves_numpy
-from fastfuse.staging.transfer_plan import Gather, Piece, Placement, Stage, TransferPlan
+from fastfuse.staging.transfer_plan import Gather, Piece, Placement, TransferPlan
 
 __all__ = ["Destination", "HostDestination", "StagingConfig", "chunks", "run_transfer"]
 
@@ -120,7 +120,7 @@ def _read_into(fd: int, view: np.ndarray, offset: int, path: str) -> None:
     """Fill ``view`` with the file's bytes at ``offset`` (``preadv`` straight into it)."""
     from fastfuse.errors import MalformedFileError
 
-    memory = memoryview(view)
+    memory = memoryview(view)  # type: ignore[arg-type]
     done = 0
     while done < len(memory):
         got = os.preadv(fd, [memory[done:]], offset + done)
@@ -261,6 +261,3 @@ class HostDestination:
 
     def close(self) -> None:
         pass
-
-
-__all__ += ["Stage"]

@@ -24,17 +24,24 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
 
-import numpy as np
-
+from fastfuse.aliases import TensorLike
 from fastfuse.formats.checkpoint import Checkpoint
 from fastfuse.formats.stored import StoredTensor
-from fastfuse.aliases import TensorLike
 from fastfuse.kernels.regions import Move, Placement, Region
 from fastfuse.planning.planner import FusedTensor, Plan
 
-__all__ = ["ALIGN", "SCRATCH_BYTES", "Gather", "Piece", "Placement", "Stage", "TransferPlan", "fused_moves", "plan_transfer"]
+__all__ = [
+    "ALIGN",
+    "SCRATCH_BYTES",
+    "Gather",
+    "Piece",
+    "Placement",
+    "Stage",
+    "TransferPlan",
+    "fused_moves",
+    "plan_transfer",
+]
 
 ALIGN = 256  # every result starts here: what cudaMalloc guarantees, and enough for vector loads
 SCRATCH_BYTES = 256 << 20  # dropped sources staged for a move, at most this much at a time
@@ -157,9 +164,13 @@ class _Builder:
             low = source.offset + block_start * source.row_stride  # bytes of the stored tensor
             high = low + block.span
             if transpose:  # the block's rows are columns block_start:... of the destination
-                step = replace(destination, offset=destination.offset + block_start * destination.itemsize, cols=block_rows)
+                step = replace(
+                    destination, offset=destination.offset + block_start * destination.itemsize, cols=block_rows
+                )
             else:
-                step = replace(destination, offset=destination.offset + block_start * destination.row_stride, rows=block_rows)
+                step = replace(
+                    destination, offset=destination.offset + block_start * destination.row_stride, rows=block_rows
+                )
             load: Piece | Gather
             if entry.contiguous:
                 load = Piece(number, entry.offset + low, high - low, SCRATCH, 0)
