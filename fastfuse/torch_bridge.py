@@ -133,25 +133,13 @@ class _Meta:
         self.dtype = numpy_dtype(tensor.dtype)
 
 
-class TensorMetas(Mapping[str, Any]):
+class TensorMetas(NumpyViews):
     """``tensors`` seen by the planner without their data (tensors on a device): each torch
     tensor's shape and numpy dtype, looked up when first asked for."""
-
-    def __init__(self, tensors: Mapping[str, Any]) -> None:
-        self._tensors = tensors
 
     def __getitem__(self, key: str) -> Any:
         value = self._tensors[key]
         return _Meta(value) if isinstance(value, torch.Tensor) else value
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._tensors
 
 
 def devices_of(tensors: Mapping[str, Any], keys: Iterator[str] | list[str]) -> dict[str, str]:
