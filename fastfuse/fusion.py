@@ -117,11 +117,60 @@ def fuse(tensors: Mapping[str, Any], **options: Unpack[FuseKwargs]) -> dict[str,
         from fastfuse import torch_bridge
 
         if torch_bridge.holds_torch(tensors):
+            if torch_bridge.holds_cuda(tensors):
+                on_device = plan(torch_bridge.TensorMetas(tensors), **options)
+                device = _device_of_sources(tensors, on_device)
+                if device.startswith("cuda"):
+                    return _fuse_on_device(tensors, on_device, device, options)
             framework, arrays = "pt", torch_bridge.NumpyViews(tensors)
     fusion = plan(arrays, **options)
     if fusion.tp > 1 and options.get("rank") is None:
         raise FuseError(f"tp={fusion.tp}: fuse builds one rank in memory; pass rank= (or use fuse_file for all ranks)")
     fused = execute(fusion, arrays, framework=framework)
+    result = {key: value for key, value in tensors.items() if key not in fusion.dropped and key not in fused}
+    result.update(fused)
+    return result
+
+
+def _device_of_sources(tensors: Mapping[str, Any], fusion: Plan) -> str:
+    """The one device every source of ``fusion`` is on; FuseError naming two keys on different ones."""
+    from fastfuse import torch_bridge
+
+    sources = sorted({key for t in fusion.fused for key in t.sources if key is not None})
+    devices = torch_bridge.devices_of(tensors, sources)
+    found = sorted(set(devices.values()))
+    if len(found) > 1:
+        first = {device: key for key, device in devices.items()}
+        keys = ", ".join(f"{first[device]!r} on {device}" for device in found)
+        raise FuseError(
+            f"the tensors to fuse are on {len(found)} devices ({keys}); move them to one "
+            "(e.g. {k: t.to('cuda:0') for k, t in state_dict.items()})"
+        )
+    return found[0] if found else "cpu"
+
+
+def _fuse_on_device(
+    tensors: Mapping[str, Any], fusion: Plan, device: str, options: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``fuse`` for tensors on a CUDA device: the fused tensors carved from one allocation there,
+    filled by the CUDA engine (transposed copies at HBM speed); the sources are not copied
+    unless strided (then once, contiguous)."""
+    import torch
+
+    from fastfuse import torch_bridge
+    from fastfuse.kernels.cuda_engine import carve, run_moves
+    from fastfuse.staging.transfer_plan import fused_moves
+
+    if fusion.tp > 1 and options.get("rank") is None:
+        raise FuseError(f"tp={fusion.tp}: fuse builds one rank in memory; pass rank= (or use fuse_file for all ranks)")
+    sources = sorted({key for t in fusion.fused for key in t.sources if key is not None})
+    numbers = {key: n + 1 for n, key in enumerate(sources)}
+    placements, nbytes, moves = fused_moves(fusion.fused, torch_bridge.TensorMetas(tensors), numbers)
+    with torch.cuda.device(device):
+        arena = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        flats = [arena] + [tensors[key].detach().contiguous().reshape(-1).view(torch.uint8) for key in sources]
+        run_moves(flats, moves)
+    fused = carve(arena, placements, torch_bridge.torch_dtype)
     result = {key: value for key, value in tensors.items() if key not in fusion.dropped and key not in fused}
     result.update(fused)
     return result

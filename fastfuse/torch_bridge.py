@@ -15,7 +15,16 @@ import torch
 
 from fastfuse.errors import FuseError
 
-__all__ = ["NumpyViews", "from_torch", "holds_torch", "to_torch"]
+__all__ = [
+    "NumpyViews",
+    "TensorMetas",
+    "devices_of",
+    "from_torch",
+    "holds_torch",
+    "numpy_dtype",
+    "to_torch",
+    "torch_dtype",
+]
 
 # torch dtypes numpy only has through ml_dtypes, by their common name.
 _VIA_INTEGERS = {
@@ -31,6 +40,11 @@ def holds_torch(tensors: Mapping[str, Any]) -> bool:
     return any(isinstance(value, torch.Tensor) for value in tensors.values())
 
 
+def holds_cuda(tensors: Mapping[str, Any]) -> bool:
+    """Does ``tensors`` hold a tensor on a CUDA device?"""
+    return any(isinstance(value, torch.Tensor) and value.device.type == "cuda" for value in tensors.values())
+
+
 def to_torch(array: np.ndarray) -> torch.Tensor:
     """A tensor sharing ``array``'s memory (writable arrays only: torch warns on read-only ones)."""
     special = _VIA_INTEGERS.get(array.dtype.name)
@@ -39,11 +53,28 @@ def to_torch(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array.view(f"u{array.dtype.itemsize}")).view(special)
 
 
-def _numpy_dtype(dtype: torch.dtype) -> np.dtype[Any]:
-    import ml_dtypes
+def numpy_dtype(dtype: torch.dtype) -> np.dtype[Any]:
+    """The numpy dtype of a torch dtype (ml_dtypes' for bfloat16 and the float8 types).
 
-    name = str(dtype).removeprefix("torch.")
-    result: np.dtype[Any] = np.dtype(getattr(ml_dtypes, name))
+    FuseError for one numpy has no counterpart of (complex32, the quantized types).
+    """
+    if dtype in _VIA_INTEGERS.values():
+        import ml_dtypes
+
+        result: np.dtype[Any] = np.dtype(getattr(ml_dtypes, str(dtype).removeprefix("torch.")))
+        return result
+    try:
+        return torch.empty(0, dtype=dtype).numpy().dtype
+    except (TypeError, RuntimeError):
+        raise FuseError(f"dtype {dtype} has no numpy counterpart; fastfuse moves plain 1-8 byte elements") from None
+
+
+def torch_dtype(dtype: np.dtype[Any]) -> torch.dtype:
+    """The torch dtype of a numpy dtype (bfloat16 and float8 by their ml_dtypes names)."""
+    special: torch.dtype | None = _VIA_INTEGERS.get(dtype.name)
+    if special is not None:
+        return special
+    result: torch.dtype = torch.from_numpy(np.empty(0, dtype)).dtype
     return result
 
 
@@ -62,7 +93,7 @@ def from_torch(key: str, tensor: torch.Tensor) -> np.ndarray:
         raise FuseError(f"{where} is sparse, quantized or a lazy conjugate/negation; pass t.resolve_conj().to_dense()")
     plain = tensor.detach()
     if plain.dtype in _VIA_INTEGERS.values():
-        return plain.view(_SIGNED[plain.element_size()]).numpy().view(_numpy_dtype(plain.dtype))
+        return plain.view(_SIGNED[plain.element_size()]).numpy().view(numpy_dtype(plain.dtype))
     try:
         return plain.numpy()
     except (TypeError, RuntimeError) as e:
@@ -92,3 +123,25 @@ class NumpyViews(Mapping[str, Any]):
 
     def __contains__(self, key: object) -> bool:
         return key in self._tensors
+
+
+class _Meta:
+    """What planning reads of a tensor: its shape and its numpy dtype."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.shape = tuple(tensor.shape)
+        self.dtype = numpy_dtype(tensor.dtype)
+
+
+class TensorMetas(NumpyViews):
+    """``tensors`` seen by the planner without their data (tensors on a device): each torch
+    tensor's shape and numpy dtype, looked up when first asked for."""
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._tensors[key]
+        return _Meta(value) if isinstance(value, torch.Tensor) else value
+
+
+def devices_of(tensors: Mapping[str, Any], keys: Iterator[str] | list[str]) -> dict[str, str]:
+    """key -> device (``"cpu"`` for numpy arrays) of each of ``keys``."""
+    return {key: str(getattr(tensors[key], "device", "cpu")) for key in keys}

@@ -1,0 +1,122 @@
+"""The GPU load's planning, staging and carving, run on the CPU with a host destination: the
+same transfer plan and pipeline as ``load(device="cuda")``, with host buffers instead of the
+device (CI has no GPU). Reference: the CPU ``fastfuse.load`` with the same options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from device_cases import DTYPES, INPUTS, OPTIONS
+from naive import same_bits
+
+import fastfuse
+from fastfuse import FuseError
+from fastfuse.formats.checkpoint import open_checkpoint
+from fastfuse.kernels.regions import Move, Region, run_moves_numpy
+from fastfuse.loading import _fusion_plan
+from fastfuse.staging.pipeline import HostDestination, StagingConfig, chunks, run_transfer
+from fastfuse.staging.transfer_plan import Piece, plan_transfer
+
+SMALL = StagingConfig(lanes=3, slots=2, chunk_bytes=4096)  # many chunks, pieces cut across them
+
+
+def staged(path: Path, config: StagingConfig = SMALL, **options: Any) -> tuple[dict[str, Any], Any]:
+    checkpoint = open_checkpoint(path)
+    transfer = plan_transfer(checkpoint, _fusion_plan(checkpoint, options), scratch_bytes=8192, block_bytes=2048)
+    return run_transfer(checkpoint, transfer, HostDestination(), config), transfer
+
+
+def assert_same(expected: dict[str, Any], got: dict[str, Any]) -> None:
+    assert list(got) == list(expected)
+    for key, value in expected.items():
+        assert same_bits(np.asarray(value), got[key]), key
+
+
+@pytest.mark.parametrize("source", list(INPUTS))
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+def test_staged_load_is_the_cpu_load(tmp_path: Path, source: str, options: dict[str, Any]) -> None:
+    if source == "torch":
+        pytest.importorskip("torch")
+    path = INPUTS[source](tmp_path, DTYPES["float16"])
+    got, transfer = staged(path, **options)
+    assert_same(fastfuse.load(path, **options), got)
+    assert transfer.scratch_bytes <= 8192 + 2048  # bounded: the limit, plus one block past it
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_staged_load_other_dtypes(tmp_path: Path, dtype: str) -> None:
+    path = INPUTS["safetensors"](tmp_path, DTYPES[dtype])
+    for options in ({"keep_originals": False, "dtype": "float32"}, {"target": "vllm"}):
+        assert_same(fastfuse.load(path, **options), staged(path, **options)[0])
+
+
+def test_dropped_sources_are_not_read_and_tp_reads_its_rows(tmp_path: Path) -> None:
+    path = INPUTS["safetensors"](tmp_path, DTYPES["float16"])
+    whole = staged(path, target="vllm")[1].bytes_read
+    assert whole == sum(t.nbytes for t in open_checkpoint(path).metas().values())
+    rank = staged(path, target="vllm", tp=2, rank=1, heads=4)[1].bytes_read
+    fused_sources = sum(
+        t.nbytes for key, t in open_checkpoint(path).metas().items() if "self_attn" in key and "out_proj" not in key
+    )
+    assert rank == whole - fused_sources // 2
+
+
+def test_one_upload_per_chunk_for_neighbours_kept_whole(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    tensors = {f"t{n}": rng.standard_normal((64, 4 * (n + 1))).astype(np.float16) for n in range(6)}  # 512 B each step
+    save_file(tensors, str(tmp_path / "a.safetensors"))
+    destination = HostDestination()
+    checkpoint = open_checkpoint(tmp_path / "a.safetensors")
+    transfer = plan_transfer(checkpoint, None)
+    got = run_transfer(checkpoint, transfer, destination, StagingConfig(2, 2, 4096))
+    assert destination.uploads == -(-transfer.bytes_read // 4096)
+    assert_same(tensors, {key: got[key] for key in tensors})
+
+
+def test_chunks_merge_neighbours_and_cut_at_the_chunk_size() -> None:
+    pieces = [Piece(0, 10, 5, 0, 0), Piece(0, 0, 10, 0, 256), Piece(0, 15, 5, 0, 5), Piece(1, 0, 3, 0, 10)]
+    got = chunks(pieces, 8)
+    assert [[(p.file, p.file_offset, p.nbytes, p.offset) for p in c] for c in got] == [
+        [(0, 0, 8, 256)],
+        [(0, 8, 2, 264), (0, 10, 6, 0)],
+        [(0, 16, 4, 6), (1, 0, 3, 10)],
+    ]
+
+
+def test_moves_widen_exactly_and_zero_fill() -> None:
+    from fastfuse.kernels.numpy_engine import widen_bits
+
+    bits = np.array([[0x7C01, 0xFE37, 0x8000, 0x0001], [0x3C00, 0x03FF, 0xFBFF, 0x7BFF]], np.uint16)
+    out = np.full(2 * 4 * 4 + 8, 0xA5, np.uint8)
+    moves = [
+        Move(Region(0, 0, 2, 4, 8, 2), Region(1, 0, 4, 2, 8, 4), transpose=True, widen="float16"),
+        Move(None, Region(1, 32, 1, 2, 8, 4)),
+    ]
+    run_moves_numpy([bits.view(np.uint8).reshape(-1), out], moves)
+    assert same_bits(out[:32].view(np.uint32).reshape(4, 2), widen_bits(bits, "float16").T)
+    assert not out[32:].any()
+
+
+def test_load_device_errors_name_the_fix(tmp_path: Path) -> None:
+    path = INPUTS["safetensors"](tmp_path, DTYPES["float16"])
+    with pytest.raises(FuseError, match="framework='np' with device 'cuda:0'.*pass framework='pt'"):
+        fastfuse.load(path, framework="np", device="cuda:0")
+    with pytest.raises(FuseError, match="device 'mps': fastfuse loads onto 'cpu' or CUDA"):
+        fastfuse.load(path, device="mps")
+    with pytest.raises(FuseError, match="expected 'cpu', 'cuda'"):
+        fastfuse.load(path, device=1.5)
+    assert_same(fastfuse.load(path), fastfuse.load(path, device="cpu"))
+
+
+def test_load_on_cuda_without_cuda_says_so(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    path = INPUTS["safetensors"](tmp_path, DTYPES["float16"])
+    with pytest.raises(FuseError, match="sees no CUDA device here; pass device='cpu'"):
+        fastfuse.load(path, device="cuda")
