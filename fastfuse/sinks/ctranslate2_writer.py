@@ -149,25 +149,34 @@ class _ModelWriter:
         self.loaded = loaded
         self.quantization = quantization
 
-    def blocks(self, variable: ct2.Variable, limit: int = BLOCK_BYTES) -> Iterator[np.ndarray[Any, Any]]:
-        """The variable's rows in the load dtype, ``limit`` bytes of float32 at most per block."""
-        inner = variable.shape[1:]
-        step = max(1, limit // (4 * max(1, int(np.prod(inner, dtype=np.int64)))))
+    def blocks(self, variable: ct2.Variable, limit: int = BLOCK_BYTES, *, first_only: bool = False) -> Iterator[np.ndarray[Any, Any]]:
+        """The variable's rows in the load dtype, ``limit`` bytes of float32 at most per block.
+
+        Blocks start every ``step`` rows whatever the segments, so two variables of one shape
+        give blocks of the same rows (digests and comparisons rely on it).
+        """
+        step = max(1, limit // (4 * max(1, int(np.prod(variable.shape[1:], dtype=np.int64)))))
+        rows = min(step, variable.shape[0]) if first_only else variable.shape[0]
+        for first in range(0, rows, step):
+            yield self._rows(variable, first, min(step, rows - first))
+
+    def _rows(self, variable: ct2.Variable, first: int, count: int) -> np.ndarray[Any, Any]:
+        pieces, offset = [], 0
         for segment in variable.segments:
-            for first in range(0, segment.rows, step):
-                count = min(step, segment.rows - first)
+            low, high = max(first, offset), min(first + count, offset + segment.rows)
+            if low < high:
                 if segment.key is None:
-                    yield np.zeros((count, *inner), as_dtype(self.loaded))
+                    pieces.append(np.zeros((high - low, *variable.shape[1:]), as_dtype(self.loaded)))
                 else:
-                    start = segment.start + first
-                    yield cast(self.arrays[segment.key][start : start + count], self.loaded)
+                    start = segment.start + low - offset
+                    pieces.append(cast(self.arrays[segment.key][start : start + high - low], self.loaded))
+            offset += segment.rows
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def _digest(self, variable: ct2.Variable, limit: int, only_first: bool) -> tuple[str, bool]:
         digest = Digest()
-        for block in self.blocks(variable, limit):
+        for block in self.blocks(variable, limit, first_only=only_first):
             digest.update(block)
-            if only_first:
-                break
         return digest.hexdigest(), digest.has_nan
 
     def _equal(self, a: ct2.Variable, b: ct2.Variable) -> bool:
