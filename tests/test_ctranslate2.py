@@ -15,18 +15,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / huggingface_hub import
+
 import numpy as np
 import pytest
 
 pytest.importorskip("ctranslate2")
 pytest.importorskip("transformers")
 
-import ct2_models  # noqa: E402
-from conftest import run_cli  # noqa: E402
+import ct2_models
+from conftest import run_cli
 
-from fastfuse import FuseError, fuse_file  # noqa: E402
+from fastfuse import FuseError, fuse_file
 
-QUANTIZATIONS = [None, "float32", "float16", "bfloat16", "int8", "int8_float16", "int8_float32", "int8_bfloat16", "int16"]
+QUANTIZATIONS = [
+    None,
+    "float32",
+    "float16",
+    "bfloat16",
+    "int8",
+    "int8_float16",
+    "int8_float32",
+    "int8_bfloat16",
+    "int16",
+]
 FILES = ["config.json", "model.bin", "preprocessor_config.json", "tokenizer.json", "vocabulary.json"]
 
 
@@ -62,7 +74,9 @@ def _both(models: dict[str, Path], tmp_path: Path, model: str, quantization: str
 
 
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)
-def test_every_quantization_is_the_converters(models: dict[str, Path], tmp_path: Path, quantization: str | None) -> None:
+def test_every_quantization_is_the_converters(
+    models: dict[str, Path], tmp_path: Path, quantization: str | None
+) -> None:
     _same_folder(*_both(models, tmp_path, "tiny", quantization))
 
 
@@ -124,7 +138,18 @@ def test_an_openai_pt_with_tokenizer_from_is_the_converters_hf_folder(models: di
     pt = ct2_models.save_openai_pt(models["tiny"], tmp_path / "tiny.pt")
     theirs = ct2_models.convert(models["tiny"], tmp_path / "theirs", "float16")
     mine = tmp_path / "mine"
-    run_cli("fuse", pt, mine, "--target", "ctranslate2", "--quantization", "float16", "--tokenizer-from", models["tiny"], check=0)
+    run_cli(
+        "fuse",
+        pt,
+        mine,
+        "--target",
+        "ctranslate2",
+        "--quantization",
+        "float16",
+        "--tokenizer-from",
+        models["tiny"],
+        check=0,
+    )
     _same_folder(mine, theirs)
 
 
@@ -136,7 +161,9 @@ def test_a_pt_without_tokenizer_from_names_the_option(models: dict[str, Path], t
 
 
 @pytest.mark.parametrize("missing", ["tokenizer.json", "preprocessor_config.json"])
-def test_a_folder_without_a_file_the_model_needs_names_it(models: dict[str, Path], tmp_path: Path, missing: str) -> None:
+def test_a_folder_without_a_file_the_model_needs_names_it(
+    models: dict[str, Path], tmp_path: Path, missing: str
+) -> None:
     folder = tmp_path / "model"
     folder.mkdir()
     for path in models["tiny"].iterdir():

@@ -37,7 +37,8 @@ def cast(block: np.ndarray[Any, Any], dtype: str) -> np.ndarray[Any, Any]:
     if block.dtype.name == "bfloat16":
         block = block.astype(np.float32)
     if dtype != "bfloat16":
-        return block.astype(dtype)
+        with np.errstate(over="ignore"):  # out of float16's range is inf, as in torch
+            return block.astype(dtype)
     wide = np.ascontiguousarray(block, dtype=np.float32)
     bits = wide.view(np.uint32)
     rounded = ((bits + (((bits >> 16) & 1) + np.uint32(0x7FFF))) >> 16).astype(np.uint16)
@@ -67,7 +68,8 @@ def int16_scale(amax: float) -> np.float32:
 def int16_rows(block: np.ndarray[Any, Any], scale: np.float32) -> np.ndarray[Any, Any]:
     """``clip(rint(block * scale))`` as int16, in float32."""
     values = np.array(block, dtype=np.float32) * scale
-    return np.clip(np.rint(values), -32768, 32767).astype(np.int16)
+    quantized: np.ndarray[Any, Any] = np.clip(np.rint(values), -32768, 32767).astype(np.int16)
+    return quantized
 
 
 class Digest:
@@ -91,4 +93,4 @@ class Digest:
         if np.any(bits == negative_zero):
             bits = np.where(bits == negative_zero, bits.dtype.type(0), bits)
         self.has_nan = self.has_nan or bool(np.isnan(flat).any())
-        self._hash.update(memoryview(np.ascontiguousarray(bits)).cast("B"))
+        self._hash.update(np.ascontiguousarray(bits).tobytes())

@@ -66,7 +66,7 @@ class _Entry:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(_numpy(self.dtype)).itemsize
+        return int(np.prod(self.shape, dtype=np.int64)) * int(np.dtype(_numpy(self.dtype)).itemsize)
 
 
 def _numpy(dtype: str) -> Any:
@@ -104,7 +104,9 @@ def fuse_ctranslate2(
         raise FuseError(f"{destination}: exists; pass --force (overwrite_destination=True) to replace the folder")
     metas = checkpoint.metas()
     fusion = make_plan(metas, options)
-    hf = HFFolder(Path(options.tokenizer_from) if options.tokenizer_from else checkpoint.path.parent, "--tokenizer-from")
+    hf = HFFolder(
+        Path(options.tokenizer_from) if options.tokenizer_from else checkpoint.path.parent, "--tokenizer-from"
+    )
     config = hf.json("config.json")
     assert config is not None
     if config.get("model_type", "whisper") != "whisper":
@@ -118,12 +120,18 @@ def fuse_ctranslate2(
             f"{embeddings.shape[0]} rows; pass the model's own folder with --tokenizer-from"
         )
     texts = {
-        "config.json": json.dumps(ct2.whisper_config(config, hf.json("generation_config.json", required=False)),
-                                  indent=2, sort_keys=True) + "\n",
+        "config.json": json.dumps(
+            ct2.whisper_config(config, hf.json("generation_config.json", required=False)), indent=2, sort_keys=True
+        )
+        + "\n",
         "vocabulary.json": json.dumps(vocabulary, indent=2),
     }
     copies = [hf.file(name) for name in COPIED]
-    floats = sorted((k.removeprefix(fusion.prefix), m.dtype.name) for k, m in metas.items() if m.dtype.kind == "f" or m.dtype.name == "bfloat16")
+    floats = sorted(
+        (k.removeprefix(fusion.prefix), m.dtype.name)
+        for k, m in metas.items()
+        if m.dtype.kind == "f" or m.dtype.name == "bfloat16"
+    )
     loaded = ct2.load_dtype(options.quantization, config, floats[0][1] if floats else "float32")
     arrays = checkpoint.arrays()
     writer = _ModelWriter(arrays, loaded, options.quantization)
@@ -149,7 +157,9 @@ class _ModelWriter:
         self.loaded = loaded
         self.quantization = quantization
 
-    def blocks(self, variable: ct2.Variable, limit: int = BLOCK_BYTES, *, first_only: bool = False) -> Iterator[np.ndarray[Any, Any]]:
+    def blocks(
+        self, variable: ct2.Variable, limit: int = BLOCK_BYTES, *, first_only: bool = False
+    ) -> Iterator[np.ndarray[Any, Any]]:
         """The variable's rows in the load dtype, ``limit`` bytes of float32 at most per block.
 
         Blocks start every ``step`` rows whatever the segments, so two variables of one shape
@@ -224,9 +234,15 @@ class _ModelWriter:
         """Header, every record, then the aliases (sorted by alias name)."""
         for entry in entries:
             if entry.nbytes >= 1 << 32:
-                raise FuseError(f"{entry.name}: {entry.nbytes} bytes; CTranslate2's model.bin holds < 4 GiB per variable")
+                raise FuseError(
+                    f"{entry.name}: {entry.nbytes} bytes; CTranslate2's model.bin holds < 4 GiB per variable"
+                )
         total, done = sum(e.nbytes for e in entries), 0
-        out.write(struct.pack("<I", BINARY_VERSION) + _string(ct2.SPEC_NAME) + struct.pack("<II", ct2.SPEC_REVISION, len(entries)))
+        out.write(
+            struct.pack("<I", BINARY_VERSION)
+            + _string(ct2.SPEC_NAME)
+            + struct.pack("<II", ct2.SPEC_REVISION, len(entries))
+        )
         scales: dict[str, np.ndarray[Any, Any]] = {}
         for entry in entries:
             out.write(_string(entry.name) + struct.pack(f"<B{len(entry.shape)}I", len(entry.shape), *entry.shape))
@@ -255,17 +271,19 @@ class _ModelWriter:
             scales[v.name] = np.concatenate(parts)
         elif entry.dtype == "int16":
             amax = max(float(np.amax(np.absolute(block.astype(np.float32)))) for block in self.blocks(v))
-            scale = int16_scale(amax)
-            scales[v.name] = np.array(scale, np.float32)
+            factor = int16_scale(amax)
+            scales[v.name] = np.array(factor, np.float32)
             for block in self.blocks(v):
-                yield _bytes(int16_rows(block, scale))
+                yield _bytes(int16_rows(block, factor))
         else:
             for block in self.blocks(v):
                 yield _bytes(cast(block, entry.dtype))
 
 
 def _bytes(array: np.ndarray[Any, Any]) -> memoryview:
-    return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+    """The array's bytes in C order, without a copy where it is contiguous (a source map's rows)."""
+    flat: Any = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    return memoryview(flat)
 
 
 def _string(text: str) -> bytes:
