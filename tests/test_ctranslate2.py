@@ -215,3 +215,26 @@ def test_a_failure_while_writing_leaves_no_folder(
     with pytest.raises(OSError, match="disk full"):
         fuse_file(models["tiny"], tmp_path / "out", target="ctranslate2", quantization="int8")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_recomputes_a_ctranslate2_folder_and_names_a_corrupted_variable(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    from fastfuse import verify
+    from fastfuse.formats.ctranslate2_bin import read_model_bin
+
+    for quantization in (None, "int8_float16"):
+        out = tmp_path / f"out-{quantization}"
+        fuse_file(models["tiny"], out, target="ctranslate2", quantization=quantization)
+        assert verify(out, source=models["tiny"]) == []
+        with pytest.raises(FuseError, match="keeps no originals; pass the checkpoint"):
+            verify(out)
+    name = "decoder/layer_1/attention/linear_1/weight"  # a fused k|v
+    _, _, data = read_model_bin(out / "model.bin").variables[name]
+    offset = bytes((out / "model.bin").read_bytes()).find(bytes(data))
+    corrupted = bytearray((out / "model.bin").read_bytes())
+    corrupted[offset + 5] ^= 1
+    (out / "model.bin").write_bytes(bytes(corrupted))
+    assert verify(out, source=models["tiny"]) == [name]
+    result = run_cli("verify", out, "--source", models["tiny"], check=1)
+    assert name in result.stdout + result.stderr
