@@ -33,8 +33,8 @@ import numpy as np
 from fastfuse.aliases import PathLike
 from fastfuse.dtypes import as_dtype
 from fastfuse.errors import FuseError, MissingTensorError
-from fastfuse.formats.ctranslate2_bin import ModelBin, read_model_bin
 from fastfuse.formats.checkpoint import open_checkpoint
+from fastfuse.formats.ctranslate2_bin import ModelBin, read_model_bin
 from fastfuse.formats.hf_folder import HFFolder
 from fastfuse.kernels.quantize import Digest, cast, int8_rows, int16_rows, int16_scale
 from fastfuse.planning import ctranslate2 as ct2
