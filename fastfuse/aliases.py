@@ -41,3 +41,5 @@ class FuseKwargs(TypedDict, total=False):
     heads: int | None
     kv_heads: int | None
     target: str
+    quantization: str | None
+    tokenizer_from: str | None

@@ -51,7 +51,13 @@ def plan(tensors: Mapping[str, TensorLike] | PathLike, **options: Unpack[FuseKwa
         heads, kv_heads: attention head counts, needed to split attention for ``tp > 1``.
         target: ``"fastfuse"`` (``fused.*`` keys beside the originals) or an engine's names
             and layout from ``fastfuse.planning.rules.TARGETS`` (``"vllm"``: ``qkv_proj``,
-            ``[sum(out), in]``, sources dropped).
+            ``[sum(out), in]``, sources dropped; ``"ctranslate2"``: a CTranslate2 Whisper model
+            folder, written by ``fuse_file``).
+        quantization: for ``target="ctranslate2"``: the weights' type as
+            ``ct2-transformers-converter --quantization`` writes it (``"float16"``, ``"int8"``, ...).
+        tokenizer_from: for ``target="ctranslate2"``: the Hugging Face folder whose
+            ``config.json``, tokenizer and preprocessor config go with the model (needed for an
+            openai-whisper ``.pt``).
 
     Every option, its type, default and allowed values is defined once, in
     ``fastfuse.planning.options.FuseOptions``; the CLI's flags are derived from it.

@@ -35,7 +35,8 @@ def test_help_says_what_each_argument_is() -> None:
     fuse = " ".join(fastfuse("fuse", "--help").stdout.split())
     assert "destination: a new .safetensors file; a folder (no .safetensors suffix) with --tp" in fuse
     assert "--overwrite allow fused keys the input already holds to be replaced" in fuse
-    assert "--target {fastfuse,vllm}" in fuse
+    assert "--target {fastfuse,vllm,ctranslate2}" in fuse
+    assert "or --target ctranslate2 (a CTranslate2 model folder)" in fuse
     unfuse = " ".join(fastfuse("unfuse", "--help").stdout.split())
     assert "src a file written by `fastfuse fuse`" in unfuse and "dst the new .safetensors file" in unfuse
     inspect = " ".join(fastfuse("inspect", "--help").stdout.split())

@@ -447,7 +447,9 @@ TARGET_CASES = [
 
 
 def test_every_target_has_a_verify_case() -> None:
-    assert sorted(fastfuse.planning.rules.TARGETS) == sorted(target for target, _, _ in TARGET_CASES)
+    # Folder targets (an engine's own format) are verified in their own tests (test_ctranslate2.py).
+    files = [name for name, preset in fastfuse.planning.rules.TARGETS.items() if not preset.folder]
+    assert sorted(files) == sorted(target for target, _, _ in TARGET_CASES)
 
 
 @pytest.mark.parametrize(("target", "weight_key", "bias_key"), TARGET_CASES, ids=[t for t, _, _ in TARGET_CASES])

@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "dst",
         help="destination: a new .safetensors file; a folder (no .safetensors suffix) with --tp, --max-shard-size "
-        "or a sharded SRC",
+        "or a sharded SRC, or --target ctranslate2 (a CTranslate2 model folder)",
     )
     fusion_options(p, writes=True)
     p.add_argument(

@@ -96,6 +96,19 @@ class FuseOptions:
         "vLLM, SGLang and transformers' Phi-3 load as already fused, sources dropped",
         choices=lambda: tuple(rules.TARGETS),
     )
+    quantization: str | None = _option(
+        None,
+        "target ctranslate2: the weights' type, as ct2-transformers-converter's --quantization "
+        "(default: the checkpoint's)",
+        choices=lambda: rules.CT2_QUANTIZATIONS,
+        scope=WRITE_ONLY,
+    )
+    tokenizer_from: str | None = _option(
+        None,
+        "target ctranslate2: the Hugging Face folder whose config, tokenizer and preprocessor config "
+        "to use (default: the checkpoint's folder; needed for an openai-whisper .pt)",
+        scope=WRITE_ONLY,
+    )
 
     def __post_init__(self) -> None:
         if self.target not in rules.TARGETS:
@@ -105,6 +118,13 @@ class FuseOptions:
             object.__setattr__(self, "layout", preset.layout)
         if self.keep_originals is None:
             object.__setattr__(self, "keep_originals", not preset.drop_sources)
+        for name in preset.enables:
+            object.__setattr__(self, name, True)
+        for name in ("quantization", "tokenizer_from"):
+            if getattr(self, name) is not None and not preset.folder:
+                raise FuseError(f"{name}={getattr(self, name)!r} is for target 'ctranslate2', not {self.target!r}")
+        if self.quantization is not None and self.quantization not in rules.CT2_QUANTIZATIONS:
+            raise FuseError(f"quantization {self.quantization!r}: expected one of {list(rules.CT2_QUANTIZATIONS)}")
         if self.layout not in LAYOUTS:
             raise FuseError(f"layout {self.layout!r}: expected one of {list(LAYOUTS)}")
         if self.target != "fastfuse" and self.layout != preset.layout:

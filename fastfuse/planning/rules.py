@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["SCHEMES", "TARGETS", "GroupRule", "Scheme", "Target", "scheme_by_name"]
+__all__ = ["CT2_QUANTIZATIONS", "SCHEMES", "TARGETS", "GroupRule", "Scheme", "Target", "scheme_by_name"]
 
 
 @dataclass(frozen=True)
@@ -238,6 +238,9 @@ class Target:
     ``names[scheme][group]`` is a fused key template (``{prefix}``, ``{i}``, ``{kind}``); a
     group absent from a scheme's names cannot be written for this target. ``drop_sources``:
     the engine loads the fused tensor instead of its parts, so the parts are left out.
+    ``enables``: the group options the engine's format always needs (CTranslate2 keeps the
+    cross-attention K|V fused). ``folder``: the output is a model folder in the engine's own
+    format (written by its own sink), not safetensors.
     """
 
     name: str
@@ -245,7 +248,12 @@ class Target:
     layout: str
     drop_sources: bool
     names: dict[str, dict[str, str]]
+    enables: tuple[str, ...] = ()
+    folder: bool = False
 
+
+# ct2-transformers-converter's --quantization values (fastfuse.planning.ctranslate2 defines each one).
+CT2_QUANTIZATIONS = ("float32", "float16", "bfloat16", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16")
 
 _VLLM_LLAMA = {
     "qkv": "{prefix}layers.{i}.self_attn.qkv_proj.{kind}",
@@ -276,5 +284,23 @@ TARGETS: dict[str, Target] = {
             "hf-phi3": {},
             "gpt2": {},
         },
+    ),
+    # The variable names of CTranslate2's WhisperSpec for the fused groups; the rest of its
+    # variables are the table in fastfuse.planning.ctranslate2.
+    "ctranslate2": Target(
+        "ctranslate2",
+        "a CTranslate2 Whisper model folder (faster-whisper): model.bin as ct2-transformers-converter writes it",
+        layout="out_in",
+        drop_sources=True,
+        names={
+            scheme: {
+                "encoder_qkv": "encoder/layer_{i}/self_attention/linear_0/{kind}",
+                "decoder_qkv": "decoder/layer_{i}/self_attention/linear_0/{kind}",
+                "cross_kv": "decoder/layer_{i}/attention/linear_1/{kind}",
+            }
+            for scheme in ("hf-whisper", "openai-whisper")
+        },
+        enables=("cross_kv",),
+        folder=True,
     ),
 }

@@ -29,6 +29,7 @@ from fastfuse.formats import safetensors_file
 from fastfuse.formats.checkpoint import INDEX_NAME, SINGLE_NAME, TP_INDEX_NAME, Checkpoint, open_checkpoint
 from fastfuse.fusion import execute
 from fastfuse.kernels import engine
+from fastfuse.planning import rules
 from fastfuse.planning.planner import FuseOptions, Plan, make_plan
 from fastfuse.planning.recipe import META_PREFIX, describe
 from fastfuse.sinks import model_folder
@@ -115,6 +116,8 @@ def fuse_file(
 
     Args:
         src: a ``.safetensors`` or torch (``.bin``/``.pt``) file, an index or a folder.
+            With ``target="ctranslate2"``, ``dst`` is a CTranslate2 model folder instead
+            (``fastfuse.sinks.ctranslate2_writer``).
         dst: a new ``*.safetensors`` file; or a folder, for a sharded output
             (``model-0000k-of-0000n.safetensors`` and ``model.safetensors.index.json``) or a
             tensor-parallel one (``rank-k-of-n.safetensors`` per rank, each complete on its
@@ -157,10 +160,17 @@ def fuse_file(
         ...     print([t.key for t in fusion.fused], fastfuse.verify(f"{folder}/fused.safetensors"))
         ['fused.enc.0.self_attn.qkv.weight'] []
     """
+    settings = FuseOptions.from_kwargs(options)
+    if rules.TARGETS[settings.target].folder:  # an engine's own model folder, from its own sink
+        if max_shard_size is not None or single_file:
+            raise FuseError(f"target {settings.target!r} writes one model folder: drop max_shard_size / single_file")
+        from fastfuse.sinks.ctranslate2_writer import fuse_ctranslate2
+
+        return fuse_ctranslate2(src, dst, settings, overwrite_destination=overwrite_destination, progress=progress)
     checkpoint = open_checkpoint(src)
     destination = Path(dst)
     metas = checkpoint.metas()
-    fusion = make_plan(metas, FuseOptions.from_kwargs(options).with_head_counts(checkpoint.head_counts))
+    fusion = make_plan(metas, settings.with_head_counts(checkpoint.head_counts))
     sharded = not single_file and (checkpoint.index is not None or max_shard_size is not None)
     why = f"tp={fusion.tp}" if fusion.tp > 1 else "a sharded output; pass single_file / --single-file for one file"
     folder_output = fusion.tp > 1 or sharded

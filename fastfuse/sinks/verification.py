@@ -20,7 +20,7 @@ def verify(path: PathLike, *, source: PathLike | None = None) -> list[str]:
 
     Args:
         path: a file, an index or folder of shards, or a tensor-parallel folder (every rank
-            is checked).
+            is checked), or a CTranslate2 model folder (every variable is checked: needs ``source``).
         source: the checkpoint it was fused from, where the originals come from when the
             file dropped them (e.g. ``target="vllm"``); default: the file itself.
 
@@ -42,6 +42,10 @@ def verify(path: PathLike, *, source: PathLike | None = None) -> list[str]:
         ...     fastfuse.verify(f"{folder}/fused.safetensors")
         []
     """
+    if Path(path, "model.bin").is_file():  # a CTranslate2 model folder (target="ctranslate2")
+        from fastfuse.sinks.ctranslate2_writer import verify_ctranslate2
+
+        return verify_ctranslate2(Path(path), source)
     ranks = tensor_parallel_ranks(Path(path))
     if ranks is not None:
         return [f"{rank.name}:{key}" for rank in ranks for key in verify(rank, source=source)]

@@ -1,0 +1,188 @@
+"""Tiny Whisper model folders for the CTranslate2 tests, built offline (no download).
+
+``make_tiny`` writes a random-initialised ``WhisperForConditionalGeneration`` with
+``save_pretrained`` (weights perturbed so no two tensors are equal unless ``perturb=False``),
+a byte-level BPE tokenizer shaped like openai's (special tokens, languages, optionally the
+timestamp tokens), a generation config and a feature extractor config. ``save_openai_pt``
+writes the same weights as an openai-whisper ``.pt`` (renamed by openai-whisper's own names,
+independently of fastfuse's tables). ``convert`` runs CTranslate2's converter with its command
+line's semantics, in process.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+LANGS = ("en", "de", "fr", "es")
+NUM_TIMESTAMPS = 16
+MERGES = (("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("e", "r"), ("o", "n"), ("a", "t"))
+SPECIALS = (
+    "<|endoftext|>",
+    "<|startoftranscript|>",
+    *(f"<|{lang}|>" for lang in LANGS),
+    "<|translate|>",
+    "<|transcribe|>",
+    "<|startoflm|>",
+    "<|startofprev|>",
+    "<|nocaptions|>",
+    "<|notimestamps|>",
+)
+COPIED = ["tokenizer.json", "preprocessor_config.json"]
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2's bytes_to_unicode characters, in its order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def _tokenizer(timestamps: bool) -> Any:
+    from tokenizers import AddedToken
+    from transformers import WhisperTokenizer
+
+    vocab = {c: i for i, c in enumerate(_byte_alphabet())}
+    for a, b in MERGES:
+        vocab[a + b] = len(vocab)
+    tokenizer = WhisperTokenizer(vocab=vocab, merges=list(MERGES))
+    extra = [AddedToken(t, special=True, normalized=False) for t in SPECIALS[1:]]
+    tokenizer.add_special_tokens({"extra_special_tokens": extra})
+    if timestamps:
+        tokenizer.add_tokens([AddedToken("<|%.2f|>" % (i * 0.02), normalized=False) for i in range(NUM_TIMESTAMPS)])
+    return tokenizer
+
+
+def make_tiny(
+    folder: Path,
+    *,
+    perturb: bool = True,
+    timestamps: bool = False,
+    generation_config: bool = True,
+    tied: bool = True,
+    dtype: str = "float32",
+    **save: Any,
+) -> Path:
+    """A tiny HF Whisper folder (d 64, 2+2 layers, 4 heads); ``save`` goes to ``save_pretrained``."""
+    import torch
+    from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    tokenizer = _tokenizer(timestamps)
+    vocab = tokenizer.get_vocab()
+    ids = {t: vocab[t] for t in SPECIALS}
+    eot = ids["<|endoftext|>"]
+    config = WhisperConfig(
+        vocab_size=len(vocab) + (0 if timestamps else NUM_TIMESTAMPS),
+        num_mel_bins=80,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        decoder_start_token_id=ids["<|startoftranscript|>"],
+        bos_token_id=eot,
+        eos_token_id=eot,
+        pad_token_id=eot,
+        suppress_tokens=[1, 2, 7],
+        begin_suppress_tokens=[vocab["Ġ"], eot],
+        tie_word_embeddings=tied,
+    )
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(config).eval()
+    if perturb:
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "embed_positions" not in name:
+                    p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+            if not tied:
+                model.proj_out.weight.copy_(torch.randn(model.proj_out.weight.shape, generator=generator))
+    model = model.to(getattr(torch, dtype))
+    if generation_config:
+        model.generation_config = GenerationConfig(
+            decoder_start_token_id=ids["<|startoftranscript|>"],
+            eos_token_id=eot,
+            pad_token_id=eot,
+            alignment_heads=[[1, 0], [1, 2], [0, 3]],
+            lang_to_id={f"<|{lang}|>": ids[f"<|{lang}|>"] for lang in LANGS},
+            suppress_tokens=[1, 2, 7, 11, 13],
+            begin_suppress_tokens=[vocab["Ġ"], eot],
+        )
+    model.save_pretrained(folder, **save)
+    if not generation_config:
+        (folder / "generation_config.json").unlink(missing_ok=True)
+    tokenizer.save_pretrained(folder)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(folder)
+    return folder
+
+
+# openai-whisper's names for Hugging Face's (as transformers' convert_openai_to_hf.py maps them).
+_OPENAI_NAMES = (
+    (r"^model\.", ""),
+    (r"\.layers\.", ".blocks."),
+    (r"self_attn_layer_norm", "attn_ln"),
+    (r"encoder_attn_layer_norm", "cross_attn_ln"),
+    (r"final_layer_norm", "mlp_ln"),
+    (r"encoder_attn\.", "cross_attn."),
+    (r"self_attn\.", "attn."),
+    (r"q_proj", "query"),
+    (r"k_proj", "key"),
+    (r"v_proj", "value"),
+    (r"out_proj", "out"),
+    (r"fc1", "mlp.0"),
+    (r"fc2", "mlp.2"),
+    (r"^encoder\.layer_norm", "encoder.ln_post"),
+    (r"^decoder\.layer_norm", "decoder.ln"),
+    (r"embed_positions\.weight", "positional_embedding"),
+    (r"embed_tokens", "token_embedding"),
+)
+
+
+def save_openai_pt(hf_folder: Path, path: Path) -> Path:
+    """The weights of ``hf_folder`` as openai-whisper's ``torch.save({"dims", "model_state_dict"})``."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import WhisperConfig
+
+    config = WhisperConfig.from_pretrained(hf_folder)
+    state = {}
+    for key, value in load_file(hf_folder / "model.safetensors").items():
+        if key == "proj_out.weight":
+            continue
+        for pattern, name in _OPENAI_NAMES:
+            key = re.sub(pattern, name, key)
+        state[key] = value
+    dims = {
+        "n_mels": config.num_mel_bins,
+        "n_vocab": config.vocab_size,
+        "n_audio_ctx": config.max_source_positions,
+        "n_audio_state": config.d_model,
+        "n_audio_head": config.encoder_attention_heads,
+        "n_audio_layer": config.encoder_layers,
+        "n_text_ctx": config.max_target_positions,
+        "n_text_state": config.d_model,
+        "n_text_head": config.decoder_attention_heads,
+        "n_text_layer": config.decoder_layers,
+    }
+    torch.save({"dims": dims, "model_state_dict": state}, path)
+    return path
+
+
+def convert(hf_folder: Path, out: Path, quantization: str | None) -> Path:
+    """CTranslate2's converter, as ``ct2-transformers-converter`` runs it (float16 loading for
+    ``float16`` and ``int8_float16``), with ``--copy_files tokenizer.json preprocessor_config.json``."""
+    import ctranslate2
+
+    converter = ctranslate2.converters.TransformersConverter(
+        str(hf_folder), copy_files=COPIED, load_as_float16=quantization in ("float16", "int8_float16")
+    )
+    converter.convert(str(out), quantization=quantization, force=True)
+    return out
