@@ -19,7 +19,7 @@ calling the tile *worker* of the job's width through a C function pointer: a wor
 ``cfunc`` whose helpers are inlined (``inline="always"``), compiled only when a job of its
 width first runs (a few tenths of a second each), and cached on disk like the driver.
 
-How a tile moves (timed on whole large-v3 by ``bench/report.py``, see ``run_tiles``): a tile is a band of
+How a tile moves (the measurements behind it: ``docs/design.md``): a tile is a band of
 ``TILE_ROWS`` source rows, normally whole rows wide. It is cut into blocks of ``B x B``
 elements with ``B * itemsize == 64`` bytes, one cache line per block row: ``B`` source lines are
 loaded, transposed in vector registers (``log2(B)`` rounds of two-input shuffles) and written as
@@ -307,12 +307,8 @@ def _run_tiles(jobs, worker):  # type: ignore[no-untyped-def]
     ``jobs``: int64 ``[n_parts, JOB_COLUMNS]``, C-contiguous, with ``J_TILE_END`` the running
     tile count. ``worker``: the address of a worker (:func:`worker`) for the jobs' widths.
 
-    Timed by ``bench/report.py`` on whole large-v3 QKV (64 groups x 3 parts [1280, 1280], a
-    2-core VM, ratio to ``np.copyto`` of the same bytes), the designs tried in turn: 16-byte
-    blocks in 32 x 256 tiles with cached stores ran at
-    2.6x (f32) / 3.1x (f16); whole-line blocks with cached stores 3.0x / 3.3x; whole-line blocks
-    with non-temporal stores in 64 x 256 tiles 1.0-1.6x / 1.2x; the same in bands of whole
-    rows about 0.75x / 1.0x (one thread: 1.45x / 1.75x).
+    Why tiles are bands of whole-line blocks with non-temporal stores (the designs measured):
+    ``docs/design.md``.
     """
     n_tiles = jobs[-1, J_TILE_END] if jobs.shape[0] > 0 else 0
     tile_ends = jobs[:, J_TILE_END]

@@ -39,7 +39,7 @@ from fastfuse.formats.hf_folder import HFFolder
 from fastfuse.kernels.quantize import Digest, cast, int8_rows, int16_rows, int16_scale
 from fastfuse.planning import ctranslate2 as ct2
 from fastfuse.planning.planner import FuseOptions, Plan, make_plan
-from fastfuse.sinks.file_writer import check_destination
+from fastfuse.sinks.destinations import check_destination
 
 __all__ = ["BLOCK_BYTES", "COPIED", "TYPE_IDS", "fuse_ctranslate2", "verify_ctranslate2"]
 

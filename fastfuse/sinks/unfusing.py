@@ -15,7 +15,8 @@ from fastfuse.fusion import transpose_concat
 from fastfuse.planning.planner import FusedTensor
 from fastfuse.planning.recipe import META_PREFIX, recorded_plan
 from fastfuse.sinks.atomic import AtomicWriter
-from fastfuse.sinks.file_writer import check_destination, copy_originals, write_file
+from fastfuse.sinks.destinations import check_destination
+from fastfuse.sinks.file_writer import copy_originals, write_file
 
 __all__ = ["unfuse"]
 
