@@ -119,3 +119,21 @@ def test_openai_whisper_dims_give_head_counts(tmp_path: Path) -> None:
     run_cli("fuse", tmp_path / "base.pt", tmp_path / "tp", "--tp", "2", check=0)
     err = run_cli("fuse", tmp_path / "base.pt", tmp_path / "v.safetensors", "--target", "vllm", check=1).stderr
     assert "--target fastfuse" in err and "convert_openai_to_hf" in err
+
+
+def test_a_target_without_names_for_the_naming_says_what_it_supports() -> None:
+    """openai-whisper names with the vllm target: what the target supports, how to convert, the way out."""
+    import numpy as np
+
+    import fastfuse
+
+    state = {f"encoder.blocks.0.attn.{p}.weight": np.eye(4, dtype=np.float16) for p in ("query", "key", "value")}
+    expected = (
+        "target='vllm' has no name for group 'encoder_qkv' of openai-whisper checkpoints; the target supports "
+        "['gpt2', 'hf-llama', 'hf-phi3', 'hf-whisper'] checkpoints: convert it to one of those (vLLM loads Whisper in "
+        "Hugging Face naming: convert_openai_to_hf.py in transformers); or use target='fastfuse', or in Python "
+        "pass names={'encoder_qkv': ...}"
+    )
+    with pytest.raises(fastfuse.FuseError) as caught:
+        fastfuse.plan(state, target="vllm")
+    assert str(caught.value) == expected

@@ -154,7 +154,7 @@ def make_plan(tensors: Mapping[str, TensorLike], options: FuseOptions) -> Plan:
             convert = (
                 ""
                 if chosen.name in target.names
-                else f"convert it to a naming the target has, {sorted(target.names)}"
+                else f"the target supports {sorted(target.names)} checkpoints: convert it to one of those"
                 + (whisper if chosen.name == "openai-whisper" else "")
                 + "; or "
             )
