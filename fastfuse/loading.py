@@ -85,7 +85,7 @@ def load(
         config = StagingConfig.from_environment()
         destination = CudaDestination(cuda, config.lanes, config.slots, torch_bridge.torch_dtype)
         return run_transfer(checkpoint, plan_transfer(checkpoint, fusion), destination, config)
-    framework = framework or "np"
+    framework = "np" if framework is None else framework
     to_torch = torch_converter(framework)
     arrays = checkpoint.arrays(writeable=to_torch is not None)
     if fusion is None:
