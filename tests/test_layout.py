@@ -32,4 +32,4 @@ def test_no_module_is_named_like_a_public_function() -> None:
 
 def test_every_folder_is_one_kind() -> None:
     folders = sorted({m.split(".")[1] for m in _modules() if m.count(".") >= 2})
-    assert folders == ["cli", "formats", "kernels", "planning", "sinks"]
+    assert folders == ["cli", "formats", "kernels", "planning", "sinks", "staging"]
