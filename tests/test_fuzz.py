@@ -31,6 +31,9 @@ def test_mutation_fuzz(target: str) -> None:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris is not installed")
+# atheris instruments every loaded module first (~27k functions with torch installed): minutes on a
+# 2-core machine, over CI's budget. The coverage-guided run is the documented longer run.
+@pytest.mark.skipif(not os.environ.get("FASTFUSE_FUZZ_ATHERIS"), reason="set FASTFUSE_FUZZ_ATHERIS=1 to run")
 @pytest.mark.parametrize("target", sorted(BUDGET))
 def test_coverage_guided_fuzz(target: str) -> None:
     result = fuzz(target, "--atheris", "--", "-runs=3000", "-seed=1")

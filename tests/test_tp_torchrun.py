@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,16 @@ def test_every_rank_loads_its_share(tmp_path: Path, model: str, ranks: int) -> N
     env = os.environ | {"FASTFUSE_BENCH_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
     argv = [torchrun, "--standalone", "--nproc-per-node", str(ranks), str(SCRIPT)]
     argv += ["--device", "cpu", "--model", model, "--check-only"]
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=240, check=False)
+    # Its own session, so that a timeout ends torchrun's workers too (they would hold their ports).
+    with subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as run:
+        try:
+            stdout, stderr = run.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)
+            stdout, stderr = run.communicate()
+    done = subprocess.CompletedProcess(argv, run.returncode, stdout, stderr)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert [r["mismatches"] for r in report["per_rank"]] == [[]] * ranks
