@@ -576,7 +576,8 @@ def test_tensor_parallel_from_a_bin_folder_with_config(tmp_path: Path, engine: s
         fuse_file(folder, folder, tp=2)
     assert listing(tmp_path) == before
     fuse_file(folder, tmp_path / "tp", tp=2)
-    assert sorted(p.name for p in (tmp_path / "tp").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "tp").iterdir()) == [  # the folder's config.json comes along
+        "config.json",
         "rank-0-of-2.safetensors",
         "rank-1-of-2.safetensors",
         "tensor_parallel.json",
