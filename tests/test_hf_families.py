@@ -238,9 +238,10 @@ def test_fuse_file_tensor_parallel_reads_heads_from_config_json(saved, tmp_path,
     model = saved("llama")
     out = tmp_path / "tp"
     fastfuse.fuse_file(model.folder, out, tp=tp)  # no heads=: from config.json beside model.safetensors
+    copied = {p.name for p in model.folder.iterdir()} - {"model.safetensors"}  # a model folder's other files
+    assert "config.json" in copied
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        # a folder source: its other files (config.json) are copied beside the ranks
-        [*(f"rank-{r}-of-{tp}.safetensors" for r in range(tp)), "tensor_parallel.json", "config.json"]
+        [*(f"rank-{r}-of-{tp}.safetensors" for r in range(tp)), "tensor_parallel.json", *copied]
     )
     for rank in range(tp):
         expected = fastfuse.fuse(model.tensors, tp=tp, rank=rank, heads=HEADS, kv_heads=KV_HEADS)
