@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +138,42 @@ def test_a_target_without_names_for_the_naming_says_what_it_supports() -> None:
     with pytest.raises(fastfuse.FuseError) as caught:
         fastfuse.plan(state, target="vllm")
     assert str(caught.value) == expected
+
+
+def test_ctrl_c_while_the_originals_copy_stops_the_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 20, 8g: a Ctrl-C during the fused computation stops the file copy of the originals
+    running beside it; the chunks not started are never copied (before the fix the interrupt
+    waited for the whole copy), and nothing is left behind."""
+    from fastfuse.sinks import atomic, file_writer
+    from fastfuse.sinks.atomic import AtomicWriter
+
+    shapes = hf_whisper_shapes(16, 1, 1, 30)
+    shapes["model.encoder.embed_positions.weight"] = (64, 1 << 14)  # 4 MiB of originals: 32 chunks
+    save_file(random_tensors(shapes, np.float32), str(tmp_path / "src.safetensors"))
+    monkeypatch.setattr(atomic, "_COPY_CHUNK", 128 << 10)
+    started, cancelled = threading.Event(), threading.Event()
+    copied: list[int] = []
+    real_copy_from, real_cancel = AtomicWriter.copy_from, AtomicWriter.cancel
+
+    def held_copy_from(self: AtomicWriter, src: int, src_offset: int, start: int, length: int) -> None:
+        copied.append(length)
+        started.set()
+        cancelled.wait(2)  # hold each chunk until the interrupt has cancelled the copy
+        real_copy_from(self, src, src_offset, start, length)
+
+    def noted_cancel(self: AtomicWriter) -> None:
+        real_cancel(self)
+        cancelled.set()
+
+    def interrupted_execute(*args: object, **kwargs: object) -> None:
+        started.wait(10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(AtomicWriter, "copy_from", held_copy_from)
+    monkeypatch.setattr(AtomicWriter, "cancel", noted_cancel)
+    monkeypatch.setattr(file_writer, "execute", interrupted_execute)
+    with pytest.raises(KeyboardInterrupt):
+        fastfuse.fuse_file(tmp_path / "src.safetensors", tmp_path / "dst.safetensors")
+    assert cancelled.is_set()
+    assert 1 <= len(copied) <= atomic._COPY_THREADS < 32  # only the chunks in flight at the interrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.safetensors"]
