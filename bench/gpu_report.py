@@ -4,7 +4,9 @@ Ratios to baselines measured in the same run: the pipelined pinned-read limit (8
 pread 64 MB chunks into pinned memory, each copied up on its own stream), safetensors
 ``load_file(device=)``, each min of ``ROUNDS``; fresh processes (clock from before the import
 of the loader, torch and CUDA initialised first); cold page cache (root: drop_caches before
-each round); tensor-parallel ranks loaded alone. Run: ``python bench/gpu_report.py [--json F]``.
+each round); tensor-parallel ranks loaded alone (large-v3, and a Llama shape for N = 8); the
+``.pt`` file against ``torch.load(mmap=True)`` then ``.to(device)``; fastsafetensors and the Run:ai
+streamer where installed. Run: ``python bench/gpu_report.py [--json F] [--staging "8,2,8;8,2,16"]``.
 """
 
 from __future__ import annotations
@@ -78,13 +80,17 @@ print(time.perf_counter() - start)
 """
 
 
-def fresh(code: str, rounds: int = ROUNDS, setup=None) -> float:  # type: ignore[no-untyped-def]
+def fresh(code: str, rounds: int = ROUNDS, setup=None, env=None) -> float:  # type: ignore[no-untyped-def]
     times = []
     for _ in range(rounds):
         if setup:
             setup()
         done = subprocess.run(
-            [sys.executable, "-c", FRESH.format(code=code)], capture_output=True, text=True, check=True
+            [sys.executable, "-c", FRESH.format(code=code)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, **(env or {})},
         )
         times.append(float(done.stdout.split()[-1]))
     return min(times)
@@ -95,16 +101,55 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def main() -> dict[str, object]:
+# Peers that put unfused safetensors on a GPU, as their users call them (skipped where not installed).
+PEERS = {
+    "fastsafetensors": (
+        "fastsafetensors",
+        (
+            "from fastsafetensors import SafeTensorsFileLoader, SingleGroup\n"
+            "loader = SafeTensorsFileLoader(SingleGroup(), torch.device('cuda:0'), nogds=True)\n"
+            "loader.add_filenames({{0: [{p!r}]}})\n"
+            "buffer = loader.copy_files_to_device()\n"
+            "r = {{k: buffer.get_tensor(k) for k in buffer.key_to_rank_lidx}}"
+        ),
+    ),
+    "runai-streamer": (
+        "runai_model_streamer",
+        (
+            "from runai_model_streamer import SafetensorsStreamer\n"
+            "with SafetensorsStreamer() as streamer:\n"
+            "    streamer.stream_file({p!r})\n"
+            "    r = {{k: t.to('cuda:0') for k, t in streamer.get_tensors()}}"
+        ),
+    ),
+}
+LOAD_FILE = "from safetensors.torch import load_file; r = load_file({p!r}, device='cuda:0')"
+FASTFUSE = "import fastfuse; r = fastfuse.load({p!r}, device='cuda:0')"
+TORCH_LOAD = "r = {{k: v.to('cuda:0') for k, v in torch.load({p!r}, mmap=True, weights_only=True).items()}}"
+
+
+def peer(code: str, rounds: int = ROUNDS, setup=None) -> float | str:  # type: ignore[no-untyped-def]
+    """:func:`fresh` for a peer's code; the last line of its error where it fails (an API change)."""
+    try:
+        return fresh(code, rounds, setup)
+    except subprocess.CalledProcessError as e:
+        return "failed: " + (e.stderr.strip().splitlines() or ["?"])[-1]
+
+
+def installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def main(staging: list[str]) -> dict[str, object]:
     import torch
     from safetensors.torch import load_file
 
     import fastfuse
-    from fastfuse.formats.checkpoint import open_checkpoint
-    from fastfuse.loading import _fusion_plan
-    from fastfuse.staging.transfer_plan import plan_transfer
 
     path = harness.checkpoint_file("large-v3", "float16")
+    pt = harness.torch_checkpoint_file("large-v3", "float16")
     harness.warm_page_cache(path)
     p = str(path)
     rows: dict[str, object] = {"device": torch.cuda.get_device_name(0), "file_bytes": path.stat().st_size}
@@ -117,32 +162,65 @@ def main() -> dict[str, object]:
         "fastfuse-vllm": best(lambda: fastfuse.load(p, device="cuda:0", target="vllm")),
         "fastfuse-no-originals": best(lambda: fastfuse.load(p, device="cuda:0", keep_originals=False)),
     }
+    harness.warm_page_cache(pt)
+    t["torch.load-mmap+to"] = best(
+        lambda: {k: v.to("cuda:0") for k, v in torch.load(pt, mmap=True, weights_only=True).items()}
+    )
+    t["fastfuse-pt"] = best(lambda: fastfuse.load(pt, device="cuda:0"))
     rows["in_process"] = t
     rows["fresh"] = {
-        "load_file": fresh(f"from safetensors.torch import load_file; r = load_file({p!r}, device='cuda:0')"),
-        "fastfuse": fresh(f"import fastfuse; r = fastfuse.load({p!r}, device='cuda:0')"),
+        "load_file": fresh(LOAD_FILE.format(p=p)),
+        "fastfuse": fresh(FASTFUSE.format(p=p)),
+        "import fastfuse": fresh("import fastfuse"),
+        "torch.load-mmap+to": fresh(TORCH_LOAD.format(p=str(pt))),
+        "fastfuse-pt": fresh(FASTFUSE.format(p=str(pt))),
     }
-    tp = {}
-    whole = plan_transfer(open_checkpoint(p), _fusion_plan(open_checkpoint(p), {"target": "vllm"}))
-    tp["whole"] = {"bytes": whole.bytes_read, "seconds": t["fastfuse-vllm"]}
-    for n in (2, 4):
-        opts = {"target": "vllm", "tp": n, "rank": n - 1, "heads": 20}
-        cp = open_checkpoint(p)
-        tp[f"rank {n - 1} of {n}"] = {
+    for name, (module, code) in PEERS.items():
+        if installed(module):
+            rows["fresh"][name] = peer(code.format(p=p))  # type: ignore[index]
+    rows["tp"] = tensor_parallel(p, 20, t["fastfuse-vllm"], (2, 4))
+    from tp_multi_gpu import checkpoint
+
+    llama, heads, kv_heads = checkpoint("llama-medium")
+    harness.warm_page_cache(llama)
+    whole = best(lambda: fastfuse.load(llama, device="cuda:0", target="vllm"))
+    rows["tp-llama-medium"] = tensor_parallel(str(llama), heads, whole, (2, 4, 8), kv_heads)
+    if os.geteuid() == 0:
+        cold = {
+            "limit": best(lambda: limit(path), 2, drop_caches),
+            "load_file": fresh(LOAD_FILE.format(p=p), 2, drop_caches),
+            "fastfuse": fresh(FASTFUSE.format(p=p), 2, drop_caches),
+        }
+        for name, (module, code) in PEERS.items():
+            if installed(module):
+                cold[name] = peer(code.format(p=p), 2, drop_caches)
+        rows["cold"] = cold
+        harness.warm_page_cache(path)
+    rows["staging"] = {setting: fresh(FASTFUSE.format(p=p), env={"FASTFUSE_STAGING": setting}) for setting in staging}
+    rows["profile"] = profile(p)
+    return rows
+
+
+def tensor_parallel(
+    p: str, heads: int, whole_seconds: float, sizes: tuple[int, ...], kv_heads: int | None = None
+) -> dict[str, dict[str, float]]:
+    """Bytes read and time of the last rank of each ``tp`` loaded alone, against the whole load."""
+    import fastfuse
+    from fastfuse.formats.checkpoint import open_checkpoint
+    from fastfuse.loading import _fusion_plan
+    from fastfuse.staging.transfer_plan import plan_transfer
+
+    cp = open_checkpoint(p)
+    whole = plan_transfer(cp, _fusion_plan(cp, {"target": "vllm"}))
+    rows = {"whole": {"bytes": whole.bytes_read, "seconds": whole_seconds}}
+    for n in sizes:
+        opts: dict[str, object] = {"target": "vllm", "tp": n, "rank": n - 1, "heads": heads}
+        if kv_heads is not None:
+            opts["kv_heads"] = kv_heads
+        rows[f"rank {n - 1} of {n}"] = {
             "bytes": plan_transfer(cp, _fusion_plan(cp, opts)).bytes_read,
             "seconds": best(lambda opts=opts: fastfuse.load(p, device="cuda:0", **opts)),
         }
-    rows["tp"] = tp
-    if os.geteuid() == 0:
-        rows["cold"] = {
-            "limit": best(lambda: limit(path), 2, drop_caches),
-            "load_file": fresh(
-                f"from safetensors.torch import load_file; r = load_file({p!r}, device='cuda:0')", 2, drop_caches
-            ),
-            "fastfuse": fresh(f"import fastfuse; r = fastfuse.load({p!r}, device='cuda:0')", 2, drop_caches),
-        }
-        harness.warm_page_cache(path)
-    rows["profile"] = profile(p)
     return rows
 
 
@@ -197,8 +275,16 @@ if __name__ == "__main__":
     if not torch.cuda.is_available():
         print("no CUDA device: GPU section skipped")
         raise SystemExit(0)
-    result = main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="also write the rows to this file")
+    parser.add_argument(
+        "--staging", default="", help="FASTFUSE_STAGING settings to compare in fresh processes (lanes,slots,MiB;...)"
+    )
+    args = parser.parse_args()
+    result = main([s for s in args.staging.split(";") if s])
     text = json.dumps(result, indent=1)
     print(text)
-    if len(sys.argv) > 2 and sys.argv[1] == "--json":
-        Path(sys.argv[2]).write_text(text)
+    if args.json:
+        args.json.write_text(text)

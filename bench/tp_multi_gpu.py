@@ -16,7 +16,7 @@ target="vllm")`` on the same checkpoint (generated once by rank 0 into the bench
   ``read_bytes`` from the disk; pages of a memory map count only in the latter).
 
 torch.distributed is used only where the ranks must agree (barriers, the all-gather, the
-report). Models: ``whisper-{size}`` (Hugging Face names, f16) and ``llama-{tiny,small,large}``
+report). Models: ``whisper-{size}`` (Hugging Face names, f16) and ``llama-{tiny,small,medium,large}``
 (a GQA Llama: kv heads fewer than the ranks for ``tiny`` at N >= 4). Exits 0 with "skipped"
 when CUDA is asked for and fewer than N GPUs exist.
 """
@@ -38,7 +38,7 @@ import numpy as np
 
 WHISPER_HEADS = {"tiny": 6, "base": 8, "small": 12, "medium": 16, "large-v3": 20}
 # d, q heads, kv heads, layers (head size d / q heads; ffn 2d)
-LLAMA = {"tiny": (256, 8, 2, 2), "small": (1024, 8, 2, 4), "large": (4096, 32, 8, 32)}
+LLAMA = {"tiny": (256, 8, 2, 2), "small": (1024, 8, 2, 4), "medium": (2048, 16, 8, 24), "large": (4096, 32, 8, 32)}
 
 
 def _llama_file(size: str) -> Path:

@@ -120,3 +120,29 @@ def test_load_on_cuda_without_cuda_says_so(tmp_path: Path) -> None:
     path = INPUTS["safetensors"](tmp_path, DTYPES["float16"])
     with pytest.raises(FuseError, match="sees no CUDA device here; pass device='cpu'"):
         fastfuse.load(path, device="cuda")
+
+
+def test_carve_views_each_placement_as_slicing_would() -> None:
+    """``cuda_engine.carve`` (run on a CPU tensor: it only makes views) against slicing the
+    arena and viewing each slice, for every itemsize, scalars and empty tensors."""
+    torch = pytest.importorskip("torch")
+    from fastfuse import torch_bridge
+    from fastfuse.kernels.cuda_engine import carve
+    from fastfuse.kernels.regions import Placement
+
+    dtypes = [np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.int64), np.dtype(np.uint8)]
+    shapes = [(3, 5), (), (0, 4), (2, 0, 3), (7,), (1, 1, 9)]
+    placements, end = [], 0
+    for i, shape in enumerate(shapes * 2):
+        dtype = dtypes[i % len(dtypes)]
+        placements.append(Placement(f"t{i}", end, shape, dtype))
+        end = -(-(end + int(np.prod(shape)) * dtype.itemsize) // 256) * 256
+    arena = torch.arange(end, dtype=torch.int64).to(torch.uint8)
+    carved = carve(arena, placements, torch_bridge.torch_dtype)
+    assert list(carved) == [p.key for p in placements]
+    for p in placements:
+        expected = arena[p.offset : p.offset + p.nbytes].view(torch_bridge.torch_dtype(p.dtype)).view(p.shape)
+        got = carved[p.key]
+        assert got.shape == expected.shape and got.dtype == expected.dtype and got.is_contiguous()
+        assert got.numel() == 0 or got.data_ptr() == expected.data_ptr()
+        assert torch.equal(got.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8))

@@ -15,6 +15,7 @@ False
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import os
@@ -102,7 +103,7 @@ class StoredTensor:
     offset: int
     strides: tuple[int, ...] | None = None
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         """Bytes of the tensor's elements (what a contiguous copy of it takes)."""
         return math.prod(self.shape) * self.dtype.itemsize
@@ -111,7 +112,7 @@ class StoredTensor:
     def byte_strides(self) -> tuple[int, ...]:
         return self.strides if self.strides is not None else c_strides(self.shape, self.dtype.itemsize)
 
-    @property
+    @functools.cached_property
     def contiguous(self) -> bool:
         """Its bytes are one C-ordered run of the file (strides of size-1 axes do not matter)."""
         if self.strides is None or self.nbytes == 0:

@@ -104,13 +104,31 @@ def run_moves(buffers: Sequence[torch.Tensor], moves: Sequence[Move]) -> None:
 def carve(
     arena: torch.Tensor, placements: Sequence[Placement], torch_dtype: Callable[[np.dtype[Any]], torch.dtype]
 ) -> dict[str, torch.Tensor]:
-    """key -> a tensor viewing its placement in ``arena`` (a flat uint8 tensor), in order;
-    ``torch_dtype`` names the torch dtype of a numpy one (``torch_bridge.torch_dtype``)."""
+    """key -> a C-contiguous tensor viewing its placement in ``arena`` (a flat uint8 tensor whose
+    length is a multiple of every itemsize), in order; ``torch_dtype`` names the torch dtype of a
+    numpy one (``torch_bridge.torch_dtype``). Placements are aligned to their itemsize.
+
+    One ``as_strided`` per tensor over one typed view of the arena per dtype: a load carves about
+    1400 tensors, and three view operations each cost more than the moves of the fused ones.
+    """
+    typed: dict[np.dtype[Any], torch.Tensor] = {}
     out = {}
     for p in placements:
-        dtype = torch_dtype(p.dtype)
-        out[p.key] = arena[p.offset : p.offset + p.nbytes].view(dtype).view(p.shape)
+        base = typed.get(p.dtype)
+        if base is None:
+            base = typed[p.dtype] = arena.view(torch_dtype(p.dtype))
+        itemsize = p.dtype.itemsize
+        out[p.key] = base.as_strided(p.shape, _element_strides(p.shape), p.offset // itemsize)
     return out
+
+
+def _element_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Element strides of a C-contiguous tensor of ``shape``."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
 
 
 class CudaDestination:

@@ -213,10 +213,10 @@ def _detect(tensors: Mapping[str, TensorLike], scheme: str) -> tuple[rules.Schem
                 f"unknown scheme {scheme!r}; expected 'auto' or one of {[s.name for s in rules.SCHEMES]}"
             ) from None
     scores = {}
+    keys = list(tensors)
     for candidate in candidates:
         for prefix in candidate.prefixes:
-            patterns = [_regex(g.source, prefix, g.parts) for g in candidate.groups if g.per_layer]
-            hits = sum(1 for key in tensors if any(p.fullmatch(key) for p in patterns))
+            hits = len(list(filter(_per_layer_keys(candidate, prefix).fullmatch, keys)))
             if hits:
                 scores[(candidate, prefix)] = hits
     if not scores:
@@ -239,14 +239,27 @@ def _detect(tensors: Mapping[str, TensorLike], scheme: str) -> tuple[rules.Schem
 @functools.lru_cache(maxsize=256)
 def _regex(template: str, prefix: str, parts: tuple[str, ...]) -> re.Pattern[str]:
     """Compile a source template: ``{i}`` captures digits, ``{part}`` and ``{kind}`` alternatives."""
+    return re.compile(_pattern(template, prefix, parts, named=True))
+
+
+def _pattern(template: str, prefix: str, parts: tuple[str, ...], *, named: bool) -> str:
     pieces = re.split(r"(\{prefix\}|\{i\}|\{part\}|\{kind\})", template)
+    group = (lambda name: f"(?P<{name}>") if named else (lambda name: "(?:")
     groups = {
         "{prefix}": re.escape(prefix),
-        "{i}": r"(?P<i>\d+)",
-        "{part}": "(?P<part>" + "|".join(re.escape(p) for p in parts) + ")",
-        "{kind}": "(?P<kind>weight|bias)",
+        "{i}": group("i") + r"\d+)",
+        "{part}": group("part") + "|".join(re.escape(p) for p in parts) + ")",
+        "{kind}": group("kind") + "weight|bias)",
     }
-    return re.compile("".join(groups.get(piece, re.escape(piece)) for piece in pieces))
+    return "".join(groups.get(piece, re.escape(piece)) for piece in pieces)
+
+
+@functools.lru_cache(maxsize=64)
+def _per_layer_keys(scheme: rules.Scheme, prefix: str) -> re.Pattern[str]:
+    """One pattern matching a key of any per-layer group of ``scheme`` (one match per key: what
+    detection counts, in a single regex call per key)."""
+    alternatives = (_pattern(g.source, prefix, g.parts, named=False) for g in scheme.groups if g.per_layer)
+    return re.compile("|".join(f"(?:{a})" for a in alternatives))
 
 
 def _layer_count(tensors: Mapping[str, TensorLike], rule: rules.GroupRule, prefix: str, *, required: bool) -> int:

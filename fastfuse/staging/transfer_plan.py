@@ -216,7 +216,7 @@ def _shifted(move: Move, offset: int) -> Move:
 
 
 def _in_buffer(region: Region, buffer: int, base: int) -> Region:
-    return replace(region, buffer=buffer, offset=base + region.offset)
+    return Region(buffer, base + region.offset, region.rows, region.cols, region.row_stride, region.itemsize)
 
 
 def _dense(region: Region) -> bool:
@@ -301,19 +301,17 @@ def plan_transfer(
     fused = fusion.fused if fusion is not None else ()
     skip = (fusion.dropped if fusion is not None else frozenset()) | {t.key for t in fused}
     kept = [key for key in checkpoint.location if key not in skip]
-    placements: list[Placement] = []
+    builder = _Builder(checkpoint, checkpoint.metas(), scratch_bytes, min(block_bytes, scratch_bytes))
     end = 0
     offsets: dict[str, int] = {}
     for key in checkpoint.in_file_order(kept):
-        entry = checkpoint.location[key][1]
-        offsets[key] = _align(end)
-        end = offsets[key] + entry.nbytes
+        offsets[key] = offset = _align(end)
+        builder.keep(key, offset)
+        end = offset + checkpoint.location[key][1].nbytes
+    placements: list[Placement] = []
     for key in kept:
         entry = checkpoint.location[key][1]
         placements.append(Placement(key, offsets[key], tuple(entry.shape), entry.dtype))
-    builder = _Builder(checkpoint, checkpoint.metas(), scratch_bytes, min(block_bytes, scratch_bytes))
-    for key in checkpoint.in_file_order(kept):
-        builder.keep(key, offsets[key])
     for target in fused:
         start = _align(end)
         placements.append(Placement(target.key, start, tuple(target.shape), target.dtype))
