@@ -244,12 +244,14 @@ def _regex(template: str, prefix: str, parts: tuple[str, ...]) -> re.Pattern[str
 
 def _pattern(template: str, prefix: str, parts: tuple[str, ...], *, named: bool) -> str:
     pieces = re.split(r"(\{prefix\}|\{i\}|\{part\}|\{kind\})", template)
-    group = (lambda name: f"(?P<{name}>") if named else (lambda name: "(?:")
+    def group(name: str, body: str) -> str:
+        return f"(?P<{name}>{body})" if named else f"(?:{body})"
+
     groups = {
         "{prefix}": re.escape(prefix),
-        "{i}": group("i") + r"\d+)",
-        "{part}": group("part") + "|".join(re.escape(p) for p in parts) + ")",
-        "{kind}": group("kind") + "weight|bias)",
+        "{i}": group("i", r"\d+"),
+        "{part}": group("part", "|".join(re.escape(p) for p in parts)),
+        "{kind}": group("kind", "weight|bias"),
     }
     return "".join(groups.get(piece, re.escape(piece)) for piece in pieces)
 
