@@ -198,6 +198,7 @@ def main(staging: list[str]) -> dict[str, object]:
         harness.warm_page_cache(path)
     rows["staging"] = {setting: fresh(FASTFUSE.format(p=p), env={"FASTFUSE_STAGING": setting}) for setting in staging}
     rows["profile"] = profile(p)
+    rows["profile-pt"] = profile(str(pt))
     return rows
 
 

@@ -37,7 +37,7 @@ def load(
             the CPU load with the same options moved there; each byte is read from the file once
             (only the rows a ``tp`` rank keeps), through a bounded set of pinned staging buffers
             (see ``fastfuse.staging``), and the fused tensors are formed on the device. The
-            results are carved from one device allocation (each 256-byte aligned); device memory
+            results are carved from one device allocation (each at least 64-byte aligned); device memory
             peaks at their size plus at most 256 MiB of scratch.
         **options: as for :func:`fastfuse.plan`; with ``tp > 1`` pass the ``rank`` to load. For a
             tensor-parallel folder fastfuse wrote (``tensor_parallel.json``), pass only
@@ -71,20 +71,13 @@ def load(
         (4, 12) 4
     """
     cuda = _cuda_device(device, framework)
+    if cuda is not None:
+        return _load_onto(cuda, path, options)
     ranks = tensor_parallel_ranks(Path(path))
     if ranks is not None:  # a tensor-parallel folder: the rank asked for, as stored
         path, options = _rank_file(Path(path), ranks, options), {}
     checkpoint = open_checkpoint(path)
     fusion = _fusion_plan(checkpoint, options)
-    if cuda is not None:
-        from fastfuse import torch_bridge
-        from fastfuse.kernels.cuda_engine import CudaDestination
-        from fastfuse.staging.pipeline import StagingConfig, run_transfer
-        from fastfuse.staging.transfer_plan import plan_transfer
-
-        config = StagingConfig.from_environment()
-        destination = CudaDestination(cuda, config.lanes, config.slots, torch_bridge.torch_dtype)
-        return run_transfer(checkpoint, plan_transfer(checkpoint, fusion), destination, config)
     framework = "np" if framework is None else framework
     to_torch = torch_converter(framework)
     arrays = checkpoint.arrays(writeable=to_torch is not None)
@@ -95,6 +88,27 @@ def load(
     if to_torch is not None:
         kept = {key: to_torch(value) for key, value in kept.items()}
     return kept | fused
+
+
+def _load_onto(cuda: Any, path: PathLike, options: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`load` onto CUDA device ``cuda``: the staging is pinned while the header is read."""
+    from fastfuse import torch_bridge
+    from fastfuse.kernels.cuda_engine import CudaDestination
+    from fastfuse.staging.pipeline import StagingConfig, run_transfer
+    from fastfuse.staging.transfer_plan import plan_transfer
+
+    config = StagingConfig.from_environment()
+    destination = CudaDestination(cuda, config.lanes, config.slots, torch_bridge.torch_dtype, config.total_bytes)
+    try:
+        ranks = tensor_parallel_ranks(Path(path))
+        if ranks is not None:
+            path, options = _rank_file(Path(path), ranks, options), {}
+        checkpoint = open_checkpoint(path)
+        transfer = plan_transfer(checkpoint, _fusion_plan(checkpoint, options))
+    except BaseException:
+        destination.close()
+        raise
+    return run_transfer(checkpoint, transfer, destination, config)
 
 
 def _fusion_plan(checkpoint: Checkpoint, options: Mapping[str, Any]) -> Plan | None:

@@ -78,6 +78,25 @@ def test_one_upload_per_chunk_for_neighbours_kept_whole(tmp_path: Path) -> None:
     assert_same(tensors, {key: got[key] for key in tensors})
 
 
+def test_torch_zip_members_kept_whole_are_one_read_across_their_headers(tmp_path: Path) -> None:
+    """A ``torch.save`` file holds each storage as a zip member after its own header: the kept
+    originals keep those gaps in the arena, so the whole data is one run (one upload per chunk),
+    each tensor still at least 64-byte aligned and equal to ``torch.load``'s."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    tensors = {f"t{n}": torch.from_numpy(rng.standard_normal((16, 8 * n + 3)).astype(np.float16)) for n in range(6)}
+    torch.save(tensors, tmp_path / "a.bin")
+    destination = HostDestination()
+    checkpoint = open_checkpoint(tmp_path / "a.bin")
+    transfer = plan_transfer(checkpoint, None)
+    assert len(transfer.stages[0].pieces) == 1  # one run, headers included
+    got = run_transfer(checkpoint, transfer, destination, StagingConfig(2, 2, 1 << 20))
+    assert destination.uploads == 1
+    assert all(p.offset % 64 == 0 for p in transfer.placements)
+    expected = torch.load(tmp_path / "a.bin", weights_only=True)
+    assert_same({k: v.numpy() for k, v in expected.items()}, {key: got[key] for key in tensors})
+
+
 def test_chunks_merge_neighbours_and_cut_at_the_chunk_size() -> None:
     pieces = [Piece(0, 10, 5, 0, 0), Piece(0, 0, 10, 0, 256), Piece(0, 15, 5, 0, 5), Piece(1, 0, 3, 0, 10)]
     got = chunks(pieces, 8)
@@ -146,3 +165,35 @@ def test_carve_views_each_placement_as_slicing_would() -> None:
         assert got.shape == expected.shape and got.dtype == expected.dtype and got.is_contiguous()
         assert got.numel() == 0 or got.data_ptr() == expected.data_ptr()
         assert torch.equal(got.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8))
+
+
+def test_readahead_hints_change_no_byte(tmp_path: Path) -> None:
+    """The cold-load read-ahead (a hint a chunk ahead per lane) gives the same tensors."""
+    path = INPUTS["safetensors"](tmp_path, DTYPES["float16"])
+    checkpoint = open_checkpoint(path)
+    transfer = plan_transfer(checkpoint, _fusion_plan(checkpoint, {}))
+    plain = run_transfer(checkpoint, transfer, HostDestination(), StagingConfig(2, 2, 4096, readahead=False))
+    hinted = run_transfer(checkpoint, transfer, HostDestination(), StagingConfig(2, 2, 4096, readahead=True))
+    assert sorted(plain) == sorted(hinted) and all(same_bits(plain[k], hinted[k]) for k in plain)
+
+
+def test_a_file_just_read_is_not_called_uncached(tmp_path: Path) -> None:
+    import os
+
+    from fastfuse.staging.pipeline import mostly_uncached
+
+    path = tmp_path / "data.bin"
+    path.write_bytes(np.random.default_rng(0).bytes(4 << 20))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.read(fd, 4 << 20)
+        assert not mostly_uncached(fd)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # honoured on disk file systems, not tmpfs
+        dropped = mostly_uncached(fd)
+        os.pread(fd, 4 << 20, 0)
+        assert not mostly_uncached(fd)
+    finally:
+        os.close(fd)
+    if not dropped:
+        pytest.skip("this file system keeps the pages (tmpfs): the uncached answer is not seen here")

@@ -12,11 +12,14 @@ formula), in blocks of at most ``WIDEN_BLOCK`` elements so that its temporaries 
 allocation for the results, one for the scratch (freed before the results are returned), one
 pinned host block for the staging (returned to torch's pinned-memory cache when the load ends,
 so that the next load in the process need not pin again; ``torch.cuda.empty_host_cache`` or
-process exit releases it), one stream per lane, events to reuse the staging slots.
+process exit releases it), one stream per lane, events to reuse the staging slots. Given the
+staging size up front, it pins that block and loads the copy kernels on a thread of its own
+while the caller reads the header and plans.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -139,7 +142,12 @@ class CudaDestination:
     """
 
     def __init__(
-        self, device: torch.device, lanes: int, slots: int, torch_dtype: Callable[[np.dtype[Any]], torch.dtype]
+        self,
+        device: torch.device,
+        lanes: int,
+        slots: int,
+        torch_dtype: Callable[[np.dtype[Any]], torch.dtype],
+        staging_bytes: int = 0,
     ) -> None:
         self.device, self.torch_dtype = device, torch_dtype
         self.buffers: list[torch.Tensor] = []
@@ -147,6 +155,38 @@ class CudaDestination:
         self.compute = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
         self.slot_events = [[torch.cuda.Event() for _ in range(slots)] for _ in range(lanes)]  # type: ignore[no-untyped-call]
         self.host: torch.Tensor | None = None
+        self._preparing: threading.Thread | None = None
+        self._prepared: list[torch.Tensor | BaseException] = []
+        if staging_bytes:
+            self._preparing = threading.Thread(
+                target=self._prepare, args=(staging_bytes,), name="fastfuse-pin", daemon=True
+            )
+            self._preparing.start()
+
+    def _prepare(self, nbytes: int) -> None:
+        """Pin ``nbytes`` of staging and load the copy kernels the moves use, while the caller
+        reads the header and plans (a fresh process: pinning 128 MiB takes ~40 ms, and the first
+        launch of each copy kernel loads its module, ~20 ms)."""
+        try:
+            host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            with torch.cuda.device(self.device), torch.cuda.stream(self.compute):
+                for bits in (torch.int16, torch.int32):
+                    square = torch.empty((8, 8), dtype=bits, device=self.device)
+                    square.copy_(square.T.clone())
+            self._prepared.append(host)
+        except BaseException as exc:  # noqa: BLE001 - raised again by staging()
+            self._prepared.append(exc)
+
+    def _staging_prepared(self, nbytes: int) -> torch.Tensor | None:
+        """The pinned block :meth:`_prepare` made, if it is ``nbytes`` long; raises its failure."""
+        if self._preparing is None:
+            return None
+        self._preparing.join()
+        self._preparing = None
+        result = self._prepared.pop()
+        if isinstance(result, BaseException):
+            raise result
+        return result if len(result) == nbytes else None
 
     def allocate(self, arena_bytes: int, scratch_bytes: int) -> None:
         with torch.cuda.device(self.device):
@@ -156,7 +196,8 @@ class CudaDestination:
             ]
 
     def staging(self, nbytes: int) -> np.ndarray:
-        self.host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        prepared = self._staging_prepared(nbytes)
+        self.host = prepared if prepared is not None else torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         array: np.ndarray = self.host.numpy()
         return array
 
@@ -192,6 +233,9 @@ class CudaDestination:
         return carve(arena, placements, self.torch_dtype)
 
     def close(self) -> None:
+        if self._preparing is not None:  # a failure before staging: wait, then let it go
+            self._preparing.join()
+            self._preparing, self._prepared = None, []
         if self.host is not None:
             for stream in self.streams:
                 stream.synchronize()

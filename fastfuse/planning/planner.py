@@ -244,6 +244,7 @@ def _regex(template: str, prefix: str, parts: tuple[str, ...]) -> re.Pattern[str
 
 def _pattern(template: str, prefix: str, parts: tuple[str, ...], *, named: bool) -> str:
     pieces = re.split(r"(\{prefix\}|\{i\}|\{part\}|\{kind\})", template)
+
     def group(name: str, body: str) -> str:
         return f"(?P<{name}>{body})" if named else f"(?:{body})"
 

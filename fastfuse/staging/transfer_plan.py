@@ -1,8 +1,10 @@
 """Where every byte of a load goes: a pure function of a checkpoint's header and a fusion plan.
 
 The results (kept originals, then fused tensors, in the order ``fastfuse.load`` returns them)
-are carved from one allocation, the *arena* (buffer 0), each 256-byte aligned. What crosses to
-the destination:
+are carved from one allocation, the *arena* (buffer 0), each 256-byte aligned, except a kept
+original that follows another in its file after a gap of at most ``MAX_GAP`` bytes (a torch zip
+member's header): it keeps that gap in the arena (at least 64-byte aligned), so that both are
+one read and one upload. What crosses to the destination:
 
 - a kept original stored as one byte run: a :class:`Piece` (file bytes -> arena bytes); file
   neighbours stay neighbours, so that a whole file section is one run to read and upload;
@@ -22,6 +24,8 @@ Nothing here reads data or imports torch: CI checks it on the CPU with a host de
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -43,7 +47,9 @@ __all__ = [
     "plan_transfer",
 ]
 
-ALIGN = 256  # every result starts here: what cudaMalloc guarantees, and enough for vector loads
+ALIGN = 256  # a result starts here (what cudaMalloc guarantees), or as in the file:
+MIN_ALIGN = 64  # a kept original at its file gap after the one before it keeps at least this
+MAX_GAP = 4096  # bytes between two kept originals in a file still read as one run
 SCRATCH_BYTES = 256 << 20  # dropped sources staged for a move, at most this much at a time
 ARENA, SCRATCH = 0, 1
 
@@ -116,20 +122,58 @@ class _Builder:
     gathers: list[Gather] = field(default_factory=list)
     moves: list[Move] = field(default_factory=list)
     staged: list[tuple[list[Piece | Gather], Move, int]] = field(default_factory=list)  # (loads, move, bytes)
+    _extents: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)  # file -> tensor starts, ends
 
     def entry(self, key: str) -> tuple[int, StoredTensor]:
         return self.checkpoint.location[key]
 
     def keep(self, key: str, offset: int) -> None:
-        """A kept original at ``offset``: one piece, or a gather of its strided view."""
+        """A kept original at ``offset``: one piece (the last one grown, where it is the file's
+        and the arena's next bytes), or a gather of its strided view."""
         number, entry = self.entry(key)
         self.arena[key] = offset
         if entry.nbytes == 0:
             return
-        if entry.contiguous:
-            self.pieces.append(Piece(number, entry.offset, entry.nbytes, ARENA, offset))
-        else:
+        if not entry.contiguous:
             self.gathers.append(Gather(key, 0, entry.nbytes, ARENA, offset))
+            return
+        last = self.pieces[-1] if self.pieces else None
+        if (
+            last is not None
+            and last.file == number
+            and entry.offset - last.file_offset == offset - last.offset >= last.nbytes
+        ):  # the gap between them (a zip member's header, padding) is read into arena padding
+            self.pieces[-1] = Piece(number, last.file_offset, offset + entry.nbytes - last.offset, ARENA, last.offset)
+        else:
+            self.pieces.append(Piece(number, entry.offset, entry.nbytes, ARENA, offset))
+
+    def kept_offset(self, key: str, end: int) -> int:
+        """Where kept original ``key`` goes, the arena used up to ``end``: ``ALIGN``-aligned, or
+        as far after the last piece as it is in the file, where that gap is at most ``MAX_GAP``
+        bytes and keeps ``MIN_ALIGN`` (so one read and one upload take both)."""
+        number, entry = self.entry(key)
+        last = self.pieces[-1] if self.pieces else None
+        if last is not None and last.file == number and entry.contiguous and entry.nbytes:
+            follows = last.offset + entry.offset - last.file_offset
+            if (
+                end <= follows <= end + MAX_GAP
+                and follows % max(MIN_ALIGN, entry.dtype.itemsize) == 0
+                and self._no_tensor_bytes(number, last.file_offset + last.nbytes, entry.offset)
+            ):
+                return follows
+        return _align(end)
+
+    def _no_tensor_bytes(self, number: int, low: int, high: int) -> bool:
+        """Does ``[low, high)`` of file ``number`` hold no byte of any tensor (kept or dropped:
+        a dropped source must never be read)?"""
+        if number not in self._extents:
+            spans = sorted(e.span() for n, e in self.checkpoint.location.values() if n == number and e.nbytes)
+            starts = [a for a, _ in spans]
+            ends = list(itertools.accumulate((b for _, b in spans), max))
+            self._extents[number] = (starts, ends)
+        starts, ends = self._extents[number]
+        before = bisect.bisect_left(starts, low)  # tensors starting before the gap end by ``low``
+        return (before == 0 or ends[before - 1] <= low) and (before == len(starts) or starts[before] >= high)
 
     def add_fused(self, target: FusedTensor, offset: int) -> None:
         """Every part of ``target`` (at arena ``offset``): a move from the arena, a piece, or staged."""
@@ -305,7 +349,7 @@ def plan_transfer(
     end = 0
     offsets: dict[str, int] = {}
     for key in checkpoint.in_file_order(kept):
-        offsets[key] = offset = _align(end)
+        offsets[key] = offset = builder.kept_offset(key, end)
         builder.keep(key, offset)
         end = offset + checkpoint.location[key][1].nbytes
     placements: list[Placement] = []
