@@ -329,8 +329,11 @@ def transpose_concat(
         out = np.empty(shape, target)
     else:
         _check_out(out, shape, target, arrays)
-    starts = np.cumsum([0] + [a.shape[0] for a in arrays])
-    run_copies([Copy.of(a, out[:, start : start + a.shape[0]].T) for a, start in zip(arrays, starts)])
+    work, start = [], 0
+    for part in arrays:  # part j is the column block off_j:off_j+o_j of out, seen transposed
+        work.append(Copy.of(part, out[:, start : start + part.shape[0]].T))
+        start += part.shape[0]
+    run_copies(work)
     return out
 
 

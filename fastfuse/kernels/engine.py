@@ -57,7 +57,7 @@ __all__ = [
     "run_copies",
     "status",
     "warm_up",
-    "without_waiting_for_kernels",
+    "without_waiting",
 ]
 
 ENGINES = ("auto", "numba", "numpy")
@@ -80,7 +80,8 @@ def _mode(copy: Copy) -> int:
 
 
 def _spec(copy: Copy) -> Spec:
-    return (min(_mode(copy), 1), copy.source.itemsize)
+    """The kernel worker ``copy`` needs: (0 copy or 1 widen, source element width)."""
+    return (0 if copy.widen is None else 1, copy.source.itemsize)
 
 
 def _kernels() -> ModuleType:
@@ -90,7 +91,7 @@ def _kernels() -> ModuleType:
 
 
 @contextlib.contextmanager
-def without_waiting_for_kernels() -> Iterator[None]:
+def without_waiting() -> Iterator[None]:
     """Calls in this block never wait for loading kernels: they start on numpy and hand over.
     For a caller with other work in flight (a file sink copying), for whom starting now is
     worth more than finishing sooner."""
@@ -144,15 +145,17 @@ def run_copies(copies: Sequence[Copy]) -> None:
     (one parallel launch per worker kind) or on numpy.
 
     Trusts its input: shapes, element sizes and conversions were validated by the caller.
-    FuseError for a block on a device other than the
-    CPU (no engine here moves it).
+    FuseError for a block on a device other than the CPU, or a destination with neither axis
+    adjacent (no engine here moves them).
     """
-    work = [copy for copy in copies if copy.destination.rows and copy.destination.cols]
+    work, specs = [], set()
+    for copy in copies:
+        if copy.destination.rows and copy.destination.cols:
+            _check_host(copy)
+            work.append(copy)
+            specs.add(_spec(copy))
     if not work:
         return
-    for copy in work:
-        _check_host(copy)
-    specs = {_spec(copy) for copy in work}
     engine = _engine()
     if engine == "numba":
         if not specs <= state.ready:
@@ -174,10 +177,11 @@ def run_copies(copies: Sequence[Copy]) -> None:
     work.sort(key=lambda copy: _nbytes(copy.destination), reverse=True)
     for index, copy in enumerate(work):
         if engine == "auto" and index and specs <= state.ready:  # loaded meanwhile: the rest at kernel speed
+            _count("numpy", index)
             _run_kernels(work[index:])
             return
         move_with_numpy([copy])
-        _count("numpy", 1)
+    _count("numpy", len(work))
 
 
 def _nbytes(block: Block) -> int:

@@ -37,6 +37,10 @@ def widen_bits(bits: np.ndarray, source: str) -> np.ndarray:
 def move_with_numpy(copies: Sequence[Copy]) -> None:
     """Run ``copies`` (host blocks) with numpy, bit for bit as the kernels."""
     for copy in copies:
+        source, destination = copy.source.owner, copy.destination.owner
+        if copy.widen is None and type(source) is type(destination) is np.ndarray and source.dtype == destination.dtype:
+            np.copyto(destination, source)  # blocks made of arrays (Block.of): they are those arrays
+            continue
         source, destination = _array(copy.source, False), _array(copy.destination, True)
         np.copyto(destination, source if copy.widen is None else widen_bits(source, copy.widen))
 

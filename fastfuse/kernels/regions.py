@@ -26,8 +26,8 @@ Example: the first column block of a ``[4, 6]`` float32 output from a ``[2, 4]``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -36,11 +36,13 @@ from fastfuse.kernels.numpy_engine import widen_bits
 __all__ = ["Block", "Copy", "Move", "Placement", "Region", "run_moves_numpy"]
 
 
-@dataclass(frozen=True, slots=True)
-class Block:
+class Block(NamedTuple):
     """``rows x cols`` elements of ``itemsize`` bytes in the memory of ``device``: element ``(r, c)``
     at byte address ``address + r * row_stride + c * col_stride`` (strides may be negative).
-    ``owner``: what keeps that memory alive (the array a block was made of), held, never read."""
+    ``owner``: what keeps that memory alive. A block made by :meth:`of` (or its :attr:`T`) holds
+    the numpy array it *is*, which the numpy engine then uses as it is, saving a view per block.
+    (Blocks and copies are named tuples, not dataclasses: a fusion builds hundreds per call, and a
+    frozen dataclass costs three times as much to make.)"""
 
     address: int
     rows: int
@@ -49,7 +51,7 @@ class Block:
     col_stride: int
     itemsize: int
     device: str = "cpu"
-    owner: object = field(default=None, repr=False, compare=False)
+    owner: object = None
 
     @classmethod
     def of(cls, array: np.ndarray) -> Block:
@@ -61,18 +63,17 @@ class Block:
         """
         rows, cols = array.shape
         row_stride, col_stride = array.strides
-        address = int(array.__array_interface__["data"][0])
-        return cls(address, rows, cols, row_stride, col_stride, array.dtype.itemsize, owner=array)
+        return cls(array.ctypes.data, rows, cols, row_stride, col_stride, array.itemsize, "cpu", array)
 
     @property
     def T(self) -> Block:
         """The same elements as ``cols x rows``."""
         rows, cols, row_stride, col_stride = self.cols, self.rows, self.col_stride, self.row_stride
-        return Block(self.address, rows, cols, row_stride, col_stride, self.itemsize, self.device, self.owner)
+        owner = self.owner.T if isinstance(self.owner, np.ndarray) else self.owner
+        return Block(self.address, rows, cols, row_stride, col_stride, self.itemsize, self.device, owner)
 
 
-@dataclass(frozen=True, slots=True)
-class Copy:
+class Copy(NamedTuple):
     """``destination[r, c] = source[r, c]`` for every element of two blocks of one shape: bits
     copied, or float16/bfloat16 bits widened to float32 (exactly, NaN payloads kept) when
     ``widen`` names the source type. A fusion is a copy into a strided view of the fused tensor.
