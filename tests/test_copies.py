@@ -38,13 +38,24 @@ def test_copies_of_any_source_strides(engine: str, orientation: str, widen: bool
         assert np.array_equal(destination.view(f"u{dtype().itemsize}"), expected.view(f"u{dtype().itemsize}")), name
 
 
-def test_a_block_holds_its_array() -> None:
+def test_a_block_holds_its_array(engine: str) -> None:
     block = Block.of(np.arange(6.0).reshape(2, 3)[:, 1:])
     assert (block.rows, block.cols, block.row_stride, block.col_stride, block.itemsize) == (2, 2, 24, 8, 8)
-    assert block.owner is not None and block.T.owner is block.owner
+    assert isinstance(block.owner, np.ndarray) and block.T.owner.base is block.owner.base
     out = np.zeros((2, 2))
     run_copies([Copy(block, Block.of(out))])  # the source array lives only in the block
     assert out.tolist() == [[1.0, 2.0], [4.0, 5.0]]
+    run_copies([Copy(block, Block.of(out).T)])
+    assert out.tolist() == [[1.0, 4.0], [2.0, 5.0]]
+
+
+def test_blocks_by_address_alone(engine: str) -> None:
+    """No array behind the blocks (as a caller holding raw memory would make them)."""
+    source = np.arange(12, dtype=np.int16).reshape(3, 4)
+    out = np.zeros((4, 3), np.int16)
+    address = Block(source.ctypes.data, 3, 4, 8, 2, 2)
+    run_copies([Copy(address, Block(out.ctypes.data, 3, 4, 2, 6, 2))])  # into out.T
+    assert np.array_equal(out, source.T)
 
 
 def test_a_device_block_is_refused_by_name() -> None:
