@@ -75,14 +75,20 @@ def _kernels_loaded() -> None:
 
 def _fastfuse(qkv: np.ndarray, out_dtype: Any) -> tuple[np.ndarray, Callable[[], list[np.ndarray]]]:
     """A ``[groups, d, 3d]`` output (pages touched) and fastfuse filling all of it in one call."""
-    from fastfuse.kernels.engine import run_groups
+    from fastfuse.kernels.engine import run_copies
+    from fastfuse.kernels.regions import Copy
 
     _kernels_loaded()
     out = np.full((qkv.shape[0], qkv.shape[3], 3 * qkv.shape[2]), 0, out_dtype)
-    work = [(list(parts), fused) for parts, fused in zip(qkv, out, strict=True)]
+    d = qkv.shape[2]
+    work = [
+        Copy.of(part, fused[:, j * d : (j + 1) * d].T)
+        for parts, fused in zip(qkv, out, strict=True)
+        for j, part in enumerate(parts)
+    ]
 
     def fuse() -> list[np.ndarray]:
-        run_groups(work)
+        run_copies(work)
         return list(out)
 
     return out, fuse
@@ -155,7 +161,8 @@ def llama_qkv(size: str) -> list[np.ndarray]:
 
 def _layouts(size: str, layout: str) -> dict[str, Impl | None]:
     """GQA parts (k, v smaller than q) fused in either layout, against a memcpy of the same bytes."""
-    from fastfuse.kernels.engine import run_groups
+    from fastfuse.kernels.engine import run_copies
+    from fastfuse.kernels.regions import Copy
 
     _kernels_loaded()
     layers = llama_qkv(size)
@@ -166,12 +173,12 @@ def _layouts(size: str, layout: str) -> dict[str, Impl | None]:
     work = []
     for stacked, fused in zip(layers, out, strict=True):
         q, k, v = stacked[:d], stacked[d : d + kv], stacked[d + kv :]
-        if layout == "in_out":
-            work.append(([q, k, v], fused))
-        else:  # rows of the parts become rows of the output: each part, transposed, is a row block
-            work += [([part.T], fused[start : start + part.shape[0]]) for part, start in ((q, 0), (k, d), (v, d + kv))]
+        for part, start in ((q, 0), (k, d), (v, d + kv)):
+            rows = slice(start, start + part.shape[0])
+            # in_out: each part is a column block, seen transposed; out_in: a row block
+            work.append(Copy.of(part, fused[:, rows].T if layout == "in_out" else fused[rows]))
     source = np.stack(layers)
-    return {"fastfuse": Impl(lambda: run_groups(work)), "memcpy": Impl(_copy(out, source))}
+    return {"fastfuse": Impl(lambda: run_copies(work)), "memcpy": Impl(_copy(out, source))}
 
 
 # A loader's natural loop, in a fresh process: one ``transpose_concat`` per layer into a

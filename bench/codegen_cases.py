@@ -25,7 +25,8 @@ _CHILD = """
 import json, time
 import numpy as np
 import fastfuse
-from fastfuse.kernels.engine import run_groups, warm_up
+from fastfuse.kernels.engine import run_copies, warm_up
+from fastfuse.kernels.regions import Copy
 from fastfuse.cli.demo import whisper_shapes
 from harness import np_dtype
 
@@ -34,11 +35,12 @@ shapes = [s for k, s in whisper_shapes({size!r}).items() if k.endswith("self_att
 rng = np.random.default_rng(0)
 qkv = rng.standard_normal((len(shapes), 3, *shapes[0]), dtype=np.float32).astype(np_dtype({dtype!r}))
 out = np.zeros((qkv.shape[0], qkv.shape[3], 3 * qkv.shape[2]), qkv.dtype)
-work = [(list(parts), fused) for parts, fused in zip(qkv, out)]
+d = qkv.shape[2]
+work = [Copy.of(p, fused[:, j * d : (j + 1) * d].T) for parts, fused in zip(qkv, out) for j, p in enumerate(parts)]
 src, dst = qkv.reshape(-1).view(np.uint8), out.reshape(-1).view(np.uint8)
 
 def kernel():
-    run_groups(work)
+    run_copies(work)
 
 def loop():
     for g in range(qkv.shape[0]):

@@ -9,10 +9,27 @@ import numpy as np
 from fastfuse.aliases import DTypeLike
 from fastfuse.errors import DtypeMismatchError
 
-__all__ = ["WIDENINGS", "as_dtype", "check_movable", "result_dtype"]
+__all__ = ["ML_DTYPE_NAMES", "WIDENINGS", "as_dtype", "check_movable", "ml_dtype", "result_dtype"]
 
 # (source dtype name, destination dtype name) -> kernel conversion mode, besides identity (0).
 WIDENINGS = {("float16", "float32"): 1, ("bfloat16", "float32"): 2}
+
+#: The element types numpy has only through ml_dtypes, by the name numpy, torch and ml_dtypes share.
+ML_DTYPE_NAMES = ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
+
+
+def ml_dtype(name: str) -> np.dtype[Any]:
+    """The numpy dtype ml_dtypes defines as ``name`` (one of :data:`ML_DTYPE_NAMES`); ml_dtypes is
+    imported now, not before. AttributeError when the installed ml_dtypes lacks it (older versions
+    lack some float8 types).
+
+    >>> ml_dtype("bfloat16").itemsize
+    2
+    """
+    import ml_dtypes
+
+    dtype: np.dtype[Any] = np.dtype(getattr(ml_dtypes, name))
+    return dtype
 
 
 def as_dtype(dtype: DTypeLike) -> np.dtype[Any]:
@@ -21,10 +38,7 @@ def as_dtype(dtype: DTypeLike) -> np.dtype[Any]:
     if type(dtype).__module__ == "torch":  # torch.dtype: "torch.float32" -> "float32"
         dtype = str(dtype).removeprefix("torch.")
     if isinstance(dtype, str) and dtype.lower() in ("bfloat16", "bf16"):
-        import ml_dtypes
-
-        bfloat16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
-        return bfloat16
+        return ml_dtype("bfloat16")
     try:
         return np.dtype(dtype)
     except TypeError as exc:

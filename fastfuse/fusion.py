@@ -1,9 +1,10 @@
 """Arrays in, fused arrays out: the public in-memory API.
 
 ``transpose_concat`` is the primitive; ``fuse`` plans a checkpoint and ``execute`` runs a plan:
-every part of every fused tensor goes to the engine in one call (``_engine.run_groups``: one
+every part of every fused tensor goes to the engine in one call (``engine.run_copies``: one
 parallel kernel launch, or numpy until the kernels are loaded), which is also how ``load`` and
-``fuse_file`` fill memory maps.
+``fuse_file`` fill memory maps. Where a part lies in a fused tensor and in its source, for
+every layout, is said once (:func:`fused_part`, :func:`source_part`); ``unfuse`` reads the same.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import numpy as np
 
 from fastfuse.dtypes import check_movable, result_dtype
 from fastfuse.errors import DtypeMismatchError, FuseError, ShapeMismatchError
-from fastfuse.kernels.engine import Group, run_groups
+from fastfuse.kernels.engine import run_copies
+from fastfuse.kernels.regions import Copy
 from fastfuse.planning.planner import FusedTensor, FuseOptions, Plan, make_plan
 
 if TYPE_CHECKING:
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
 
     from fastfuse.aliases import DTypeLike, FuseKwargs, PathLike, TensorLike
 
-__all__ = ["execute", "fuse", "plan", "transpose_concat"]
+__all__ = ["execute", "fuse", "fused_part", "plan", "source_part", "transpose_concat"]
 
 
 def plan(tensors: Mapping[str, TensorLike] | PathLike, **options: Unpack[FuseKwargs]) -> Plan:
@@ -216,21 +218,42 @@ def execute(
     given = outputs or {}
     results: dict[str, Any] = dict(given)
     results.update(_allocate([t for t in fusion.fused if t.key not in given], framework))
-    work: list[Group] = []
+    work: list[Copy] = []
     for target in fusion.fused:
         out = given[target.key] if target.key in given else _numpy_of(results[target.key])
         offset = 0
         for key, start, rows in zip(target.sources, target.row_starts(), target.rows):
-            part = _source_part(tensors, key, start, rows, target)
-            if target.kind == "bias":
-                work.append(([part.reshape(rows, 1)], out[offset : offset + rows].reshape(1, rows)))
-            elif target.layout == "in_out":
-                work.append(([part], out[:, offset : offset + rows]))
-            else:  # out_in: rows of the part become rows of the output; the kernel writes part.T transposed
-                work.append(([part.T], out[offset : offset + rows]))
+            if key is None:  # a missing bias: zeros
+                part = np.zeros((1, rows), target.dtype)
+            else:  # the planner checked it is array-like with a numpy dtype
+                part = source_part(np.asarray(tensors[key]), target, start, rows)
+            work.append(Copy.of(part, fused_part(out, target, offset, rows)))
             offset += rows
-    run_groups(work)
+    run_copies(work)
     return results
+
+
+def fused_part(fused: np.ndarray, target: FusedTensor, offset: int, rows: int) -> np.ndarray:
+    """The part at ``offset`` (``rows`` long) of ``fused``, a tensor planned as ``target``, as a
+    ``[rows, in]`` view (a bias: ``[1, rows]``): a column block of an ``in_out`` weight, seen
+    transposed, or a row block of an ``out_in`` one.
+    """
+    if target.kind == "bias":
+        return fused[offset : offset + rows].reshape(1, rows)
+    if target.layout == "in_out":
+        return fused[:, offset : offset + rows].T
+    return fused[offset : offset + rows]
+
+
+def source_part(source: np.ndarray, target: FusedTensor, start: int, rows: int) -> np.ndarray:
+    """Rows ``start:start+rows`` of ``source``, one source of ``target``, as a ``[rows, in]`` view
+    (a bias: ``[1, rows]``); a source stored transposed (``[in, out]``, GPT-2's Conv1D) gives
+    its columns."""
+    if target.kind == "bias":
+        return source[start : start + rows].reshape(1, rows)
+    if target.transposed:
+        return source[:, start : start + rows].T
+    return source[start : start + rows]
 
 
 _ALIGN = 64  # each output starts on a cache line: the kernels' streaming stores need it
@@ -267,18 +290,6 @@ def _numpy_of(result: Any) -> np.ndarray:
     from fastfuse import torch_bridge
 
     return torch_bridge.from_torch("output", result)
-
-
-def _source_part(
-    tensors: Mapping[str, np.ndarray], key: str | None, start: int, rows: int, target: FusedTensor
-) -> np.ndarray:
-    """Rows ``start:start+rows`` of a source as ``[rows, in]`` (a bias: ``[rows]``), or zeros."""
-    if key is None:
-        return np.zeros(rows, target.dtype)
-    array = np.asarray(tensors[key])  # the planner checked it is array-like with a numpy dtype
-    if target.transposed and target.kind == "weight":
-        array = array.T
-    return array[start : start + rows]
 
 
 def transpose_concat(
@@ -318,7 +329,11 @@ def transpose_concat(
         out = np.empty(shape, target)
     else:
         _check_out(out, shape, target, arrays)
-    run_groups([(arrays, out)])
+    work, start = [], 0
+    for part in arrays:  # part j is the column block off_j:off_j+o_j of out, seen transposed
+        work.append(Copy.of(part, out[:, start : start + part.shape[0]].T))
+        start += part.shape[0]
+    run_copies(work)
     return out
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastfuse.dtypes import ML_DTYPE_NAMES, ml_dtype
 from fastfuse.errors import FuseError
 
 __all__ = [
@@ -27,11 +28,7 @@ __all__ = [
 ]
 
 # torch dtypes numpy only has through ml_dtypes, by their common name.
-_VIA_INTEGERS = {
-    name: getattr(torch, name)
-    for name in ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
-    if hasattr(torch, name)
-}
+_VIA_INTEGERS = {name: getattr(torch, name) for name in ML_DTYPE_NAMES if hasattr(torch, name)}
 _SIGNED = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -59,10 +56,7 @@ def numpy_dtype(dtype: torch.dtype) -> np.dtype[Any]:
     FuseError for one numpy has no counterpart of (complex32, the quantized types).
     """
     if dtype in _VIA_INTEGERS.values():
-        import ml_dtypes
-
-        result: np.dtype[Any] = np.dtype(getattr(ml_dtypes, str(dtype).removeprefix("torch.")))
-        return result
+        return ml_dtype(str(dtype).removeprefix("torch."))
     try:
         return torch.empty(0, dtype=dtype).numpy().dtype
     except (TypeError, RuntimeError):

@@ -83,13 +83,13 @@ ENGINES = ["numba", "numpy"]
 @pytest.fixture(params=ENGINES)
 def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Run the test on one engine, whatever the job size and what ran before (child processes too);
-    in this process, only that engine may have moved groups."""
+    in this process, only that engine may have run copies."""
     from fastfuse.kernels import engine as kernel_engine
 
     monkeypatch.setenv("FASTFUSE_ENGINE", request.param)
-    before = kernel_engine.status()["groups_moved"]
+    before = kernel_engine.status()["copies_run"]
     yield request.param
-    after = kernel_engine.status()["groups_moved"]
+    after = kernel_engine.status()["copies_run"]
     moved = {name: after[name] - before[name] for name in after}
     assert all(n == 0 for name, n in moved.items() if name != request.param), (request.param, moved)
 

@@ -63,11 +63,11 @@ PER_LAYER_LOOP = """
     calls_since_ready = 0
     while time.monotonic() < deadline and calls_since_ready < 3:
         calls_since_ready += bool(kernel_engine.status()["ready"])
-        before = kernel_engine.status()["groups_moved"]["numba"]
+        before = kernel_engine.status()["copies_run"]["numba"]
         out.fill(np.nan)
         fastfuse.transpose_concat(parts, out=out)
         assert np.array_equal(out, expected)
-        used.append("numba" if kernel_engine.status()["groups_moved"]["numba"] > before else "numpy")
+        used.append("numba" if kernel_engine.status()["copies_run"]["numba"] > before else "numpy")
     print(json.dumps({"used": used, "status": kernel_engine.status()}, default=str))
 """
 
@@ -98,32 +98,33 @@ def test_a_first_small_job_never_imports_numba(tmp_path: Path) -> None:
         w = fused["fused.enc.3.self_attn.qkv.weight"]
         parts = [tensors[f"model.encoder.layers.3.self_attn.{p}_proj.weight"] for p in "qkv"]
         assert np.array_equal(w, np.concatenate([p.T for p in parts], axis=1))
-        print("numba" in sys.modules, kernel_engine.status()["groups_moved"]["numba"])
+        print("numba" in sys.modules, kernel_engine.status()["copies_run"]["numba"])
     """
     assert run(code, cache=tmp_path) == "False 0\n"
 
 
-def test_a_big_call_hands_its_remaining_groups_to_the_kernels(tmp_path: Path) -> None:
+def test_a_big_call_hands_its_remaining_copies_to_the_kernels(tmp_path: Path) -> None:
     """The kernels become ready during a call (here: right after its first group; the cache is
     empty, so the call did not wait for them): the rest of that call runs on them, and the whole
     result is still exact."""
     code = """
         import numpy as np
         from fastfuse.kernels import engine as kernel_engine
-        from fastfuse.kernels import numpy_engine
+        from fastfuse.kernels import kernel_loader, numpy_engine
+        from fastfuse.kernels.regions import Copy
         numpy_move = numpy_engine.move_with_numpy
 
-        def first_group_then_ready(groups):
-            numpy_move(groups)
-            kernel_engine._load({(0, 2)})  # what the loader thread does, at a known moment
+        def first_group_then_ready(copies):
+            numpy_move(copies)
+            kernel_loader.load({(0, 2)})  # what the loader thread does, at a known moment
 
         numpy_engine.move_with_numpy = first_group_then_ready
         rng = np.random.default_rng(1)
         parts = [rng.integers(0, 2**16, size=(3000, 2000), dtype=np.uint16).view(np.float16) for _ in range(3)]
         out = np.full((2000, 9000), np.nan, np.float16)  # 36 MB: past the 32 MB threshold alone
-        kernel_engine.run_groups([([p], out[:, 3000 * j : 3000 * (j + 1)]) for j, p in enumerate(parts)])
+        kernel_engine.run_copies([Copy.of(p, out[:, 3000 * j : 3000 * (j + 1)].T) for j, p in enumerate(parts)])
         expected = np.concatenate([p.T for p in parts], axis=1)
-        print(np.array_equal(out.view(np.uint16), expected.view(np.uint16)), kernel_engine.status()["groups_moved"])
+        print(np.array_equal(out.view(np.uint16), expected.view(np.uint16)), kernel_engine.status()["copies_run"])
     """
     assert run(code, cache=tmp_path) == "True {'numba': 2, 'numpy': 1}\n"
 
@@ -139,9 +140,9 @@ def test_a_big_call_waits_for_kernels_the_cache_holds(warm_cache: Path) -> None:
         assert np.array_equal(transpose_concat(small), np.concatenate([p.T for p in small], 1))
         big = [np.ones((2048, 2048), np.float32)] * 3  # 48 MB
         assert np.array_equal(transpose_concat(big), np.concatenate([p.T for p in big], 1))
-        print(kernel_engine.status()["groups_moved"])
+        print(kernel_engine.status()["copies_run"])
     """
-    assert run(code, cache=warm_cache) == "{'numba': 1, 'numpy': 1}\n"
+    assert run(code, cache=warm_cache) == "{'numba': 3, 'numpy': 3}\n"  # a copy per part
 
 
 def test_no_deadlock_and_exact_results_while_the_kernels_compile(tmp_path: Path) -> None:
@@ -152,7 +153,7 @@ def test_no_deadlock_and_exact_results_while_the_kernels_compile(tmp_path: Path)
         import time
         import numpy as np
         import fastfuse
-        from fastfuse.kernels import engine as kernel_engine
+        from fastfuse.kernels import kernel_loader
         fastfuse.warm_up(wait=False)  # the loader thread starts compiling every kernel
         errors = []
 
@@ -167,7 +168,7 @@ def test_no_deadlock_and_exact_results_while_the_kernels_compile(tmp_path: Path)
                 errors.append(e)
 
         threads = [threading.Thread(target=fuse_repeatedly, args=(s,)) for s in range(3)]
-        threads.append(threading.Thread(target=kernel_engine._load, args=({(0, 2), (1, 2)},)))
+        threads.append(threading.Thread(target=kernel_loader.load, args=({(0, 2), (1, 2)},)))
         for t in threads:
             t.start()
         deadline = time.monotonic() + 240
@@ -182,13 +183,13 @@ def test_no_deadlock_and_exact_results_while_the_kernels_compile(tmp_path: Path)
 
 EXIT_SCRIPT = """
     import json, os, time, fastfuse
-    from fastfuse.kernels import engine as kernel_engine
+    from fastfuse.kernels import engine as kernel_engine, kernel_loader
     fastfuse.warm_up(wait=False)
     deadline = time.monotonic() + 240
     while kernel_engine.status()["phase"] not in {phases!r} and time.monotonic() < deadline:
         time.sleep(0.002)
     time.sleep({delay})
-    child = kernel_engine._state.child
+    child = kernel_loader.state.child
     print(json.dumps({{"phase": kernel_engine.status()["phase"], "child": child and child.pid}}))
 """
 
@@ -336,6 +337,6 @@ def test_nowhere_to_cache_still_works(read_only_install: Path) -> None:
     result = as_nobody(KERNEL_CHECK.format(site=str(read_only_install)), env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout)["cache"] is None
-    code = "from fastfuse.kernels import engine as kernel_engine; kernel_engine._load({(0, 1)}); print(kernel_engine.cache_report())"
+    code = "from fastfuse.kernels import engine as kernel_engine, kernel_loader; kernel_loader.load({(0, 1)}); print(kernel_engine.cache_report())"
     report = as_nobody(code, env)
     assert report.stdout == "{'cache': None, 'kernels': ['copy-1']}\n", report.stderr

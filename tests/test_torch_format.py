@@ -22,7 +22,7 @@ import pytest
 from conftest import openai_whisper_shapes, tiny_whisper_config
 
 from fastfuse.errors import FuseFileNotFoundError, MalformedFileError
-from fastfuse.formats import torch_zip
+from fastfuse.formats import zip_archive
 from fastfuse.formats.stored import StoredFile, map_arrays
 from fastfuse.formats.torch_zip import LEGACY_MAGIC, claims, read_torch, torch_dtype, verify_crcs
 
@@ -252,7 +252,7 @@ def test_verify_crcs_reads_storage_data(tmp_path: Path) -> None:
 
 
 def test_verify_crcs_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch_zip, "_CHUNK", 1000)
+    monkeypatch.setattr(zip_archive, "_CHUNK", 1000)
     path = save(tmp_path / "big.pt", {"a": torch.arange(3000, dtype=torch.int32), "b": torch.ones(3)})
     with zipfile.ZipFile(path) as z:
         assert z.testzip() is None

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from fastfuse.aliases import DTypeLike
+from fastfuse.dtypes import ml_dtype
 from fastfuse.errors import DtypeMismatchError
 
 __all__ = ["DTYPES", "ITEMSIZE", "dtype_code", "dtype_of"]
@@ -68,10 +69,7 @@ def dtype_of(code: str) -> np.dtype[Any]:
     """numpy dtype of a safetensors dtype code (KeyError if unknown); ml_dtypes is imported
     only for BF16 and F8."""
     if code in _ML_DTYPES:
-        import ml_dtypes
-
-        dt: np.dtype[Any] = np.dtype(getattr(ml_dtypes, _ML_DTYPES[code]))
-        return dt
+        return ml_dtype(_ML_DTYPES[code])
     return np.dtype(_NUMPY[code])
 
 

@@ -1,7 +1,7 @@
 """``torch.save`` archives (``.pt``, ``.bin``): validate, and describe their tensors zero-copy.
 
-No torch import and no pickle code run: the zip directory is parsed here (ZIP64 included),
-``<prefix>/data.pkl`` is interpreted by :mod:`fastfuse.formats.unpickler` (an allow-list, nothing
+No torch import and no pickle code run: the zip container is read by
+:mod:`fastfuse.formats.zip_archive` (ZIP64 included), ``<prefix>/data.pkl`` is interpreted by :mod:`fastfuse.formats.unpickler` (an allow-list, nothing
 called), and each tensor becomes a :class:`~fastfuse.formats.stored.StoredTensor` pointing into its
 storage member ``<prefix>/data/<key>`` (torch stores members uncompressed, 64-byte aligned).
 The top-level object is a state dict (name -> tensor; Hugging Face's ``pytorch_model.bin``)
@@ -22,14 +22,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
-import zlib
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from fastfuse.aliases import PathLike
+from fastfuse.dtypes import ml_dtype
 from fastfuse.errors import MalformedFileError
 from fastfuse.formats.pickle_objects import PickledDict, TensorRef, a_kind
 from fastfuse.formats.stored import (
@@ -38,25 +36,17 @@ from fastfuse.formats.stored import (
     c_strides,
     check_expansion,
     check_shape,
-    map_private,
     open_regular,
     pread_exactly,
 )
 from fastfuse.formats.unpickler import MAX_PICKLE_BYTES, load
+from fastfuse.formats.zip_archive import Member, check_crcs, check_entries, locate, read_entries, read_member
 
-__all__ = ["LEGACY_MAGIC", "MAX_DIRECTORY_BYTES", "claims", "read_torch", "torch_dtype", "verify_crcs"]
+__all__ = ["LEGACY_MAGIC", "claims", "read_torch", "torch_dtype", "verify_crcs"]
 
 #: Start of a legacy (pre-1.6) torch.save file: pickle PROTO 2, then LONG1 of torch's magic number.
 LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
-MAX_DIRECTORY_BYTES = 64 << 20  # ~600k members; large-v3 has ~1300
-_CHUNK = 16 << 20  # verify_crcs reads this much at a time
 _MAX_DIM = 2**62
-_EOCD = struct.Struct("<4s4H2LH")  # end of central directory record
-_LOCATOR = struct.Struct("<4sLQL")  # ZIP64 end of central directory locator
-_EOCD64 = struct.Struct("<4sQ2H2L4Q")  # ZIP64 end of central directory record
-_CENTRAL = struct.Struct("<4s6H3L5H2L")  # central directory file header
-_LOCAL = struct.Struct("<4s5H3L2H")  # local file header
-_METHODS = {8: "deflate", 9: "deflate64", 12: "bzip2", 14: "lzma", 93: "zstd", 95: "xz"}
 _NUMPY = {
     "float64": "<f8",
     "float32": "<f4",
@@ -85,76 +75,10 @@ def torch_dtype(name: str) -> np.dtype[Any]:
     """numpy dtype of a torch dtype name (``"bfloat16"``...); ml_dtypes only for bf16 and float8."""
     if name in _NUMPY:
         return np.dtype(_NUMPY[name])
-    import ml_dtypes
-
-    dtype: np.dtype[Any] = np.dtype(getattr(ml_dtypes, name))
-    return dtype
+    return ml_dtype(name)
 
 
-@dataclass(frozen=True)
-class _Member:
-    name: str
-    crc: int
-    size: int
-    data: int  # absolute offset of its first byte
-
-
-def _end_records(fd: int, size: int, p: str) -> tuple[int, int, int, int]:
-    """(members, directory offset, directory size, where the end records start)."""
-    start = max(0, size - _EOCD.size - 0xFFFF)
-    tail = pread_exactly(fd, size - start, start, p)
-    at = tail.rfind(b"PK\x05\x06")
-    while at >= 0 and (at + _EOCD.size > len(tail) or _EOCD.unpack_from(tail, at)[-1] != len(tail) - at - _EOCD.size):
-        at = tail.rfind(b"PK\x05\x06", 0, at)
-    if at < 0:
-        raise MalformedFileError(
-            f"{p}: no zip end-of-central-directory record in its last {len(tail)} bytes (truncated archive?)"
-        )
-    _, disk, cd_disk, on_disk, count, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, at)
-    disks = [disk, cd_disk, on_disk - count]  # one file: disk 0 holds everything
-    records = start + at
-    locator = pread_exactly(fd, _LOCATOR.size, records - _LOCATOR.size, p) if records >= _LOCATOR.size else b""
-    if locator.startswith(b"PK\x06\x07"):  # read from the file: the tail may start after it
-        _, disk64, eocd64, total = _LOCATOR.unpack(locator)
-        if eocd64 + _EOCD64.size > records - _LOCATOR.size:
-            raise MalformedFileError(f"{p}: ZIP64 end record at byte {eocd64} runs past its locator")
-        fields = _EOCD64.unpack(pread_exactly(fd, _EOCD64.size, eocd64, p))
-        if fields[0] != b"PK\x06\x06" or not 44 <= fields[1] <= records - _LOCATOR.size - eocd64 - 12:
-            raise MalformedFileError(f"{p}: no valid ZIP64 end record at byte {eocd64}, where its locator points")
-        disks = [d % 0xFFFF for d in disks[:2]] + [disk64, total - 1, fields[4], fields[5], fields[6] - fields[7]]
-        count, cd_size, cd_offset, records = fields[7], fields[8], fields[9], eocd64
-    elif 0xFFFF == count or 0xFFFFFFFF in (cd_size, cd_offset):
-        raise MalformedFileError(f"{p}: ZIP64 sizes in the end record but no ZIP64 locator (truncated archive?)")
-    if any(disks):
-        raise MalformedFileError(f"{p}: is a multi-disk (split) zip archive; torch.save writes one file")
-    if cd_offset + cd_size > records or cd_size > MAX_DIRECTORY_BYTES or count * _CENTRAL.size > cd_size:
-        raise MalformedFileError(
-            f"{p}: central directory [{cd_offset}, {cd_offset + cd_size}) of {count} members does not fit "
-            f"before its end records at byte {records} (or exceeds {MAX_DIRECTORY_BYTES} bytes)"
-        )
-    return count, cd_offset, cd_size, records
-
-
-def _zip64(p: str, name: str, extra: bytes, values: list[int]) -> list[int]:
-    """Replace the 0xFFFFFFFF fields of ``values`` (size, compressed size, offset) from the ZIP64 extra."""
-    at = 0
-    while at + 4 <= len(extra):
-        tag, n = struct.unpack_from("<HH", extra, at)
-        body = extra[at + 4 : at + 4 + n]
-        if tag == 1:
-            out = list(values)
-            for i, v in enumerate(values):
-                if v == 0xFFFFFFFF:
-                    if len(body) < 8:
-                        break
-                    out[i], body = int.from_bytes(body[:8], "little"), body[8:]
-            else:
-                return out
-        at += 4 + n
-    raise MalformedFileError(f"{p}: member {name!r} has ZIP64 sizes but no valid ZIP64 extra field")
-
-
-def _directory(fd: int, size: int, p: str) -> tuple[str, dict[str, _Member]]:
+def _directory(fd: int, size: int, p: str) -> tuple[str, dict[str, Member]]:
     """The archive's ``<prefix>`` and its members by name, each validated against its local header."""
     head = pread_exactly(fd, min(size, 16), 0, p)
     if head.startswith(LEGACY_MAGIC):
@@ -166,96 +90,18 @@ def _directory(fd: int, size: int, p: str) -> tuple[str, dict[str, _Member]]:
         raise MalformedFileError(
             f"{p}: is not a zip archive (starts with {head[:8]!r}); expected a torch.save file (torch >= 1.6)"
         )
-    count, cd_offset, cd_size, _ = _end_records(fd, size, p)
-    cd, at = pread_exactly(fd, cd_size, cd_offset, p), 0
-    entries: list[tuple[str, bytes, int, int, int, int, int]] = []  # name, raw, flags, method, crc, size, offset
-    for _ in range(count):
-        if at + _CENTRAL.size > cd_size or cd[at : at + 4] != b"PK\x01\x02":
-            raise MalformedFileError(f"{p}: central directory entry at byte {cd_offset + at} is not a file header")
-        (_, _, _, flags, method, _, _, crc, csize, usize, n, e, c, disk, _, attrs, offset) = _CENTRAL.unpack_from(
-            cd, at
-        )
-        raw, extra = cd[at + 46 : at + 46 + n], cd[at + 46 + n : at + 46 + n + e]
-        at += 46 + n + e + c
-        if at > cd_size:
-            raise MalformedFileError(f"{p}: central directory entry runs past the directory's end")
-        try:
-            name = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise MalformedFileError(f"{p}: member name {raw[:200]!r} is not valid UTF-8") from None
-        if 0xFFFFFFFF in (usize, csize, offset):
-            usize, csize, offset = _zip64(p, name, extra, [usize, csize, offset])
-        if attrs & 0x10:  # the DOS directory attribute: zip readers (torch's too) read no data
-            raise MalformedFileError(f"{p}: member {name!r} is marked as a directory (attributes 0x{attrs:08x})")
-        if disk != 0:
-            raise MalformedFileError(f"{p}: member {name!r} starts on disk {disk} of a multi-disk (split) zip archive")
-        if csize != usize and method == 0:
-            raise MalformedFileError(f"{p}: stored member {name!r} has size {usize} but occupies {csize} bytes")
-        entries.append((name, raw, flags, method, crc, usize, offset))
-    if at != cd_size:
-        raise MalformedFileError(f"{p}: central directory has {cd_size - at} bytes after its {count} entries")
-    if any(e[0].split("/")[1:2] in (["code"], ["constants.pkl"]) for e in entries):
+    entries, cd_offset = read_entries(fd, size, p)
+    if any(entry.name.split("/")[1:2] in (["code"], ["constants.pkl"]) for entry in entries):
         raise MalformedFileError(
             f"{p}: is a TorchScript archive (torch.jit.save), not a state dict; save model.state_dict() with torch.save"
         )
-    for name, _, flags, method, *_ in entries:
-        if name.startswith("/") or "\\" in name or "\0" in name or {"", ".", ".."} & set(name.split("/")):
-            raise MalformedFileError(f"{p}: member name {name!r} is not a plain relative path (absolute, .., \\)")
-        if flags & 0x2061:  # encrypted, strongly encrypted, patch data, masked directory
-            raise MalformedFileError(f"{p}: member {name!r} is encrypted or patch data (flags 0x{flags:04x})")
-        if method != 0:
-            how = _METHODS.get(method, f"method {method}")
-            raise MalformedFileError(
-                f"{p}: member {name!r} is compressed ({how}); torch.save stores members uncompressed"
-                " - was the archive re-zipped?"
-            )
-    prefixes = sorted({e[0].split("/")[0] if "/" in e[0] else "" for e in entries})
+    check_entries(p, entries)
+    prefixes = sorted({entry.name.split("/")[0] if "/" in entry.name else "" for entry in entries})
     if len(prefixes) != 1 or not prefixes[0]:
         raise MalformedFileError(
             f"{p}: members are not all under one folder <prefix>/ (found {prefixes[:4]}); torch.save writes one"
         )
-    members: dict[str, _Member] = {}
-    end = 0
-    for name, raw, flags, _, crc, usize, offset in sorted(entries, key=lambda e: e[6]):
-        if name in members:
-            raise MalformedFileError(f"{p}: member {name!r} appears twice in the central directory")
-        if offset < end or offset + _LOCAL.size + len(raw) > cd_offset:
-            raise MalformedFileError(
-                f"{p}: member {name!r} local header at byte {offset} overlaps the previous member "
-                f"(which ends at byte {end}) or runs past the central directory at byte {cd_offset}"
-            )
-        head = pread_exactly(fd, _LOCAL.size + len(raw), offset, p)
-        sig, _, lflags, lmethod, _, _, lcrc, lcsize, lusize, n, e = _LOCAL.unpack_from(head)
-        described = lflags & 8 and lcrc == lcsize == lusize == 0  # sizes in a data descriptor
-        if (
-            sig != b"PK\x03\x04"
-            or head[_LOCAL.size :] != raw
-            or lmethod != 0
-            or lflags != flags
-            or not (described or (lcrc == crc and lcsize in (usize, 0xFFFFFFFF) and lusize in (usize, 0xFFFFFFFF)))
-        ):
-            raise MalformedFileError(
-                f"{p}: local header of member {name!r} at byte {offset} disagrees with the central directory "
-                f"(name, flags, method, CRC or sizes)"
-            )
-        data = offset + _LOCAL.size + n + e
-        end = data + usize
-        if end > cd_offset:
-            raise MalformedFileError(
-                f"{p}: data of member {name!r} [{data}, {end}) runs past the central directory at byte {cd_offset}"
-            )
-        members[name] = _Member(name, crc, usize, data)
-    return prefixes[0], members
-
-
-def _read_member(fd: int, m: _Member, p: str) -> bytes:
-    raw = pread_exactly(fd, m.size, m.data, p)
-    if zlib.crc32(raw) != m.crc:
-        raise MalformedFileError(
-            f"{p}: member {m.name!r} [{m.data}, {m.data + m.size}) has CRC-32 {zlib.crc32(raw):08x}, "
-            f"the directory says {m.crc:08x} (corrupted file)"
-        )
-    return raw
+    return prefixes[0], locate(fd, p, entries, cd_offset)
 
 
 def read_torch(path: PathLike) -> StoredFile:
@@ -277,9 +123,9 @@ def read_torch(path: PathLike) -> StoredFile:
             raise MalformedFileError(
                 f"{p}: member {pkl.name!r} is {pkl.size} bytes, over the limit of {MAX_PICKLE_BYTES}"
             )
-        raw = _read_member(fd, pkl, p)
+        raw = read_member(fd, pkl, p)
         order = members.get(f"{prefix}/byteorder")  # absent: little (older torch wrote none)
-        found = b"little" if order is None else _read_member(fd, order, p) if order.size <= 16 else None
+        found = b"little" if order is None else read_member(fd, order, p) if order.size <= 16 else None
         if found != b"little":
             shown = repr(found) if found is not None else f"{order.size if order else 0} bytes"
             raise MalformedFileError(
@@ -325,7 +171,7 @@ def _top_level(p: str, obj: Any) -> tuple[dict[str, TensorRef], dict[str, str]]:
     return dict(state), metadata
 
 
-def _locate(p: str, prefix: str, members: dict[str, _Member], name: str, t: TensorRef) -> StoredTensor:
+def _locate(p: str, prefix: str, members: dict[str, Member], name: str, t: TensorRef) -> StoredTensor:
     """The StoredTensor of ``t``, every element checked to lie inside its storage member."""
     s, where = t.storage, f"{p}: tensor {name!r}"
     member = members.get(f"{prefix}/data/{s.key}")
@@ -393,18 +239,4 @@ def verify_crcs(path: PathLike) -> None:
         members = _directory(fd, size, p)[1]
     finally:
         os.close(fd)
-    mm = map_private(p, size)
-    try:
-        with memoryview(mm) as whole:
-            for m in members.values():
-                crc = 0
-                for start in range(m.data, m.data + m.size, _CHUNK):
-                    with whole[start : min(start + _CHUNK, m.data + m.size)] as chunk:
-                        crc = zlib.crc32(chunk, crc)
-                if crc != m.crc:
-                    raise MalformedFileError(
-                        f"{p}: member {m.name!r} [{m.data}, {m.data + m.size}) has CRC-32 {crc:08x}, "
-                        f"the directory says {m.crc:08x} (corrupted file)"
-                    )
-    finally:
-        mm.close()
+    check_crcs(p, size, members)

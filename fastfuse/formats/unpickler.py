@@ -96,8 +96,6 @@ class _Machine:
         self.handlers: dict[int, Callable[[int], bool]] = {
             code: getattr(self, method) for method, codes in _HANDLED.items() for code in codes
         }
-        if len(data) > MAX_PICKLE_BYTES:
-            self.fail(f"pickle is {len(data)} bytes, over the limit of {MAX_PICKLE_BYTES}")
 
     def fail(self, message: str) -> NoReturn:
         raise MalformedFileError(f"{self.where} byte {self.at}: {message}")

@@ -1,32 +1,28 @@
 """Which engine moves the bits: numpy now, or the numba kernels once they are loaded.
 
-Every fusion ends in :func:`run_groups`. Two engines give the same bits: the numba kernels
-(``_kernels``: parallel, at memory speed) and numpy (``_numpy_path``: one thread, 4-8x slower,
-nothing to load). Loading the kernels costs about 0.5 s in a fresh process when numba's on-disk
-cache is warm, and several seconds when it is cold (numba compiles them: the first run after an
-install, or every run where the cache is not kept). The policy, per process:
+Every fusion ends in :func:`run_copies`. Work is described by memory, not arrays
+(:class:`~fastfuse.kernels.regions.Copy` between :class:`~fastfuse.kernels.regions.Block`: an
+address, strides, an element size and a device), so that an engine for other memory is a
+sibling here, not a change through the callers. Two engines move host memory and give the
+same bits: the numba kernels (``numba_kernels``: parallel, at memory speed, one job table of
+byte addresses) and numpy (``numpy_engine``: one thread, 4-8x slower, nothing to load).
+Loading the kernels costs about 0.5 s in a fresh process when numba's on-disk cache is warm,
+and several seconds when it is cold (numba compiles them: the first run after an install, or
+every run where the cache is not kept). The policy, per process:
 
 - Output bytes asked for are counted. Until ``LOAD_AFTER_BYTES`` (whisper-tiny's QKV is 14 MB),
   everything runs on numpy and numba is never imported: a small job costs what numpy costs.
 - Past it, a background thread loads the kernels a job needs (from the cache, or compiling
-  them). When numba's cache seems to hold them (file names tell, without importing numba),
-  the call waits for them (about 0.5 s, at most ``WARM_WAIT``). Otherwise calls keep running on
-  numpy while they compile; a call in progress hands its remaining groups to the kernels the
-  moment they are ready; every later call uses them. No call waits for a compile, so a first
-  run is never slower than numpy, and a per-layer loop reaches kernel speed as soon as the
-  process has seen enough work to pay for it, whatever the size of each call.
+  them: :mod:`~fastfuse.kernels.kernel_loader`, exit-safe). When numba's cache seems to hold
+  them (file names tell, without importing numba), the call waits for them (about 0.5 s, at
+  most ``WARM_WAIT``). Otherwise calls keep running on numpy while they compile; a call in
+  progress hands its remaining copies to the kernels the moment they are ready; every later
+  call uses them. No call waits for a compile, so a first run is never slower than numpy, and a
+  per-layer loop reaches kernel speed as soon as the process has seen enough work to pay for
+  it, whatever the size of each call.
 - ``FASTFUSE_ENGINE=numba`` loads (or compiles) the kernels in the calling thread and always
   uses them; ``FASTFUSE_ENGINE=numpy`` never loads numba. :func:`warm_up` compiles every
   kernel into numba's cache (``fastfuse warmup``), so that the next process starts warm.
-
-Exit is safe at every moment: no background thread ever runs LLVM while the interpreter could
-be torn down. When numba's cache does not hold the kernels, the loader thread has a child
-process compile them into the cache (``python -m fastfuse.kernels.cache_filler``, see ``kernel_cache``)
-and only waits for it; then it loads them from the cache in process, one kernel at a time,
-each inside an *LLVM section*. An exit hook (``atexit``) ends the child and waits for the
-section in progress (one kernel's load, a fraction of a second; at most ``EXIT_WAIT``); no
-section starts once the hook has run. Where numba has nowhere to write a cache, the kernels
-compile in process, and exit waits for the one being compiled (a few seconds at most).
 
 Kernel launches take turns (one lock): each already uses every core, and numba's workqueue
 threading layer (used where neither TBB nor OpenMP is installed) aborts the process on
@@ -35,12 +31,9 @@ concurrent launches.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -52,92 +45,26 @@ import numpy as np
 from fastfuse.dtypes import WIDENINGS
 from fastfuse.errors import FuseError
 from fastfuse.kernels import kernel_cache
+from fastfuse.kernels.kernel_loader import ALL_SPECS, LOAD_AFTER_BYTES, Spec, load_now, request, state
+from fastfuse.kernels.regions import Block, Copy
 
 __all__ = [
     "ENGINES",
     "LOAD_AFTER_BYTES",
     "Expectation",
-    "Group",
     "cache_report",
     "expect",
-    "impatient",
-    "run_groups",
+    "run_copies",
     "status",
     "warm_up",
+    "without_waiting",
 ]
 
-Group = tuple[Sequence[np.ndarray], np.ndarray]  # parts [o_j, in] -> output [in, sum(o_j)]
-Spec = tuple[int, int]  # (0 copy or 1 widen, source element width): one kernel worker
-
-LOAD_AFTER_BYTES = 32 << 20
-ALL_SPECS: frozenset[Spec] = frozenset({(0, 1), (0, 2), (0, 4), (0, 8), (1, 2)})
 ENGINES = ("auto", "numba", "numpy")
-EXIT_WAIT = 120.0  # seconds the exit hook waits for the kernel being loaded (or, without a cache, compiled)
+WARM_WAIT = 2.0  # seconds a call may wait for kernels numba's cache seems to hold (loading: ~0.5 s)
 
-
-class _Closing(Exception):
-    """The interpreter is exiting: no LLVM work may start."""
-
-
-class _EngineState:
-    """What the engine knows in this process. Every field is guarded by ``lock`` (a condition,
-    never held while compiling), except ``ready``, which is replaced, never mutated, and read
-    without it."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Condition()
-        self.seen_bytes = 0
-        self.wanted: set[Spec] = set()
-        self.ready: frozenset[Spec] = frozenset()
-        self.loader: threading.Thread | None = None
-        self.phase = "idle"  # the loader's: "starting", "compiling in a child", "loading", "idle"
-        self.child: subprocess.Popen[bytes] | None = None
-        self.failure: BaseException | None = None
-        self.child_failure: str | None = None  # how the compiling child failed (then: compiled in process)
-        self.groups_moved = {"numba": 0, "numpy": 0}  # by engine, for status()
-        self.in_llvm = 0  # threads inside an LLVM section
-        self.closing = False  # the exit hook ran
-
-
-_state = _EngineState()
 _launch_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _llvm_section() -> Iterator[None]:
-    """Around anything that may run LLVM (importing the kernels, loading or compiling one):
-    refused once the exit hook ran; the hook waits for the sections in progress."""
-    with _state.lock:
-        if _state.closing:
-            raise _Closing
-        _state.in_llvm += 1
-    try:
-        yield
-    finally:
-        with _state.lock:
-            _state.in_llvm -= 1
-            _state.lock.notify_all()
-
-
-def _at_exit() -> None:
-    """End the compiling child, wait (at most ``EXIT_WAIT``) for the LLVM section in progress."""
-    with _state.lock:
-        _state.closing = True
-        child = _state.child
-    if child is not None:
-        with contextlib.suppress(OSError):
-            child.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(EXIT_WAIT)
-    deadline = time.monotonic() + EXIT_WAIT
-    with _state.lock:
-        while _state.in_llvm and time.monotonic() < deadline:
-            _state.lock.wait(deadline - time.monotonic())
-        if _state.in_llvm:
-            print(f"fastfuse: kernels still loading after {EXIT_WAIT:.0f} s at exit", file=sys.stderr)
-
-
-atexit.register(_at_exit)
+_caller = threading.local()
 
 
 def _engine() -> str:
@@ -147,14 +74,14 @@ def _engine() -> str:
     return choice
 
 
-def _mode(parts: Sequence[np.ndarray], out: np.ndarray) -> int:
-    """The kernels' conversion mode: 0 copies, else a widening (``_dtypes.WIDENINGS``)."""
-    source = parts[0].dtype
-    return 0 if source == out.dtype else WIDENINGS[(source.name, out.dtype.name)]
+def _mode(copy: Copy) -> int:
+    """The kernels' conversion mode: 0 copies bits, else a widening (``dtypes.WIDENINGS``)."""
+    return 0 if copy.widen is None else WIDENINGS[(copy.widen, "float32")]
 
 
-def _spec(parts: Sequence[np.ndarray], out: np.ndarray) -> Spec:
-    return (min(_mode(parts, out), 1), parts[0].dtype.itemsize)
+def _spec(copy: Copy) -> Spec:
+    """The kernel worker ``copy`` needs: (0 copy or 1 widen, source element width)."""
+    return (0 if copy.widen is None else 1, copy.source.itemsize)
 
 
 def _kernels() -> ModuleType:
@@ -163,104 +90,17 @@ def _kernels() -> ModuleType:
     return numba_kernels
 
 
-def _load(specs: Iterable[Spec]) -> None:
-    """Load (from numba's cache) or compile the driver and the workers of ``specs`` in this
-    thread, one LLVM section each; mark them ready. Raises :class:`_Closing` once exiting."""
-    with _llvm_section():
-        kernel_cache.compile_here(())  # numba, the kernels module and the driver
-    for spec in sorted(specs):
-        if spec in _state.ready:
-            continue
-        with _llvm_section():
-            kernel_cache.compile_here((spec,), driver=False)
-        with _state.lock:
-            _state.ready = _state.ready | {spec}
-
-
-def _load_now(specs: Iterable[Spec]) -> None:
-    """:func:`_load` for a caller that needs the kernels (``FASTFUSE_ENGINE=numba``, ``warm_up``)."""
-    try:
-        _load(specs)
-    except _Closing:
-        raise FuseError("the interpreter is exiting: the kernels can no longer be loaded") from None
-
-
-def _fill_in_child(todo: list[Spec]) -> None:
-    """Have a child process compile ``todo`` into numba's cache when it seems not to hold them
-    (its failure is not ours to report: loading in process then compiles, and tells)."""
-    if kernel_cache.looks_warm() or os.environ.get("NUMBA_DISABLE_JIT", "0") not in ("", "0"):
-        return
-
-    def remember(child: subprocess.Popen[bytes]) -> None:
-        with _state.lock:
-            _state.child = child
-            closing = _state.closing
-        if closing:  # the exit hook ran before it could see this child
-            child.kill()
-
-    with _state.lock:
-        _state.phase = "compiling in a child"
-    try:
-        code, stderr = kernel_cache.fill(todo, remember)
-    finally:
-        with _state.lock:
-            _state.child = None
-    if code not in (0, kernel_cache.NO_CACHE) and not _state.closing:
-        with _state.lock:
-            _state.child_failure = f"exit {code}: {stderr.strip()[-300:]}"
-
-
-def _background() -> None:
-    """The loader thread: load what is wanted until nothing is left, then end."""
-    try:
-        while True:
-            with _state.lock:
-                todo = sorted(_state.wanted - _state.ready)
-                if not todo or _state.failure is not None or _state.closing:
-                    return
-            _fill_in_child(todo)
-            with _state.lock:
-                _state.phase = "loading"
-            _load(todo)
-    except _Closing:
-        return
-    except BaseException as e:  # noqa: BLE001 - recorded; the process stays on numpy
-        with _state.lock:
-            _state.failure = e
-    finally:
-        with _state.lock:
-            _state.loader = None
-            _state.phase = "idle"
-
-
-def _request(specs: set[Spec], nbytes: int) -> None:
-    """Count ``nbytes``; once past ``LOAD_AFTER_BYTES``, have the loader thread load ``specs``."""
-    with _state.lock:
-        _state.seen_bytes += nbytes
-        if _state.seen_bytes < LOAD_AFTER_BYTES or _state.failure is not None or _state.closing:
-            return
-        _state.wanted.update(specs)
-        if _state.loader is None and not specs <= _state.ready:
-            _state.loader = threading.Thread(target=_background, name="fastfuse-kernel-loader", daemon=True)
-            _state.phase = "starting"
-            _state.loader.start()
-
-
-WARM_WAIT = 2.0  # seconds a call may wait for kernels numba's cache seems to hold (loading: ~0.5 s)
-_caller = threading.local()
-
-
 @contextlib.contextmanager
-def impatient() -> Iterator[None]:
+def without_waiting() -> Iterator[None]:
     """Calls in this block never wait for loading kernels: they start on numpy and hand over.
     For a caller with other work in flight (a file sink copying), for whom starting now is
     worth more than finishing sooner."""
-    before = getattr(_caller, "impatient", False)
-    _caller.impatient = True
+    before = getattr(_caller, "no_wait", False)
+    _caller.no_wait = True
     try:
         yield
     finally:
-        _caller.impatient = before
+        _caller.no_wait = before
 
 
 def _wait_if_cached(expected: Expectation) -> bool:
@@ -272,7 +112,7 @@ def _wait_if_cached(expected: Expectation) -> bool:
     deadline = time.monotonic() + WARM_WAIT
     while expected.pending() and time.monotonic() < deadline:
         time.sleep(0.005)
-    return expected.specs <= _state.ready
+    return expected.specs <= state.ready
 
 
 _cache_looked_warm = functools.cache(kernel_cache.looks_warm)  # at the first call that asked
@@ -286,8 +126,8 @@ class Expectation:
 
     def pending(self) -> bool:
         """Are they still loading (so that waiting a little would let the kernels do the work)?"""
-        with _state.lock:
-            return not self.specs <= _state.ready and _state.loader is not None and _state.failure is None
+        with state.lock:
+            return not self.specs <= state.ready and state.loader is not None and state.failure is None
 
 
 def expect(conversions: Iterable[tuple[np.dtype[Any], np.dtype[Any]]], nbytes: int) -> Expectation:
@@ -296,77 +136,108 @@ def expect(conversions: Iterable[tuple[np.dtype[Any], np.dtype[Any]]], nbytes: i
     (a file sink copies the originals first, and computes once they are loaded)."""
     specs = frozenset((0 if source == out else 1, source.itemsize) for source, out in conversions)
     if _engine() == "auto" and nbytes:
-        _request(set(specs), nbytes)
+        request(set(specs), nbytes)
     return Expectation(specs)
 
 
-def run_groups(groups: Sequence[Group]) -> None:
-    """Fill each group's output (``[in, sum(o_j)]``, C-contiguous) from its parts.
+def run_copies(copies: Sequence[Copy]) -> None:
+    """Run every copy (host memory: see :class:`~fastfuse.kernels.regions.Copy`), on the kernels
+    (one parallel launch per worker kind) or on numpy.
 
-    Trusts its input: shapes, dtypes and conversions were validated by the caller. On the
-    kernels, all groups go through one parallel call per worker kind.
+    Trusts its input: shapes, element sizes and conversions were validated by the caller.
+    FuseError for a block on a device other than the CPU, or a destination with neither axis
+    adjacent (no engine here moves them).
     """
-    work = [(parts, out) for parts, out in groups if out.size]
+    work, specs = [], set()
+    for copy in copies:
+        if copy.destination.rows and copy.destination.cols:
+            _check_host(copy)
+            work.append(copy)
+            specs.add(_spec(copy))
     if not work:
         return
-    specs = {_spec(parts, out) for parts, out in work}
     engine = _engine()
     if engine == "numba":
-        if not specs <= _state.ready:
-            _load_now(specs)
+        if not specs <= state.ready:
+            load_now(specs)
         _run_kernels(work)
         return
-    if engine == "auto" and specs <= _state.ready:
+    if engine == "auto" and specs <= state.ready:
         _run_kernels(work)
         return
     if engine == "auto":
-        _request(specs, sum(out.nbytes for _, out in work))
-        if not getattr(_caller, "impatient", False) and _wait_if_cached(Expectation(frozenset(specs))):
+        request(specs, sum(_nbytes(copy.destination) for copy in work))
+        if not getattr(_caller, "no_wait", False) and _wait_if_cached(Expectation(frozenset(specs))):
             _run_kernels(work)
             return
     from fastfuse.kernels.numpy_engine import move_with_numpy
 
-    # Largest first: if the kernels arrive meanwhile, the many small groups (biases) go to them in
+    # Largest first: if the kernels arrive meanwhile, the many small copies (biases) go to them in
     # one launch instead of each paying a hand-over of the GIL to the loader thread.
-    work.sort(key=lambda group: group[1].nbytes, reverse=True)
-    for index, group in enumerate(work):
-        if engine == "auto" and index and specs <= _state.ready:  # loaded meanwhile: the rest at kernel speed
+    work.sort(key=lambda copy: _nbytes(copy.destination), reverse=True)
+    for index, copy in enumerate(work):
+        if engine == "auto" and index and specs <= state.ready:  # loaded meanwhile: the rest at kernel speed
+            _count("numpy", index)
             _run_kernels(work[index:])
             return
-        move_with_numpy([group])
-        _count("numpy", 1)
+        move_with_numpy([copy])
+    _count("numpy", len(work))
 
 
-def _count(engine: str, groups: int) -> None:
-    with _state.lock:
-        _state.groups_moved[engine] += groups
+def _nbytes(block: Block) -> int:
+    return block.rows * block.cols * block.itemsize
 
 
-def _run_kernels(work: Sequence[Group]) -> None:
+def _count(engine: str, copies: int) -> None:
+    with state.lock:
+        state.copies_run[engine] += copies
+
+
+def _check_host(copy: Copy) -> None:
+    """FuseError unless both engines here can run ``copy``: host memory, and a destination whose
+    rows or columns are adjacent (the kernels write whole rows)."""
+    for block in (copy.source, copy.destination):
+        if block.device != "cpu":
+            raise FuseError(f"a copy to or from {block.device}: the numba and numpy engines move CPU memory only")
+    destination = copy.destination
+    if destination.itemsize not in (destination.row_stride, destination.col_stride):
+        raise FuseError(
+            f"a copy into strides ({destination.row_stride}, {destination.col_stride}) of {destination.itemsize}-byte "
+            "elements: expected its rows or its columns adjacent (a view of a C-contiguous array)"
+        )
+
+
+def _transposition(copy: Copy) -> tuple[Block, Block]:
+    """``(source, destination)`` as the kernels take them: ``destination[c, r] = source[r, c]``
+    with the destination's rows adjacent."""
+    source, destination = copy.source, copy.destination
+    if destination.col_stride == destination.itemsize:
+        return source.T, destination
+    return source, destination.T
+
+
+def _run_kernels(work: Sequence[Copy]) -> None:
     """One job table per worker, one parallel launch each."""
     kernels = _kernels()
     tables: dict[Spec, list[list[int]]] = {}
-    for parts, out in work:
-        mode = _mode(parts, out)
-        rows = tables.setdefault(_spec(parts, out), [])
-        dst = _address(out)
-        for part in parts:
-            tiling = kernels.tiling(part.strides[0], part.strides[1], part.dtype.itemsize, mode)
-            rows.append(
-                [
-                    _address(part),
-                    part.strides[0],
-                    part.strides[1],
-                    part.shape[0],
-                    part.shape[1],
-                    dst,
-                    out.strides[0],
-                    tiling,
-                    mode,
-                    kernels.tile_count(part.shape[0], part.shape[1], tiling),
-                ]
-            )
-            dst += part.shape[0] * out.dtype.itemsize
+    for copy in work:
+        mode = _mode(copy)
+        source, destination = _transposition(copy)
+        tiling = kernels.tiling(source.row_stride, source.col_stride, source.itemsize, mode)
+        tables.setdefault(_spec(copy), []).append(
+            [
+                source.address,
+                source.row_stride,
+                source.col_stride,
+                source.rows,
+                source.cols,
+                destination.address,
+                destination.row_stride,
+                tiling,
+                mode,
+                kernels.tile_count(source.rows, source.cols, tiling),
+            ]
+        )
     for spec, rows in tables.items():
         jobs = np.array(rows, dtype=np.int64).reshape(-1, kernels.JOB_COLUMNS)
         np.cumsum(jobs[:, kernels.J_TILE_END], out=jobs[:, kernels.J_TILE_END])
@@ -376,41 +247,50 @@ def _run_kernels(work: Sequence[Group]) -> None:
     _count("numba", len(work))
 
 
-def _address(array: np.ndarray) -> int:
-    return int(array.__array_interface__["data"][0])
-
-
 def warm_up(*, wait: bool = True) -> None:
     """Load or compile every kernel specialisation (numba caches them on disk for later processes).
 
-    ``wait=False`` does it in the background (a child process compiles, see the module's
-    docstring) and returns at once; calls keep running on numpy until it is done. Raises (when
-    waiting) whatever compiling raised.
+    Args:
+        wait: True loads (or compiles) them now, in this thread. False starts it in the
+            background (a child process compiles, see :mod:`~fastfuse.kernels.kernel_loader`)
+            and returns at once; calls keep running on numpy until it is done.
+
+    Returns:
+        None; :func:`cache_report` then names the kernels loaded and where numba caches them.
+
+    Raises:
+        FuseError: the interpreter is exiting (when waiting); whatever compiling raised.
+
+    Example:
+        >>> import fastfuse
+        >>> fastfuse.warm_up()  # seconds the first time (numba compiles), then from numba's cache
+        >>> fastfuse.kernels.engine.cache_report()["kernels"]
+        ['copy-1', 'copy-2', 'copy-4', 'copy-8', 'widen-2']
     """
     if wait:
-        _load_now(ALL_SPECS)
+        load_now(ALL_SPECS)
         return
-    with _state.lock:
-        _state.seen_bytes = max(_state.seen_bytes, LOAD_AFTER_BYTES)
-    _request(set(ALL_SPECS), 0)
+    with state.lock:
+        state.seen_bytes = max(state.seen_bytes, LOAD_AFTER_BYTES)
+    request(set(ALL_SPECS), 0)
 
 
 def cache_report() -> dict[str, Any]:
     """Where numba caches the kernels (None: nowhere writable) and which are loaded."""
-    return {"cache": kernel_cache.location(), "kernels": kernel_cache.spec_names(_state.ready)}
+    return {"cache": kernel_cache.location(), "kernels": kernel_cache.spec_names(state.ready)}
 
 
 def status() -> dict[str, Any]:
-    """What the engine knows: bytes seen, groups each engine moved, kernels ready, loading (and
+    """What the engine knows: bytes seen, copies each engine ran, kernels ready, loading (and
     the loader's phase), the failure that stopped loading."""
-    with _state.lock:
+    with state.lock:
         return {
             "engine": _engine(),
-            "seen_bytes": _state.seen_bytes,
-            "groups_moved": dict(_state.groups_moved),
-            "ready": sorted(_state.ready),
-            "loading": _state.loader is not None,
-            "phase": _state.phase,
-            "child_failure": _state.child_failure,
-            "failure": None if _state.failure is None else f"{type(_state.failure).__name__}: {_state.failure}",
+            "seen_bytes": state.seen_bytes,
+            "copies_run": dict(state.copies_run),
+            "ready": sorted(state.ready),
+            "loading": state.loader is not None,
+            "phase": state.phase,
+            "child_failure": state.child_failure,
+            "failure": None if state.failure is None else f"{type(state.failure).__name__}: {state.failure}",
         }

@@ -1,14 +1,18 @@
 """The numpy engine: the same bits as the numba kernels, without loading numba.
 
-``_engine.run_groups`` sends work here until the kernels are loaded (see its policy); the
+``engine.run_copies`` sends work here until the kernels are loaded (see its policy); the
 results are bit-identical (tests run both engines against the same references).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fastfuse.kernels.regions import Block, Copy
 
 
 def widen_bits(bits: np.ndarray, source: str) -> np.ndarray:
@@ -30,15 +34,32 @@ def widen_bits(bits: np.ndarray, source: str) -> np.ndarray:
     return signed
 
 
-def move_with_numpy(groups: Sequence[tuple[Sequence[np.ndarray], np.ndarray]]) -> None:
-    """``run_groups`` semantics: each output row ``r`` holds the parts' column ``r``, in order."""
-    for parts, out in groups:
-        start = 0
-        for part in parts:
-            target = out[:, start : start + part.shape[0]]
-            if part.dtype == out.dtype:
-                np.copyto(target, part.T)
-            else:
-                unsigned = part.view(np.dtype(f"u{part.dtype.itemsize}")).T
-                np.copyto(target.view(np.uint32), widen_bits(unsigned, part.dtype.name))
-            start += part.shape[0]
+def move_with_numpy(copies: Sequence[Copy]) -> None:
+    """Run ``copies`` (host blocks) with numpy, bit for bit as the kernels."""
+    for copy in copies:
+        source, destination = copy.source.owner, copy.destination.owner
+        if copy.widen is None and type(source) is type(destination) is np.ndarray and source.dtype == destination.dtype:
+            np.copyto(destination, source)  # blocks made of arrays (Block.of): they are those arrays
+            continue
+        source, destination = _array(copy.source, False), _array(copy.destination, True)
+        np.copyto(destination, source if copy.widen is None else widen_bits(source, copy.widen))
+
+
+class _Memory:
+    """What numpy needs to view a block: its ``__array_interface__``."""
+
+    def __init__(self, block: Block, writable: bool) -> None:
+        self.__array_interface__: dict[str, Any] = {
+            "version": 3,
+            "data": (block.address, not writable),
+            "shape": (block.rows, block.cols),
+            "strides": (block.row_stride, block.col_stride),
+            "typestr": f"<u{block.itemsize}",
+        }
+
+
+def _array(block: Block, writable: bool) -> np.ndarray:
+    """The block as a numpy array of unsigned integers of its element size (no copy)."""
+    if not block.rows or not block.cols:
+        return np.empty((block.rows, block.cols), f"<u{block.itemsize}")
+    return np.asarray(_Memory(block, writable))

@@ -272,7 +272,7 @@ def _fill(
     targets = [t for t in file.fusion.fused if t.key in offsets]
     outputs = {t.key: writer.view(*offsets[t.key], t.dtype, t.shape) for t in targets}
     try:
-        with engine.impatient():  # the disk is the bottleneck: fused pages written early beat faster kernels
+        with engine.without_waiting():  # the disk is the bottleneck: fused pages written early beat faster kernels
             execute(replace(file.fusion, fused=tuple(targets)), arrays, outputs)
         for t in targets:
             writer.written(*offsets[t.key])

@@ -11,7 +11,9 @@ from fastfuse.aliases import PathLike
 from fastfuse.dtypes import as_dtype
 from fastfuse.errors import FuseError, MalformedFileError
 from fastfuse.formats.checkpoint import open_checkpoint, tensor_parallel_ranks
-from fastfuse.fusion import transpose_concat
+from fastfuse.fusion import fused_part, source_part
+from fastfuse.kernels.engine import run_copies
+from fastfuse.kernels.regions import Copy
 from fastfuse.planning.planner import FusedTensor
 from fastfuse.planning.recipe import META_PREFIX, recorded_plan
 from fastfuse.sinks.atomic import AtomicWriter
@@ -97,30 +99,20 @@ def unfuse(src: PathLike, dst: PathLike, *, overwrite_destination: bool = False)
 
     def fill(writer: AtomicWriter, offsets: dict[str, tuple[int, int]]) -> None:
         copy_originals(first, originals, kept, writer, offsets)
+        transposes: list[Copy] = []
         for source, found in pieces.items():
             out = writer.view(*offsets[source], found[0].fused.dtype, shapes[source])
             for piece in found:
-                _place(piece, out)
+                fused = fused_part(piece.array, piece.fused, piece.offset, piece.rows)
+                stored = source_part(out, piece.fused, piece.start, piece.rows)
+                if any(fused.strides[axis] == stored.strides[axis] == fused.itemsize for axis in (0, 1)):
+                    np.copyto(stored, fused)  # the same axis adjacent in both: no transpose
+                else:
+                    transposes.append(Copy.of(fused, stored))
+        run_copies(transposes)
 
     write_file(destination, entries, metadata, fill, overwrite=overwrite_destination, copied=(first, kept))
     return list(pieces)
-
-
-def _place(piece: _Piece, out: np.ndarray[Any, Any]) -> None:
-    """Write a piece's rows into ``out``, the source as it was stored."""
-    t, fused, offset, rows = piece.fused, piece.array, piece.offset, piece.rows
-    if t.kind == "bias":
-        out[piece.start : piece.start + rows] = fused[offset : offset + rows]
-        return
-    # the part as [rows, in]: a column block of an in_out tensor, a row block of out_in
-    part = fused[:, offset : offset + rows].T if t.layout == "in_out" else fused[offset : offset + rows]
-    stored = part.T if t.transposed else part
-    span = slice(piece.start, piece.start + rows)
-    target = out[:, span] if t.transposed else out[span]
-    if stored.flags.c_contiguous or not target.flags.c_contiguous:
-        np.copyto(target, stored)
-    else:
-        transpose_concat([stored.T], out=target)
 
 
 def _source_shape(source: str, found: list[_Piece]) -> tuple[int, ...]:
