@@ -39,6 +39,7 @@ from fastfuse.formats.hf_folder import HFFolder
 from fastfuse.kernels.quantize import Digest, cast, int8_rows, int16_rows, int16_scale
 from fastfuse.planning import ctranslate2 as ct2
 from fastfuse.planning.planner import FuseOptions, Plan, make_plan
+from fastfuse.sinks.ctranslate2_folder import quantization_of
 from fastfuse.sinks.destinations import check_destination
 from fastfuse.sinks.streams import Background, FileRun, SequentialFile
 
@@ -394,10 +395,7 @@ def verify_ctranslate2(folder: Path, source: PathLike | None) -> list[str]:
             "converted from as source= (--source)"
         )
     written = read_model_bin(folder / "model.bin")
-    dtypes = {name: dtype for name, (dtype, _, _) in written.variables.items()}
-    weight = next(d for n, d in dtypes.items() if n.endswith("/weight"))
-    other = next((d for n, d in dtypes.items() if n.endswith("/gamma")), weight)
-    quantization = f"int8_{other}" if weight == "int8" else weight
+    quantization = quantization_of({name: dtype for name, (dtype, _, _) in written.variables.items()})
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.verify.") as temp:
         fresh = Path(temp) / "model"
         fuse_ctranslate2(source, fresh, FuseOptions(target="ctranslate2", quantization=quantization))
