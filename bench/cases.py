@@ -377,7 +377,7 @@ def set_threads(threads: tuple[int, ...]) -> None:
     CASES[:] = _cases()
 
 
-SLOW = {"fastfuse-cold", "ctranslate2+sync", "cli-ct2+sync", "cp-hf+sync"}  # seconds each: fewer rounds
+SLOW = {"fastfuse-cold", "ctranslate2+sync"}  # tens of seconds each: fewer rounds
 QUICK_LEAVES_OUT = {
     "ctranslate2+sync",
     "cli-ct2+sync",
