@@ -179,7 +179,7 @@ def test_inspect_describes_a_ctranslate2_folder_as_the_converters(
     assert model["config"]["alignment_heads"] == 3 and model["config"]["lang_ids"] == len(ct2_models.LANGS)
     text = run_cli("inspect", mine, check=0).stdout
     assert "spec     WhisperSpec revision 3" in text and f"quantization {quantization}" in text
-    assert "self-attention q|k|v 8 (weights 192x64, with biases)" in text
+    assert "self-attention q|k|v x4 (weights 192x64, with biases)" in text
     assert "aliases  1: decoder/projection/weight -> decoder/embeddings/weight" in text
 
 

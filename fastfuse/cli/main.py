@@ -202,7 +202,7 @@ def _inspect_ctranslate2(args: argparse.Namespace) -> int:
     )
     print(f"dtype    {dtypes} (quantization {model['quantization']})")
     fused = [
-        f"{kind} {len(names)} (weights {'x'.join(map(str, model['fused_shapes'][kind]))}, with biases)"
+        f"{kind} x{sum(n.endswith('/weight') for n in names)} (weights {'x'.join(map(str, model['fused_shapes'][kind]))}, with biases)"
         for kind, names in model["fused"].items()
     ]
     print(f"fused    {', '.join(fused) or 'none'}")
