@@ -384,8 +384,16 @@ def set_threads(threads: tuple[int, ...]) -> None:
     CASES[:] = _cases()
 
 
-SLOW = {"fastfuse-cold", "ctranslate2+sync", "cli-hf+sync"}  # seconds each: fewer rounds
-QUICK_LEAVES_OUT = {"ctranslate2+sync", "cli-hf+sync", "numpy", "serial", "copyfile+fsync", "safe_open+numpy"}
+SLOW = {"fastfuse-cold", "ctranslate2+sync"}  # tens of seconds each: fewer rounds
+QUICK_LEAVES_OUT = {
+    "ctranslate2+sync",
+    "cli-ct2+sync",
+    "cp-hf+sync",
+    "numpy",
+    "serial",
+    "copyfile+fsync",
+    "safe_open+numpy",
+}
 
 
 @functools.lru_cache(maxsize=1)

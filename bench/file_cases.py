@@ -30,7 +30,14 @@ from harness import (
 
 TINY = "tiny"
 FILE_IMPLS = {
-    "safetensors": ("cli+sync", "cp+sync", "fuse_file", "copyfile+fsync", "numpy", "ctranslate2+sync", "cli-hf+sync"),
+    "safetensors": (
+        "cli+sync",
+        "cp+sync",
+        "fuse_file",
+        "copyfile+fsync",
+        "numpy",
+        *("ctranslate2+sync", "cli-ct2+sync", "cp-hf+sync"),
+    ),
     "torch": ("cli+sync", "cp+sync"),
 }
 
@@ -118,11 +125,12 @@ def build_file(size: str, source: str) -> dict[str, Impl | None]:
 
 
 def _ctranslate2(size: str, setup: Callable[[], None]) -> dict[str, Impl | None]:
-    """CTranslate2's converter (what faster-whisper users run) and the CLI on the same model folder."""
+    """CTranslate2's converter (what faster-whisper users run), the CLI's ``--target ctranslate2``
+    on the same model folder (both float16), and ``cp`` of the folder's weights file; each + ``sync``."""
     import peers
 
     if not peers.ctranslate2_available():
-        return {"ctranslate2+sync": None, "cli-hf+sync": None}
+        return {"ctranslate2+sync": None, "cli-ct2+sync": None, "cp-hf+sync": None}
     from harness import cache_dir
 
     model = peers.whisper_model_dir(size, cache_dir())
@@ -135,10 +143,11 @@ def _ctranslate2(size: str, setup: Callable[[], None]) -> dict[str, Impl | None]
         setup()
 
     converter = peers.ctranslate2_argv(model, out)
-    cli = file_argv("cli", model / "model.safetensors", dst)
+    cli = [*file_argv("cli", model, out), "--target", "ctranslate2", "--quantization", "float16"]
     return {
         "ctranslate2+sync": _file_impl(converter, clean, sync=True, in_process=None),
-        "cli-hf+sync": _file_impl(cli, clean, sync=True, in_process=None),
+        "cli-ct2+sync": _file_impl(cli, clean, sync=True, in_process=None),
+        "cp-hf+sync": _file_impl(file_argv("cp", model / "model.safetensors", dst), clean, sync=True, in_process=None),
     }
 
 

@@ -42,6 +42,7 @@ class Row(NamedTuple):
 
 F16 = "float16"
 ST = "safetensors"
+CT2_CP = ("cli-ct2+sync", "cp-hf+sync")  # the CLI on a Hugging Face folder, cp of its weights
 ROWS = [
     *[
         row
@@ -91,8 +92,17 @@ ROWS = [
     Row("file: CLI peak RssAnon (vs cp)", "file", ST, "cli+sync", "cp+sync", "<", 256, rss=True),
     Row("file: CLI on a torch file, peak RssAnon", "file", "torch", "cli+sync", "cp+sync", "<", 256, rss=True),
     Row("file: fuse_file peak RssAnon (vs numpy pipeline)", "file", ST, "fuse_file", "numpy", rss=True),
-    Row("file: CLI vs CTranslate2's converter, + sync", "file", ST, "cli-hf+sync", "ctranslate2+sync"),
-    Row("file: CLI vs CTranslate2's converter, peak RssAnon", "file", ST, "cli-hf+sync", "ctranslate2+sync", rss=True),
+    Row(
+        "file: CLI --target ctranslate2 vs CTranslate2's converter, + sync",
+        "file",
+        ST,
+        "cli-ct2+sync",
+        "ctranslate2+sync",
+    ),
+    Row("file: CLI --target ctranslate2 vs cp + sync of the folder's weights", "file", ST, *CT2_CP, "<=", 1.3),
+    Row("file: CLI --target ctranslate2 peak RssAnon (vs cp)", "file", ST, *CT2_CP, "<", 256, rss=True),
+    Row("file: CTranslate2's converter peak RssAnon (vs cp)", "file", ST, "ctranslate2+sync", "cp-hf+sync", rss=True),
+    Row("file: CTranslate2's converter + sync vs cp + sync", "file", ST, "ctranslate2+sync", "cp-hf+sync"),
     Row("fresh process: load vs load_file (warm compile cache)", "startup", "load", "fastfuse", "load_file", "<=", 0.5),
     Row(
         "fresh process: load vs load_file (cold compile cache)",

@@ -67,9 +67,11 @@ def make_tiny(
     generation_config: bool = True,
     tied: bool = True,
     dtype: str = "float32",
+    d_model: int = 64,
+    layers: int = 2,
     **save: Any,
 ) -> Path:
-    """A tiny HF Whisper folder (d 64, 2+2 layers, 4 heads); ``save`` goes to ``save_pretrained``."""
+    """A tiny HF Whisper folder (d ``d_model`` 64, ``layers`` 2+2, 4 heads); ``save`` goes to ``save_pretrained``."""
     import torch
     from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
@@ -80,13 +82,13 @@ def make_tiny(
     config = WhisperConfig(
         vocab_size=len(vocab) + (0 if timestamps else NUM_TIMESTAMPS),
         num_mel_bins=80,
-        d_model=64,
-        encoder_layers=2,
-        decoder_layers=2,
+        d_model=d_model,
+        encoder_layers=layers,
+        decoder_layers=layers,
         encoder_attention_heads=4,
         decoder_attention_heads=4,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
+        encoder_ffn_dim=2 * d_model,
+        decoder_ffn_dim=2 * d_model,
         decoder_start_token_id=ids["<|startoftranscript|>"],
         bos_token_id=eot,
         eos_token_id=eot,

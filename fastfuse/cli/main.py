@@ -134,7 +134,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from fastfuse.formats.checkpoint import open_checkpoint, tensor_parallel_ranks
     from fastfuse.planning.planner import FuseOptions, make_plan
     from fastfuse.planning.recipe import META_PREFIX
+    from fastfuse.sinks.ctranslate2_folder import is_ctranslate2_folder
 
+    if is_ctranslate2_folder(Path(args.file)):
+        return _inspect_ctranslate2(args)
     ranks = tensor_parallel_ranks(Path(args.file))
     checkpoints = [open_checkpoint(rank) for rank in ranks] if ranks else [open_checkpoint(args.file)]
     checkpoint = checkpoints[0]
@@ -177,6 +180,46 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         )
     if output is not None:
         print(f"output   about {_human(output)}")
+    return 0
+
+
+def _inspect_ctranslate2(args: argparse.Namespace) -> int:
+    """``inspect`` of a CTranslate2 model folder (``--target ctranslate2``'s output, or the converter's)."""
+    from fastfuse.sinks.ctranslate2_folder import describe_ctranslate2
+
+    given = _options(args)
+    if given:
+        flags = ", ".join(_FLAGS.get(name, name) for name in given)
+        raise FuseError(f"{args.file} is a CTranslate2 model folder: inspect describes it as written; drop {flags}")
+    model = describe_ctranslate2(Path(args.file))
+    if args.json:
+        print(json.dumps(model))
+        return 0
+    dtypes = ", ".join(f"{dtype} x{count}" for dtype, count in model["dtypes"].items())
+    print(f"folder   {args.file} (CTranslate2 model, {', '.join(model['files'])})")
+    print(
+        f"spec     {model['spec']} revision {model['revision']}, {model['variables']} variables, {_human(model['data_bytes'])}"
+    )
+    print(f"dtype    {dtypes} (quantization {model['quantization']})")
+    fused = [
+        f"{kind} x{sum(n.endswith('/weight') for n in names)} (weights {'x'.join(map(str, model['fused_shapes'][kind]))}, with biases)"
+        for kind, names in model["fused"].items()
+    ]
+    print(f"fused    {', '.join(fused) or 'none'}")
+    aliases = [f"{alias} -> {target}" for alias, target in model["aliases"].items()]
+    print(
+        f"aliases  {len(aliases)}{': ' + ', '.join(aliases[:3]) if aliases else ''}{' ...' if len(aliases) > 3 else ''}"
+    )
+    heads = ", ".join(f"{part} {count}" for part, count in model["heads"].items())
+    layers = ", ".join(f"{part} {count}" for part, count in model["layers"].items())
+    print(
+        f"model    layers {layers}; d {model['d_model']}; heads {heads or '-'}; mels {model['mels']}; vocabulary {model['vocabulary']}"
+    )
+    config = model["config"]
+    if config is None:
+        print("config   none (no config.json)")
+    else:
+        print(f"config   {', '.join(f'{key} {value}' for key, value in config.items())}")
     return 0
 
 

@@ -8,10 +8,8 @@ sink fills the data section through :meth:`AtomicWriter.view` (a writable memory
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
-import functools
 import math
 import mmap
 import os
@@ -27,18 +25,18 @@ import numpy as np
 from fastfuse.aliases import DTypeLike, PathLike
 from fastfuse.errors import FuseError, FuseFileNotFoundError, FusePermissionError, MalformedFileError
 from fastfuse.formats.stored import open_regular
+from fastfuse.sinks.writeback import Writeback
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["AtomicWriter", "CopyRange", "write_bytes_atomic"]
+__all__ = ["AtomicWriter", "CopyRange", "copy_file_bytes", "write_bytes_atomic"]
 
 _O_TMPFILE: int = getattr(os, "O_TMPFILE", 0)  # tests set 0 to exercise the named fallback
 _CHUNK = 16 << 20  # largest preadv when copy_file_range is unavailable
 _COPY_CHUNK = 64 << 20  # a parallel copy's unit of work, and of early write-back
 _COPY_THREADS = 2
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux's value; Python < 3.13 lacks the name
-_SYNC_FILE_RANGE_WRITE = 2
 _TEMP_MARK = ".fastfuse-"  # hidden temporaries are ".{name}.fastfuse-{random}.tmp"
 
 
@@ -49,18 +47,6 @@ class CopyRange(NamedTuple):
     offset: int
     start: int
     length: int
-
-
-@functools.cache
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """libc's ``sync_file_range`` (Linux), which Python's ``os`` lacks; None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    function = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
-    if function is not None:
-        function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-        function.restype = ctypes.c_int
-    return function
 
 
 class AtomicWriter:
@@ -94,6 +80,7 @@ class AtomicWriter:
         self._mm: mmap.mmap | None = None
         self._data: np.ndarray[Any, np.dtype[np.uint8]] = np.empty(0, np.uint8)
         self._cancelled = threading.Event()
+        self._writeback: Writeback | None = None
         self._check()
 
     def _check(self) -> None:
@@ -162,6 +149,7 @@ class AtomicWriter:
                 self._fd = self._new_temp()
                 self._remove_stale_temporaries()
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "in use", for _remove_stale_temporaries
+            self._writeback = Writeback(self._fd)
             os.ftruncate(self._fd, total)
             self._reserve(total)
             done = 0
@@ -206,11 +194,11 @@ class AtomicWriter:
             self._mm.madvise(_MADV_POPULATE_WRITE, page, end - page)
 
     def written(self, start: int, end: int) -> None:
-        """Data bytes ``[start, end)`` are final: start writing them to disk now (Linux), so the
-        final fsync waits for less. Harmless to skip; a no-op where unsupported."""
-        function = _sync_file_range()
-        if function is not None and end > start and self._fd >= 0:
-            function(self._fd, len(self.prefix) + start, end - start, _SYNC_FILE_RANGE_WRITE)
+        """Data bytes ``[start, end)`` are final: have them written to disk soon (Linux: queued for
+        this writer's write-back thread, never blocking the caller), so the final fsync waits
+        for less. Harmless to skip; a no-op where unsupported."""
+        if self._writeback is not None and end > start:
+            self._writeback.add(len(self.prefix) + start, end - start)
 
     def copy(self, ranges: Sequence[CopyRange], done: Callable[[int], None] | None = None) -> None:
         """Copy every range, file to file, in chunks spread over two threads, each chunk sent to
@@ -268,29 +256,14 @@ class AtomicWriter:
             finally:
                 os.close(fd)
             return
-        done, fast, at = 0, hasattr(os, "copy_file_range"), len(self.prefix) + start
-        while done < length:
-            try:
-                if fast:
-                    n = os.copy_file_range(src, self._fd, length - done, src_offset + done, at + done)
-                else:
-                    assert self._mm is not None  # length > 0, so there is a mapped data section
-                    stop = at + min(length, done + _CHUNK)
-                    with memoryview(self._mm) as whole, whole[at + done : stop] as part:
-                        n = os.preadv(src, [part], src_offset + done)
-            except OSError as e:
-                if fast and e.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
-                    fast = False  # not between these files: copy through the map instead
-                    continue
-                raise FuseError(
-                    f"{self.dst}: copying {length} bytes from byte {src_offset} of the source failed: {e.strerror}"
-                ) from None
-            if n == 0:
-                raise MalformedFileError(
-                    f"source ended at byte {src_offset + done} while copying "
-                    f"{length} bytes from byte {src_offset} into {self.dst}"
-                )
-            done += n
+        at = len(self.prefix) + start
+
+        def into_map(begin: int, stop: int) -> memoryview:
+            assert self._mm is not None  # length > 0, so there is a mapped data section
+            with memoryview(self._mm) as whole:
+                return whole[begin:stop]
+
+        copy_file_bytes(src, src_offset, self._fd, at, length, self.dst, into=into_map)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -301,6 +274,7 @@ class AtomicWriter:
             if self._mm is not None and not sys.platform.startswith("linux"):
                 self._mm.flush()  # on Linux, fsync writes pages dirtied through the map too
             self._release_map()
+            self._stop_writeback()
             os.fsync(self._fd)
             if self.overwrite:
                 if not self._tmp:
@@ -326,8 +300,14 @@ class AtomicWriter:
             with contextlib.suppress(BufferError):  # views still held: it closes when they die
                 mm.close()
 
+    def _stop_writeback(self) -> None:
+        writeback, self._writeback = self._writeback, None
+        if writeback is not None:
+            writeback.close()
+
     def _abort(self) -> None:
-        """Unmap, remove the named temporary (if any) and close both descriptors."""
+        """Stop the write-back, unmap, remove the named temporary (if any) and close both descriptors."""
+        self._stop_writeback()
         self._release_map()
         if self._tmp:
             with contextlib.suppress(OSError):
@@ -338,6 +318,55 @@ class AtomicWriter:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._fd = self._dir = -1
+
+
+def copy_file_bytes(
+    src: int,
+    src_offset: int,
+    dst: int,
+    dst_offset: int,
+    length: int,
+    name: str,
+    *,
+    into: Callable[[int, int], memoryview] | None = None,
+) -> None:
+    """Copy ``length`` bytes at ``src_offset`` of the open file ``src`` to ``dst_offset`` of ``dst``,
+    file to file (``copy_file_range``: no user-space buffer). Where the kernel cannot copy between
+    these files: ``preadv`` into ``into(begin, end)`` (a writable map of ``dst``'s bytes
+    ``[begin, end)``), or without one through a buffer of at most 16 MB and ``pwrite``.
+
+    Raises FuseError naming ``name`` (the destination) for an I/O error, MalformedFileError if
+    the source ends early.
+    """
+    done, fast = 0, hasattr(os, "copy_file_range")
+    buffer = None
+    while done < length:
+        try:
+            if fast:
+                n = os.copy_file_range(src, dst, length - done, src_offset + done, dst_offset + done)
+            else:
+                stop = dst_offset + min(length, done + _CHUNK)
+                if into is None:
+                    buffer = buffer or memoryview(bytearray(min(length, _CHUNK)))
+                    n = os.preadv(src, [buffer[: stop - dst_offset - done]], src_offset + done)
+                    written = 0
+                    while written < n:
+                        written += os.pwrite(dst, buffer[written:n], dst_offset + done + written)
+                else:
+                    with into(dst_offset + done, stop) as part:
+                        n = os.preadv(src, [part], src_offset + done)
+        except OSError as e:
+            if fast and e.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
+                fast = False  # not between these files: copy through a map or a buffer instead
+                continue
+            raise FuseError(
+                f"{name}: copying {length} bytes from byte {src_offset} of the source failed: {e.strerror}"
+            ) from None
+        if n == 0:
+            raise MalformedFileError(
+                f"source ended at byte {src_offset + done} while copying {length} bytes from byte {src_offset} into {name}"
+            )
+        done += n
 
 
 def write_bytes_atomic(dst: PathLike, data: bytes, *, overwrite: bool = False) -> None:

@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +39,9 @@ from fastfuse.formats.hf_folder import HFFolder
 from fastfuse.kernels.quantize import Digest, cast, int8_rows, int16_rows, int16_scale
 from fastfuse.planning import ctranslate2 as ct2
 from fastfuse.planning.planner import FuseOptions, Plan, make_plan
+from fastfuse.sinks.ctranslate2_folder import quantization_of
 from fastfuse.sinks.destinations import check_destination
+from fastfuse.sinks.streams import Background, FileRun, SequentialFile
 
 __all__ = ["BLOCK_BYTES", "COPIED", "TYPE_IDS", "fuse_ctranslate2", "verify_ctranslate2"]
 
@@ -135,14 +137,19 @@ def fuse_ctranslate2(
     )
     loaded = ct2.load_dtype(options.quantization, config, floats[0][1] if floats else "float32")
     arrays = checkpoint.arrays()
-    writer = _ModelWriter(arrays, loaded, options.quantization)
+    runs = {}  # key -> (file, offset, dtype) of the tensors stored as one run of bytes
+    for key, meta in metas.items():
+        found = checkpoint.byte_range(key)
+        if found is not None:
+            runs[key] = (*found, meta.dtype.name)
+    writer = _ModelWriter(arrays, loaded, options.quantization, runs)
     aliases = writer.find_aliases(variables)
     entries = writer.entries([v for v in variables if v.name not in aliases])
     with _AtomicFolder(destination, overwrite=overwrite_destination) as folder:
-        with open(folder / "model.bin", "wb") as out:
+        checking = Background(checkpoint.check_integrity)  # a torch file's CRCs, read while model.bin is written
+        with SequentialFile(folder / "model.bin") as out:
             writer.write(out, entries, aliases, progress)
-            out.flush()
-            os.fsync(out.fileno())
+        checking.join()
         for name, text in texts.items():
             (folder / name).write_text(text, encoding="utf-8")
         for path in copies:
@@ -153,10 +160,17 @@ def fuse_ctranslate2(
 class _ModelWriter:
     """Streams variables from ``arrays`` (the source maps) cast to ``loaded``, then quantized."""
 
-    def __init__(self, arrays: Mapping[str, np.ndarray[Any, Any]], loaded: str, quantization: str | None) -> None:
+    def __init__(
+        self,
+        arrays: Mapping[str, np.ndarray[Any, Any]],
+        loaded: str,
+        quantization: str | None,
+        runs: Mapping[str, tuple[str, int, str]] | None = None,
+    ) -> None:
         self.arrays = arrays
         self.loaded = loaded
         self.quantization = quantization
+        self.runs = runs or {}  # key -> (file, offset, dtype): tensors whose bytes can be copied file to file
 
     def blocks(
         self, variable: ct2.Variable, limit: int = BLOCK_BYTES, *, first_only: bool = False
@@ -194,11 +208,30 @@ class _ModelWriter:
         return all(np.array_equal(x, y) for x, y in zip(self.blocks(a), self.blocks(b)))
 
     def find_aliases(self, variables: list[ct2.Variable]) -> dict[str, str]:
-        """alias -> target: each variable equal in values to an earlier one (sorted names) names the first."""
+        """alias -> target: each variable equal in values to an earlier one (sorted names) names the first.
+
+        Variables made of the same source rows (a tied projection and the embeddings) are equal
+        unless they hold NaN: one of them stands for all in the search by values, which reads
+        (a block of) every variable that shares a shape with another.
+        """
+        same_rows: dict[tuple[ct2.Segment, ...], list[ct2.Variable]] = {}
+        for v in sorted(variables, key=lambda v: v.name):
+            if v.scalar is None:
+                same_rows.setdefault(v.segments, []).append(v)
+        aliases = self._equal_values([members[0] for members in same_rows.values()])
+        for first, *rest in same_rows.values():
+            if rest and not self._has_nan(first):
+                aliases.update(dict.fromkeys((v.name for v in rest), aliases.get(first.name, first.name)))
+        return aliases
+
+    def _has_nan(self, variable: ct2.Variable) -> bool:
+        return any(bool(np.isnan(block).any()) for block in self.blocks(variable))
+
+    def _equal_values(self, variables: list[ct2.Variable]) -> dict[str, str]:
+        """:meth:`find_aliases` by values: shapes, then a fingerprint, then a digest, then the values."""
         buckets: dict[tuple[Any, ...], list[ct2.Variable]] = {}
         for v in variables:
-            if v.scalar is None:
-                buckets.setdefault((v.shape,), []).append(v)
+            buckets.setdefault((v.shape,), []).append(v)
         for _ in ("fingerprint", "digest"):
             refined: dict[tuple[Any, ...], list[ct2.Variable]] = {}
             for key, members in buckets.items():
@@ -231,7 +264,9 @@ class _ModelWriter:
             raise AssertionError("model.bin records out of order")
         return records
 
-    def write(self, out: IO[bytes], entries: list[_Entry], aliases: dict[str, str], progress: Progress | None) -> None:
+    def write(
+        self, out: SequentialFile, entries: list[_Entry], aliases: dict[str, str], progress: Progress | None
+    ) -> None:
         """Header, every record, then the aliases (sorted by alias name)."""
         for entry in entries:
             if entry.nbytes >= 1 << 32:
@@ -249,15 +284,19 @@ class _ModelWriter:
             out.write(_string(entry.name) + struct.pack(f"<B{len(entry.shape)}I", len(entry.shape), *entry.shape))
             out.write(struct.pack("<BI", TYPE_IDS[entry.dtype], entry.nbytes))
             for chunk in self._data(entry, scales):
-                out.write(chunk)
-                done += len(chunk)
+                if isinstance(chunk, FileRun):
+                    out.copy(*chunk)
+                else:
+                    out.write(chunk)
+                done += len(chunk) if isinstance(chunk, memoryview) else chunk.length
                 if progress is not None:
                     progress(done, total)
+            out.finished()
         out.write(struct.pack("<I", len(aliases)))
         for alias in sorted(aliases):
             out.write(_string(alias) + _string(aliases[alias]))
 
-    def _data(self, entry: _Entry, scales: dict[str, np.ndarray[Any, Any]]) -> Iterator[memoryview]:
+    def _data(self, entry: _Entry, scales: dict[str, np.ndarray[Any, Any]]) -> Iterator[memoryview | FileRun]:
         v = entry.variable
         if v.scalar is not None:
             yield memoryview(np.array(v.scalar, entry.dtype).tobytes())
@@ -276,9 +315,26 @@ class _ModelWriter:
             scales[v.name] = np.array(factor, np.float32)
             for block in self.blocks(v):
                 yield _bytes(int16_rows(block, factor))
+        elif entry.dtype == self.loaded and all(self._copied(s, entry.dtype) for s in v.segments):
+            yield from self._runs(v)
         else:
             for block in self.blocks(v):
                 yield _bytes(cast(block, entry.dtype))
+
+    def _copied(self, segment: ct2.Segment, dtype: str) -> bool:
+        """Are the segment's bytes the record's (zeros, or source rows stored in ``dtype`` as one run)?"""
+        return segment.key is None or (segment.key in self.runs and self.runs[segment.key][2] == dtype)
+
+    def _runs(self, variable: ct2.Variable) -> Iterator[memoryview | FileRun]:
+        """A pass-through variable's bytes: file ranges of the source, zeros for a zero segment."""
+        itemsize = int(np.dtype(_numpy(self.loaded)).itemsize)
+        row = itemsize * int(np.prod(variable.shape[1:], dtype=np.int64))
+        for segment in variable.segments:
+            if segment.key is None:
+                yield memoryview(bytes(row * segment.rows))
+            else:
+                path, offset, _ = self.runs[segment.key]
+                yield FileRun(path, offset + row * segment.start, row * segment.rows)
 
 
 def _bytes(array: np.ndarray[Any, Any]) -> memoryview:
@@ -339,10 +395,7 @@ def verify_ctranslate2(folder: Path, source: PathLike | None) -> list[str]:
             "converted from as source= (--source)"
         )
     written = read_model_bin(folder / "model.bin")
-    dtypes = {name: dtype for name, (dtype, _, _) in written.variables.items()}
-    weight = next(d for n, d in dtypes.items() if n.endswith("/weight"))
-    other = next((d for n, d in dtypes.items() if n.endswith("/gamma")), weight)
-    quantization = f"int8_{other}" if weight == "int8" else weight
+    quantization = quantization_of({name: dtype for name, (dtype, _, _) in written.variables.items()})
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.verify.") as temp:
         fresh = Path(temp) / "model"
         fuse_ctranslate2(source, fresh, FuseOptions(target="ctranslate2", quantization=quantization))

@@ -34,6 +34,7 @@ from fastfuse.planning.recipe import META_PREFIX, describe
 from fastfuse.sinks import model_folder
 from fastfuse.sinks.atomic import AtomicWriter, CopyRange, write_bytes_atomic
 from fastfuse.sinks.destinations import check_destination, parse_size, previous_output
+from fastfuse.sinks.streams import Background
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -148,7 +149,7 @@ def fuse_file(
     arrays = checkpoint.arrays()
     # A torch file's CRCs are checked once, in a thread, while the first file is copied; no
     # output is published before the check passed.
-    checking = _Background(checkpoint.check_integrity)
+    checking = Background(checkpoint.check_integrity)
     fill = functools.partial(_fill, checking, arrays, checkpoint, report)
     write = functools.partial(_write, fill=fill, checkpoint=checkpoint, overwrite=overwrite_destination)
     if not folder_output:
@@ -256,7 +257,7 @@ def _kept(file: _File) -> list[str]:
 
 
 def _fill(
-    checking: _Background,
+    checking: Background,
     arrays: Mapping[str, np.ndarray],
     checkpoint: Checkpoint,
     report: Callable[[int], None] | None,
@@ -268,7 +269,7 @@ def _fill(
     at the same time: the copy waits on the disk, the fused tensors start at once (on numpy
     until the kernels are loaded, then on them), and the disk writes both as they come. Then
     wait for the source's integrity check."""
-    copying = _Background(functools.partial(copy_originals, checkpoint, arrays, _kept(file), writer, offsets, report))
+    copying = Background(functools.partial(copy_originals, checkpoint, arrays, _kept(file), writer, offsets, report))
     targets = [t for t in file.fusion.fused if t.key in offsets]
     outputs = {t.key: writer.view(*offsets[t.key], t.dtype, t.shape) for t in targets}
     try:
@@ -326,31 +327,6 @@ def _copy_ranges(
         elif end > start:
             ranges.append(CopyRange(path, offset, start, end - start))
     return ranges, strided
-
-
-class _Background(threading.Thread):
-    """Run ``work`` in a thread; :meth:`join` re-raises what it raised."""
-
-    def __init__(self, work: Callable[[], None]) -> None:
-        super().__init__(name="fastfuse-check", daemon=True)
-        self._work = work
-        self._error: BaseException | None = None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            self._work()
-        except BaseException as e:  # noqa: BLE001 - handed to join()
-            self._error = e
-
-    def join(self, timeout: float | None = None) -> None:
-        super().join(timeout)
-        if self._error is not None:
-            raise self._error
-
-    def join_quietly(self, timeout: float | None) -> None:
-        """Wait up to ``timeout`` s (None: until done); an error waits for :meth:`join`."""
-        super().join(timeout)
 
 
 def _write_folder(
