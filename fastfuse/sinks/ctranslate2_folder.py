@@ -1,4 +1,5 @@
-"""A CTranslate2 model folder described: what ``fastfuse inspect CT2_DIR`` prints.
+"""A CTranslate2 model folder described (what ``fastfuse inspect CT2_DIR`` prints) and verified
+against a fresh conversion of its source (``fastfuse verify CT2_DIR --source``).
 
 Reads ``model.bin`` (``formats.ctranslate2_bin``: names, dtypes and shapes; the data stays
 mapped, unread except the rank-0 scalars), ``config.json`` and ``vocabulary.json``, wherever they
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,10 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from fastfuse.errors import FuseError, MalformedFileError
-from fastfuse.formats.ctranslate2_bin import read_model_bin
+from fastfuse.aliases import PathLike
+from fastfuse.errors import FuseError, MalformedFileError, MissingTensorError
+from fastfuse.formats.ctranslate2_bin import ModelBin, read_model_bin
+from fastfuse.planning.options import FuseOptions
+from fastfuse.sinks.ctranslate2_writer import fuse_ctranslate2
 
-__all__ = ["MODEL_BIN", "describe_ctranslate2", "is_ctranslate2_folder", "quantization_of"]
+__all__ = ["MODEL_BIN", "describe_ctranslate2", "is_ctranslate2_folder", "quantization_of", "verify_ctranslate2"]
 
 MODEL_BIN = "model.bin"
 # The variables CTranslate2 keeps fused (what fastfuse fuses): self-attention q|k|v, cross-attention k|v.
@@ -127,3 +132,34 @@ def _config(folder: Path) -> dict[str, Any] | None:
     if not isinstance(config, dict):
         raise MalformedFileError(f"{folder / 'config.json'}: a {type(config).__name__}; expected an object")
     return {k: len(v) if k in _CONFIG_LISTS and isinstance(v, list) else v for k, v in sorted(config.items())}
+
+
+def verify_ctranslate2(folder: Path, source: PathLike | None) -> list[str]:
+    """The variables (and aliases) of ``folder``'s model.bin that differ from a fresh conversion of ``source``.
+
+    The quantization is read from the file (the dtypes of a weight and of a layer norm); the
+    fresh model.bin is written to a temporary folder beside ``folder`` and compared name by name.
+    """
+    if source is None:
+        raise MissingTensorError(
+            f"cannot verify {folder}: a CTranslate2 model keeps no originals; pass the checkpoint it was "
+            "converted from as source= (--source)"
+        )
+    written = read_model_bin(folder / "model.bin")
+    quantization = quantization_of({name: dtype for name, (dtype, _, _) in written.variables.items()})
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.verify.") as temp:
+        fresh = Path(temp) / "model"
+        fuse_ctranslate2(source, fresh, FuseOptions(target="ctranslate2", quantization=quantization))
+        expected = read_model_bin(fresh / "model.bin")
+        names = sorted(set(written.variables) | set(expected.variables) | set(written.aliases) | set(expected.aliases))
+        return [
+            name
+            for name in names
+            if written.aliases.get(name) != expected.aliases.get(name)
+            or _record(written, name) != _record(expected, name)
+        ]
+
+
+def _record(model: ModelBin, name: str) -> tuple[str, tuple[int, ...], bytes] | None:
+    found = model.variables.get(name)
+    return None if found is None else (found[0], found[1], bytes(found[2]))

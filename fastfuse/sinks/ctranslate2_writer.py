@@ -32,18 +32,16 @@ import numpy as np
 
 from fastfuse.aliases import PathLike
 from fastfuse.dtypes import as_dtype
-from fastfuse.errors import FuseError, MissingTensorError
+from fastfuse.errors import FuseError
 from fastfuse.formats.checkpoint import open_checkpoint
-from fastfuse.formats.ctranslate2_bin import ModelBin, read_model_bin
 from fastfuse.formats.hf_folder import HFFolder
 from fastfuse.kernels.quantize import Digest, cast, int8_rows, int16_rows, int16_scale
 from fastfuse.planning import ctranslate2 as ct2
 from fastfuse.planning.planner import FuseOptions, Plan, make_plan
-from fastfuse.sinks.ctranslate2_folder import quantization_of
 from fastfuse.sinks.destinations import check_destination
 from fastfuse.sinks.streams import Background, FileRun, SequentialFile
 
-__all__ = ["BLOCK_BYTES", "COPIED", "TYPE_IDS", "fuse_ctranslate2", "verify_ctranslate2"]
+__all__ = ["BLOCK_BYTES", "COPIED", "TYPE_IDS", "fuse_ctranslate2"]
 
 BLOCK_BYTES = 8 << 20
 _FINGERPRINT_BYTES = 64 << 10
@@ -381,34 +379,3 @@ class _AtomicFolder:
             os.close(directory)
         if old is not None:
             shutil.rmtree(old)
-
-
-def verify_ctranslate2(folder: Path, source: PathLike | None) -> list[str]:
-    """The variables (and aliases) of ``folder``'s model.bin that differ from a fresh conversion of ``source``.
-
-    The quantization is read from the file (the dtypes of a weight and of a layer norm); the
-    fresh model.bin is written to a temporary folder beside ``folder`` and compared name by name.
-    """
-    if source is None:
-        raise MissingTensorError(
-            f"cannot verify {folder}: a CTranslate2 model keeps no originals; pass the checkpoint it was "
-            "converted from as source= (--source)"
-        )
-    written = read_model_bin(folder / "model.bin")
-    quantization = quantization_of({name: dtype for name, (dtype, _, _) in written.variables.items()})
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.verify.") as temp:
-        fresh = Path(temp) / "model"
-        fuse_ctranslate2(source, fresh, FuseOptions(target="ctranslate2", quantization=quantization))
-        expected = read_model_bin(fresh / "model.bin")
-        names = sorted(set(written.variables) | set(expected.variables) | set(written.aliases) | set(expected.aliases))
-        return [
-            name
-            for name in names
-            if written.aliases.get(name) != expected.aliases.get(name)
-            or _record(written, name) != _record(expected, name)
-        ]
-
-
-def _record(model: ModelBin, name: str) -> tuple[str, tuple[int, ...], bytes] | None:
-    found = model.variables.get(name)
-    return None if found is None else (found[0], found[1], bytes(found[2]))

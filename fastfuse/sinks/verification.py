@@ -43,7 +43,7 @@ def verify(path: PathLike, *, source: PathLike | None = None) -> list[str]:
         []
     """
     if Path(path, "model.bin").is_file():  # a CTranslate2 model folder (target="ctranslate2")
-        from fastfuse.sinks.ctranslate2_writer import verify_ctranslate2
+        from fastfuse.sinks.ctranslate2_folder import verify_ctranslate2
 
         return verify_ctranslate2(Path(path), source)
     ranks = tensor_parallel_ranks(Path(path))
