@@ -96,6 +96,26 @@ def fresh(code: str, rounds: int = ROUNDS, setup=None, env=None) -> float:  # ty
     return min(times)
 
 
+def fresh_output(code: str) -> str:
+    """The last line ``code`` prints in a fresh process."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return done.stdout.strip().splitlines()[-1]
+
+
+# A cold load phase by phase (the page cache dropped before): importing fastfuse reads its own
+# files from the disk too, as every loader's first run after a boot does.
+COLD_PROFILE = """
+import json, sys, time, torch
+torch.empty(1, device="cuda"); torch.cuda.synchronize()
+start = time.perf_counter()
+import fastfuse
+imported = (time.perf_counter() - start) * 1e3
+sys.path.insert(0, {bench!r})
+import gpu_report
+print(json.dumps({{"import fastfuse ms": imported, **gpu_report.profile({p!r})}}))
+"""
+
+
 def drop_caches() -> None:
     os.sync()
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
@@ -195,6 +215,8 @@ def main(staging: list[str]) -> dict[str, object]:
             if installed(module):
                 cold[name] = peer(code.format(p=p), 2, drop_caches)
         rows["cold"] = cold
+        drop_caches()
+        rows["profile-cold"] = json.loads(fresh_output(COLD_PROFILE.format(bench=str(Path(__file__).parent), p=p)))
         harness.warm_page_cache(path)
     rows["staging"] = {setting: fresh(FASTFUSE.format(p=p), env={"FASTFUSE_STAGING": setting}) for setting in staging}
     rows["profile"] = profile(p)
@@ -226,14 +248,15 @@ def tensor_parallel(
 
 
 def profile(p: str) -> dict[str, float]:
-    """Where one in-process load's time goes (warm cache), phase by phase."""
+    """Where one in-process load's time goes, phase by phase (ms; ``cold file``: 1.0 where the
+    file was found out of the page cache and read with read-ahead hints)."""
     import torch
 
     from fastfuse import torch_bridge
     from fastfuse.formats.checkpoint import open_checkpoint
     from fastfuse.kernels.cuda_engine import CudaDestination
     from fastfuse.loading import _fusion_plan
-    from fastfuse.staging.pipeline import StagingConfig, _Lanes, chunks
+    from fastfuse.staging.pipeline import StagingConfig, _Lanes, chunks, mostly_uncached
     from fastfuse.staging.transfer_plan import plan_transfer
 
     out: dict[str, float] = {}
@@ -258,9 +281,12 @@ def profile(p: str) -> dict[str, float]:
     host = dest.staging(config.lanes * config.slots * config.chunk_bytes)
     mark("pinned alloc ms")
     files = [(os.open(f.path, os.O_RDONLY), f.path) for f in cp.files]
+    readahead = any(mostly_uncached(fd) for fd, _ in files)
+    out["cold file"] = float(readahead)
+    mark("mincore ms")
     lanes = _Lanes(dest, host, config, files)
     stage = transfer.stages[0]
-    lanes.run(chunks(stage.pieces, config.chunk_bytes))
+    lanes.run(chunks(stage.pieces, config.chunk_bytes), readahead=readahead)
     mark("read+upload ms")
     dest.run_moves(stage.moves, config.lanes)
     mark("moves ms")

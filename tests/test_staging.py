@@ -177,6 +177,45 @@ def test_readahead_hints_change_no_byte(tmp_path: Path) -> None:
     assert sorted(plain) == sorted(hinted) and all(same_bits(plain[k], hinted[k]) for k in plain)
 
 
+@pytest.mark.parametrize("rounds", [1, 3, 100])
+def test_readahead_hints_every_chunk_beyond_the_first_lanes_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rounds: int
+) -> None:
+    """Each chunk the lanes do not start with is hinted exactly once, before it is read."""
+    from fastfuse.staging import pipeline
+
+    path = INPUTS["safetensors"](tmp_path, DTYPES["float16"])
+    checkpoint = open_checkpoint(path)
+    transfer = plan_transfer(checkpoint, _fusion_plan(checkpoint, {}))
+    config = StagingConfig(2, 2, 4096, readahead=True, readahead_rounds=rounds)
+    work = [pipeline.chunks(stage.pieces, config.chunk_bytes) for stage in transfer.stages]
+    events: list[tuple[str, int, int]] = []
+    real_read = pipeline._read_into
+    monkeypatch.setattr(pipeline.os, "posix_fadvise", lambda fd, offset, n, advice: events.append(("hint", offset, n)))
+
+    def reading(fd: int, view: Any, offset: int, where: str) -> None:
+        events.append(("read", offset, len(view)))
+        real_read(fd, view, offset, where)
+
+    monkeypatch.setattr(pipeline, "_read_into", reading)
+    got = run_transfer(checkpoint, transfer, HostDestination(), config)
+    hinted = [(offset, n) for kind, offset, n in events if kind == "hint"]
+    expected = [(p.file_offset, p.nbytes) for stage in work for chunk in stage[config.lanes :] for p in chunk]
+    assert expected and sorted(hinted) == sorted(expected) and len(set(hinted)) == len(hinted)
+    assert all(events.index(("hint", *h)) < events.index(("read", *h)) for h in hinted)
+    plain = run_transfer(checkpoint, transfer, HostDestination(), StagingConfig(2, 2, 4096, readahead=False))
+    assert all(same_bits(plain[k], got[k]) for k in plain)
+
+
+def test_staging_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FASTFUSE_STAGING", "4,3,2")
+    assert StagingConfig.from_environment() == StagingConfig(4, 3, 2 << 20)
+    monkeypatch.setenv("FASTFUSE_STAGING", "4,3,2,5")
+    assert StagingConfig.from_environment() == StagingConfig(4, 3, 2 << 20, readahead_rounds=5)
+    monkeypatch.delenv("FASTFUSE_STAGING")
+    assert StagingConfig.from_environment() == StagingConfig()
+
+
 def test_a_file_just_read_is_not_called_uncached(tmp_path: Path) -> None:
     import os
 

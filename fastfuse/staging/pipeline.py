@@ -40,7 +40,8 @@ class StagingConfig:
     lanes: int = 8
     slots: int = 2
     chunk_bytes: int = 8 << 20
-    readahead: bool | None = None  # hint the kernel a chunk ahead per lane; None: where files are not cached
+    readahead: bool | None = None  # hint the kernel ahead of the reads; None: where files are not cached
+    readahead_rounds: int = 1  # how far ahead: this many chunks per lane beyond those being read
 
     @property
     def total_bytes(self) -> int:
@@ -49,12 +50,12 @@ class StagingConfig:
 
     @classmethod
     def from_environment(cls) -> StagingConfig:
-        """Defaults, or ``FASTFUSE_STAGING=lanes,slots,chunk_mib`` (for measuring)."""
+        """Defaults, or ``FASTFUSE_STAGING=lanes,slots,chunk_mib[,readahead_rounds]`` (for measuring)."""
         text = os.environ.get("FASTFUSE_STAGING")
         if not text:
             return cls()
-        lanes, slots, mib = (int(x) for x in text.split(","))
-        return cls(lanes, slots, mib << 20)
+        lanes, slots, mib, *rounds = (int(x) for x in text.split(","))
+        return cls(lanes, slots, mib << 20, readahead_rounds=rounds[0] if rounds else cls.readahead_rounds)
 
 
 class Destination(Protocol):
@@ -180,29 +181,34 @@ class _Lanes:
         self.destination, self.host, self.config, self.files = destination, host, config, files
 
     def run(self, work: list[list[Piece]], *, readahead: bool = False) -> int:
-        """Read and upload every chunk of ``work``; the number of lanes used. ``readahead``: each
-        lane, taking chunk ``i``, asks the kernel to start reading chunk ``i + lanes`` (for files
-        not in the page cache: the disk then has twice the requests in flight)."""
+        """Read and upload every chunk of ``work``; the number of lanes used. ``readahead``: a lane
+        taking chunk ``i`` first asks the kernel to start reading every chunk up to
+        ``i + lanes * readahead_rounds`` not asked for yet (for files not in the page cache: the
+        disk then has ``1 + readahead_rounds`` times the requests in flight)."""
         lanes = max(1, min(self.config.lanes, len(work)))
         if not work:
             return 0
         taken = 0
+        hinted = lanes if readahead else len(work)  # chunks below this were read or hinted
+        window = lanes * self.config.readahead_rounds
         lock = threading.Lock()
 
         def lane(number: int) -> None:
-            nonlocal taken
+            nonlocal taken, hinted
             slot = 0
             base = number * self.config.slots * self.config.chunk_bytes
             used = [False] * self.config.slots
             while True:
                 with lock:
                     index, taken = taken, taken + 1
+                    hint = range(hinted, min(len(work), index + 1 + window))
+                    hinted = max(hinted, hint.stop)
                 if index >= len(work):
                     return
                 chunk = work[index]
-                if readahead and index + lanes < len(work):
-                    for ahead in work[index + lanes]:
-                        os.posix_fadvise(self.files[ahead.file][0], ahead.file_offset, ahead.nbytes, _WILLNEED)
+                for ahead in hint:
+                    for piece in work[ahead]:
+                        os.posix_fadvise(self.files[piece.file][0], piece.file_offset, piece.nbytes, _WILLNEED)
                 if used[slot]:
                     self.destination.wait_slot(number, slot)
                 start = base + slot * self.config.chunk_bytes
