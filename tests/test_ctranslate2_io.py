@@ -139,14 +139,15 @@ def _peak_bytes(source: Path, out: Path, quantization: str | None) -> int:
 
 @pytest.mark.parametrize("quantization", [None, "float16", "int8_float16"])
 def test_memory_does_not_grow_with_the_model(models: dict[str, Path], tmp_path: Path, quantization: str | None) -> None:
-    """Copied (float32), converted (float16) and quantized (int8) variables: 8x the layers (5-7x the bytes), not 5x the memory."""
+    """Copied (float32), converted (float16) and quantized (int8) variables: 8x the layers (5x the
+    source's bytes) adds bookkeeping per tensor (names, plans: about 2 KB each), not the bytes."""
     sizes, peaks = [], []
     for name in ("small", "large"):
         _peak_bytes(models[name], tmp_path / f"warm-{name}", quantization)  # imports and caches first
         peaks.append(_peak_bytes(models[name], tmp_path / name, quantization))
-        sizes.append((tmp_path / name / "model.bin").stat().st_size)
+        sizes.append((models[name] / "model.safetensors").stat().st_size)
     assert sizes[1] > 5 * sizes[0]
-    assert peaks[1] < 1.5 * peaks[0] + (1 << 20), (sizes, peaks)
+    assert peaks[1] - peaks[0] < 0.05 * (sizes[1] - sizes[0]), (sizes, peaks)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ the disk's write-back as it goes (``writeback.Writeback``). :class:`Background` 
 (a torch file's CRCs) beside the writing and re-raises its error when joined.
 
 Example:
-    >>> import os, tempfile
+    >>> import tempfile
+    >>> from pathlib import Path
     >>> with tempfile.TemporaryDirectory() as folder:
     ...     with open(f"{folder}/src", "wb") as f:
     ...         _ = f.write(b"0123456789")
@@ -15,7 +16,7 @@ Example:
     ...         out.write(b"<")
     ...         out.copy(f"{folder}/src", 2, 5)
     ...         out.write(b">")
-    ...     open(f"{folder}/dst", "rb").read()
+    ...     Path(folder, "dst").read_bytes()
     b'<23456>'
 """
 
