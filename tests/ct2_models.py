@@ -69,9 +69,11 @@ def make_tiny(
     dtype: str = "float32",
     d_model: int = 64,
     layers: int = 2,
+    decoder_layers: int | None = None,
     **save: Any,
 ) -> Path:
-    """A tiny HF Whisper folder (d ``d_model`` 64, ``layers`` 2+2, 4 heads); ``save`` goes to ``save_pretrained``."""
+    """A tiny HF Whisper folder (d ``d_model`` 64, ``layers`` 2 encoder and ``decoder_layers``
+    (default: as many) decoder layers, 4 heads); ``save`` goes to ``save_pretrained``."""
     import torch
     from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
@@ -84,7 +86,7 @@ def make_tiny(
         num_mel_bins=80,
         d_model=d_model,
         encoder_layers=layers,
-        decoder_layers=layers,
+        decoder_layers=layers if decoder_layers is None else decoder_layers,
         encoder_attention_heads=4,
         decoder_attention_heads=4,
         encoder_ffn_dim=2 * d_model,
@@ -124,6 +126,34 @@ def make_tiny(
     tokenizer.save_pretrained(folder)
     WhisperFeatureExtractor(feature_size=80).save_pretrained(folder)
     return folder
+
+
+def as_torch_bin(folder: Path, out: Path, shards: int = 1) -> Path:
+    """``folder`` with its weights as ``torch.save`` files (transformers 5 saves only safetensors):
+    ``pytorch_model.bin``, or ``shards`` files with ``pytorch_model.bin.index.json``."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    out.mkdir()
+    for path in folder.iterdir():
+        if path.name != "model.safetensors":
+            (out / path.name).write_bytes(path.read_bytes())
+    weights = load_file(folder / "model.safetensors")
+    if shards == 1:
+        torch.save(weights, out / "pytorch_model.bin")
+        return out
+    names = sorted(weights)
+    weight_map = {}
+    for n in range(shards):
+        file = f"pytorch_model-{n + 1:05d}-of-{shards:05d}.bin"
+        part = {k: weights[k] for k in names[n::shards]}
+        torch.save(part, out / file)
+        weight_map.update(dict.fromkeys(part, file))
+    index = {"metadata": {"total_size": sum(t.nbytes for t in weights.values())}, "weight_map": weight_map}
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    return out
 
 
 # openai-whisper's names for Hugging Face's (as transformers' convert_openai_to_hf.py maps them).

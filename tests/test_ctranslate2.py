@@ -52,9 +52,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "float16": {"dtype": "float16"},
         "bfloat16": {"dtype": "bfloat16"},
         "sharded": {"max_shard_size": "100KB"},
-        "torch_bin": {"safe_serialization": False},
+        "turbo_shape": {"layers": 3, "decoder_layers": 1},  # large-v3-turbo: 32 + 4, distil: 32 + 2
     }
-    return {name: ct2_models.make_tiny(root / name, **kw) for name, kw in folders.items()}
+    made = {name: ct2_models.make_tiny(root / name, **kw) for name, kw in folders.items()}
+    made["torch_bin"] = ct2_models.as_torch_bin(made["tiny"], root / "torch_bin")
+    made["torch_bin_sharded"] = ct2_models.as_torch_bin(made["float16"], root / "torch_bin_sharded", shards=3)
+    return made
 
 
 def _same_folder(mine: Path, theirs: Path) -> None:
@@ -94,6 +97,9 @@ def test_every_quantization_is_the_converters(
         ("bfloat16", "float16"),
         ("sharded", "float16"),
         ("torch_bin", None),
+        ("torch_bin_sharded", "int8_float16"),
+        ("turbo_shape", None),
+        ("turbo_shape", "int8"),
     ],
 )
 def test_every_input_is_the_converters(

@@ -42,21 +42,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "large": {"d_model": 256, "layers": 16},
     }
     made = {name: ct2_models.make_tiny(root / name, **kw) for name, kw in folders.items()}
-    made["torch_bin"] = _as_torch_bin(made["float16"], root / "torch_bin")
+    made["torch_bin"] = ct2_models.as_torch_bin(made["float16"], root / "torch_bin")
     return made
-
-
-def _as_torch_bin(folder: Path, out: Path) -> Path:
-    """``folder`` with its weights as ``torch.save``'s pytorch_model.bin (transformers 5 saves only safetensors)."""
-    import torch
-    from safetensors.torch import load_file
-
-    out.mkdir()
-    for path in folder.iterdir():
-        if path.name != "model.safetensors":
-            (out / path.name).write_bytes(path.read_bytes())
-    torch.save(load_file(folder / "model.safetensors"), out / "pytorch_model.bin")
-    return out
 
 
 def _copied_bytes(monkeypatch: pytest.MonkeyPatch, *, refuse: bool = False) -> list[int]:
