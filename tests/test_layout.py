@@ -1,4 +1,4 @@
-"""The package's shape: which way imports go (import-linter contracts in pyproject.toml), no
+"""The package's shape: which way imports go (import-linter contracts in pyproject.toml), lint, no
 module named like a public function, the CLI imported by nothing, and small modules."""
 
 from __future__ import annotations
@@ -22,6 +22,20 @@ def test_the_import_contracts_hold() -> None:
     done = subprocess.run([str(linter), "--no-cache"], capture_output=True, text=True, cwd=PACKAGE.parent, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "0 broken" in done.stdout
+
+
+def test_the_code_is_linted_and_formatted() -> None:
+    """``ruff check`` and ``ruff format --check`` (rules in pyproject.toml) on the package, tests, bench."""
+    ruff = Path(sys.executable).with_name("ruff")
+    for command in (["check"], ["format", "--check"]):
+        done = subprocess.run(
+            [str(ruff), *command, "fastfuse", "tests", "bench"],
+            capture_output=True,
+            text=True,
+            cwd=PACKAGE.parent,
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_no_module_is_named_like_a_public_function() -> None:

@@ -1,8 +1,10 @@
 """Checkpoints on disk: resolve a file, an index or a folder, and read every shard with its reader.
 
-Knows paths and which reader understands which bytes (``st_format`` for safetensors,
-``torch_format`` for ``torch.save`` archives), not fusion: everything downstream sees one
-:class:`Checkpoint` of :class:`~fastfuse.formats.stored.StoredTensor` entries, whatever the format.
+Knows paths, which reader understands which bytes (``safetensors_file`` for safetensors,
+``torch_zip`` for ``torch.save`` archives) and what a checkpoint says of its model beside its
+tensors (the head counts of a ``config.json`` or of openai-whisper's ``dims``); not fusion:
+everything downstream sees one :class:`Checkpoint` of
+:class:`~fastfuse.formats.stored.StoredTensor` entries, whatever the format.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Tensors stored in a file, whatever its format: where their bytes are, and zero-copy views.
 
-Each reader (``st_format`` for safetensors, ``torch_format`` for ``torch.save`` archives)
+Each reader (``safetensors_file`` for safetensors, ``torch_zip`` for ``torch.save`` archives)
 validates its format and describes a file as a :class:`StoredFile`; everything downstream
 (checkpoints, planning, the file sink) sees only this description. This module opens files
 without following them into FIFOs or devices and maps them copy-on-write: an in-place write

@@ -1,6 +1,6 @@
 """Writing files all or nothing: a temporary in the destination folder, published by one rename.
 
-Knows files and folders, not formats: ``st_format.layout`` makes a safetensors prefix, and the
+Knows files and folders, not formats: ``safetensors_file.layout`` makes a safetensors prefix, and the
 sink fills the data section through :meth:`AtomicWriter.view` (a writable memory map) and
 :meth:`AtomicWriter.copy_from` (file to file, never through Python buffers).
 """
