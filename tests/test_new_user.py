@@ -47,12 +47,13 @@ def test_cli_validates_tp_heads_and_unknown_options(tmp_path: Path, folder: Path
 
 def test_cli_small_messages(tmp_path: Path, folder: Path) -> None:
     (tmp_path / "file").write_text("")
-    assert "--out" in run_cli("demo", "--out", tmp_path / "file", check=1).stderr
+    err = run_cli("demo", "--out", tmp_path / "file", check=1).stderr
+    assert "--out" in err and "exists and is not a folder" in err and "Errno" not in err
     fused = tmp_path / "f.safetensors"
     run_cli("fuse", folder / "model.safetensors", fused, check=0)
     assert "rebuilt  nothing" in run_cli("unfuse", fused, tmp_path / "u.safetensors", check=0).stdout
     err = run_cli("fuse", folder / "model.safetensors", str(tmp_path) + "/", check=1).stderr
-    assert "model.safetensors" in err.splitlines()[-1] and "is a folder" in err
+    assert f"pass {tmp_path}/model.safetensors" in err.splitlines()[-1] and "is a folder" in err
 
 
 def test_api_messages() -> None:
@@ -101,6 +102,21 @@ def test_inspect_describes_what_fastfuse_wrote(tmp_path: Path, folder: Path) -> 
         info = json.loads(run_cli("inspect", out, "--json", check=0).stdout)
         assert info["already_fused"] and info["target"] == target and info["written_by_fastfuse"]
         assert info["layers"] == {"encoder_qkv": 2, "decoder_qkv": 2} and "output_bytes" not in info
+        text = run_cli("inspect", out, check=0).stdout
+        assert "written  by fastfuse" in text and "output   about" not in text
+    shards = tmp_path / "shards"
+    run_cli("fuse", folder, shards, "--max-shard-size", "20KB", check=0)
+    assert len(list(shards.glob("*.safetensors"))) > 1
+    info = json.loads(run_cli("inspect", shards, "--json", check=0).stdout)
+    assert info["already_fused"] and info["target"] == "fastfuse" and info["written_by_fastfuse"]
+
+
+def test_tensor_parallel_without_head_counts_names_the_flags(tmp_path: Path) -> None:
+    src = tmp_path / "model.safetensors"
+    save_file(random_tensors(hf_whisper_shapes(16, 2, 2, 30), np.float16), str(src))  # no config.json
+    err = run_cli("fuse", src, tmp_path / "tp", "--tp", "2", check=1).stderr
+    assert "pass --heads (and --kv-heads for GQA)" in err and "heads=" not in err
+    assert not (tmp_path / "tp").exists()
 
 
 def test_model_folder_gets_config_and_tokenizer(tmp_path: Path, folder: Path) -> None:

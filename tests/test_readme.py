@@ -18,10 +18,18 @@ def test_readme_has_examples() -> None:
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[f"example-{n}" for n in range(len(BLOCKS))])
-def test_readme_python_examples_run(block: str) -> None:
+def test_readme_python_examples_run(block: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each example runs, and leaves nothing behind in the temporary folders it makes."""
+    import tempfile
+
     if "import torch" in block and importlib.util.find_spec("torch") is None:
         pytest.skip("this example needs torch (the hf or torch extra)")
-    exec(compile(block, "README.md", "exec"), {})  # noqa: S102 - the README's own examples
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    scope: dict[str, object] = {}  # kept alive: a folder left to a finalizer is a leftover
+    exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 - the README's own examples
+    assert list(scratch.iterdir()) == []
 
 
 def test_ci_runs_the_readme_test_command() -> None:
