@@ -48,7 +48,6 @@ from numba import types
 
 from fastfuse.kernels.intrinsics import (
     LINE,
-    VECTORS,
     call_worker,
     copy_bytes,
     f32_bits,
