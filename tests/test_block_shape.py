@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -120,7 +119,9 @@ def fake_seconds(monkeypatch: pytest.MonkeyPatch, seconds: dict[tuple[int, int],
 def test_calibration_keeps_the_fastest_and_a_tie_keeps_the_default(
     choices: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    measured = fake_seconds(monkeypatch, {(0, 2): {DEFAULT_SHAPE: 2.0, V32: 1.0}, (0, 4): {DEFAULT_SHAPE: 1.0, V32: 1.0}})
+    measured = fake_seconds(
+        monkeypatch, {(0, 2): {DEFAULT_SHAPE: 2.0, V32: 1.0}, (0, 4): {DEFAULT_SHAPE: 1.0, V32: 1.0}}
+    )
     got = block_shape.calibrate({(0, 2), (0, 4), (0, 8)})
     assert got == {(0, 2): V32, (0, 4): DEFAULT_SHAPE, (0, 8): DEFAULT_SHAPE}  # 8 bytes: not measured
     assert sorted(measured) == [(0, 2), (0, 4)]

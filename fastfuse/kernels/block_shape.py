@@ -33,7 +33,7 @@ from fastfuse.errors import FuseError
 from fastfuse.kernels import intrinsics, kernel_cache, numba_kernels
 from fastfuse.kernels.numba_kernels import DEFAULT_SHAPE, SHAPES, Shape
 
-__all__ = ["CALIBRATED", "CANDIDATES", "calibrate", "chosen", "choice_file", "target"]
+__all__ = ["CALIBRATED", "CANDIDATES", "calibrate", "choice_file", "chosen", "target"]
 
 Spec = tuple[int, int]  # (0 copy or 1 widen, source element width)
 

@@ -28,6 +28,7 @@ __all__ = [
     "load_at",
     "store_at",
     "store_fence",
+    "stream_lines",
     "transpose_block",
     "typed_pointer",
 ]
@@ -147,6 +148,26 @@ def transpose_block(typingctx, src, src_stride, dst, dst_stride, streaming, like
 
 
 @intrinsic
+def stream_lines(typingctx, dst, src, count):  # type: ignore[no-untyped-def]
+    """Copy ``count`` 64-byte lines from ``src`` (any alignment) to ``dst`` (64-byte aligned)
+    with non-temporal stores (finish with ``store_fence``)."""
+    sig = types.void(types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        dst_addr, src_addr, lines = args
+        line_ptr = ir.VectorType(ir.IntType(64), LINE // 8).as_pointer()
+        nontemporal = builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
+        with cgutils.for_range(builder, lines) as loop:
+            offset = builder.mul(loop.index, ir.Constant(lines.type, LINE))
+            value = builder.load(builder.inttoptr(builder.add(src_addr, offset), line_ptr), align=1)
+            target = builder.inttoptr(builder.add(dst_addr, offset), line_ptr)
+            builder.store(value, target, align=LINE).set_metadata("nontemporal", nontemporal)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
 def typed_pointer(typingctx, address, like):  # type: ignore[no-untyped-def]
     """A typed pointer to ``like``'s element type at a byte address (for ``numba.carray``)."""
     sig = types.CPointer(like.dtype)(types.intp, like)
@@ -249,6 +270,10 @@ if numba.config.DISABLE_JIT:  # pragma: no cover - exercised by the NUMBA_DISABL
 
     def store_fence():  # type: ignore[no-redef,no-untyped-def]
         pass
+
+    def stream_lines(dst, src, count):  # type: ignore[no-redef,no-untyped-def]
+        assert dst % LINE == 0, "streaming stores need aligned lines"
+        ctypes.memmove(int(dst), int(src), int(count) * LINE)
 
     def copy_bytes(dst, src, count):  # type: ignore[no-redef,no-untyped-def]
         ctypes.memmove(int(dst), int(src), int(count))

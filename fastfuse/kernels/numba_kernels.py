@@ -20,15 +20,16 @@ calling the tile *worker* of the job's width through a C function pointer: a wor
 width first runs (a few tenths of a second each), and cached on disk like the driver.
 
 How a tile moves (the measurements behind it: ``docs/design.md``): a tile is a band of
-``TILE_ROWS`` source rows, normally whole rows wide. It is cut into blocks of ``B x B``
-elements with ``B * itemsize == 64`` bytes, one cache line per block row: ``B`` source lines are
-loaded, transposed in vector registers (``log2(B)`` rounds of two-input shuffles) and written as
-``B`` whole destination lines. Walking a band left to right reads ``B`` sequential streams (the
-hardware prefetcher's best case) and writes every destination line exactly once, whole, so the
-stores are non-temporal: no read-for-ownership of the destination, no cache pollution. The
-block grid is shifted per part so those stores are 64-byte aligned; the few rows and columns
-outside the grid and strided sources go element by element; widening f16/bf16 to f32
-transposes blocks into a scratch block and converts its rows.
+``Shape.tile_rows`` source rows, normally whole rows wide, cut into blocks of ``B`` source rows
+(``B * itemsize == 64`` bytes) by ``S`` columns (``S * itemsize == Shape.vector``): ``B``
+vectors are loaded, transposed in registers (``log2(S)`` rounds of two-input shuffles per
+``S x S`` square) and written as ``S`` whole destination lines. The shape is a parameter of
+the one code path, chosen per CPU by measurement (``block_shape``). Walking a band left to
+right reads ``B`` sequential streams (the prefetcher's best case) and writes every destination
+line exactly once, whole, so the stores are non-temporal: no read-for-ownership, no cache
+pollution. The block grid is shifted per part so those stores are 64-byte aligned; the few rows
+and columns outside the grid and strided sources go element by element; widening f16/bf16 to
+f32 transposes blocks into a scratch block, converts its rows and streams them out.
 
 Importing this module imports numba (about 0.2 s); ``fastfuse`` imports it only when a kernel
 is needed. With ``NUMBA_DISABLE_JIT=1`` the intrinsics are replaced by slow pure-Python
@@ -55,6 +56,7 @@ from fastfuse.kernels.intrinsics import (
     load_at,
     store_at,
     store_fence,
+    stream_lines,
     transpose_block,
     typed_pointer,
 )
@@ -301,7 +303,9 @@ def _widen_worker(shape: Shape) -> Callable[..., None]:
 
         Blocks are transposed into a scratch block, then widened row by row: the scratch keeps
         the source reads sequential (as for copies) and turns the conversion into contiguous
-        rows the compiler vectorizes. Edges and strided sources go element by element.
+        rows the compiler vectorizes. A widened row is whole destination lines, streamed out
+        like a copy's when the destination allows (the grid shifted to line boundaries).
+        Edges and strided sources go element by element.
         """
         job = _job(jobs, row)
         like_src = _like(element)
@@ -310,24 +314,35 @@ def _widen_worker(shape: Shape) -> Callable[..., None]:
         side = LINE // width
         step = vector // width
         mode = job[J_MODE]
-        r0, r1, c0, c1 = _tile_bounds(job, tile, 0, tile_rows)
-        if r1 - r0 < side or c1 - c0 < side or job[J_SRC_COL] != width:
+        blocks = job[J_SRC_COL] == width
+        c_shift = _grid_shift(job[J_DST], job[J_DST_ROW], dst_width) if blocks else -1
+        r0, r1, c0, c1 = _tile_bounds(job, tile, max(c_shift, 0), tile_rows)
+        if r1 - r0 < side or c1 - c0 < side or not blocks:
             _move_elements(job, r0, r1, c0, c1, like_src, like_dst)
             return
+        streaming = c_shift >= 0
+        c_grid = min(c1, c_shift) if streaming and c0 == 0 else c0
         scratch = np.empty(side * step, like_src.dtype)
-        block = scratch.ctypes.data
+        wide = np.empty(side, like_dst.dtype)
+        block, wide_row = scratch.ctypes.data, wide.ctypes.data
         src_row, dst_row = job[J_SRC_ROW], job[J_DST_ROW]
-        c_end = c0 + (c1 - c0) // side * side
+        c_end = c_grid + (c1 - c_grid) // side * side
         r_end = r0 + (r1 - r0) // step * step
-        for c in range(c0, c_end, side):
+        _move_elements(job, r0, r1, c0, c_grid, like_src, like_dst)
+        for c in range(c_grid, c_end, side):
             for r in range(r0, r_end, step):
                 transpose_block(job[J_SRC] + c * src_row + r * width, src_row, block, LINE, False, like_src, vector)
                 for i in range(step):
-                    out = _row(job[J_DST] + (r + i) * dst_row + c * dst_width, side, like_dst)
+                    dst = job[J_DST] + (r + i) * dst_row + c * dst_width
+                    out = wide if streaming else _row(dst, side, like_dst)
                     for j in range(side):
                         out[j] = _convert(scratch[i * side + j], mode, like_dst)
+                    if streaming:
+                        stream_lines(dst, wide_row, side * dst_width // LINE)
         _move_elements(job, r0, r1, c_end, c1, like_src, like_dst)
-        _move_elements(job, r_end, r1, c0, c_end, like_src, like_dst)
+        _move_elements(job, r_end, r1, c_grid, c_end, like_src, like_dst)
+        if streaming:
+            store_fence()
 
     return widen_tile
 
