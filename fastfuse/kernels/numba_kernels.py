@@ -333,12 +333,13 @@ def _widen_worker(shape: Shape) -> Callable[..., None]:
             for r in range(r0, r_end, step):
                 transpose_block(job[J_SRC] + c * src_row + r * width, src_row, block, LINE, False, like_src, vector)
                 for i in range(step):
-                    dst = job[J_DST] + (r + i) * dst_row + c * dst_width
-                    out = wide if streaming else _row(dst, side, like_dst)
                     for j in range(side):
-                        out[j] = _convert(scratch[i * side + j], mode, like_dst)
+                        wide[j] = _convert(scratch[i * side + j], mode, like_dst)
+                    dst = job[J_DST] + (r + i) * dst_row + c * dst_width
                     if streaming:
                         stream_lines(dst, wide_row, side * dst_width // LINE)
+                    else:
+                        copy_bytes(dst, wide_row, side * dst_width)
         _move_elements(job, r0, r1, c_end, c1, like_src, like_dst)
         _move_elements(job, r_end, r1, c_grid, c_end, like_src, like_dst)
         if streaming:
