@@ -21,7 +21,7 @@ from fastfuse import FuseError, transpose_concat
 from fastfuse.kernels import block_shape, numba_kernels
 from fastfuse.kernels.numba_kernels import DEFAULT_SHAPE, SHAPES, Shape
 
-V32 = Shape(32, 64)
+V64 = Shape(64, 64)  # the candidate beside the default (32-byte vectors)
 AVX2 = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": ""}  # features empty: haswell's own
 
 
@@ -119,18 +119,19 @@ def fake_seconds(monkeypatch: pytest.MonkeyPatch, seconds: dict[tuple[int, int],
 def test_calibration_keeps_the_fastest_and_a_tie_keeps_the_default(
     choices: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    measured = fake_seconds(
-        monkeypatch, {(0, 2): {DEFAULT_SHAPE: 2.0, V32: 1.0}, (0, 4): {DEFAULT_SHAPE: 1.0, V32: 1.0}}
-    )
-    got = block_shape.calibrate({(0, 2), (0, 4), (0, 8)})
-    assert got == {(0, 2): V32, (0, 4): DEFAULT_SHAPE, (0, 8): DEFAULT_SHAPE}  # 8 bytes: not measured
-    assert sorted(measured) == [(0, 2), (0, 4)]
+    measured = fake_seconds(monkeypatch, {(0, 2): {DEFAULT_SHAPE: 2.0, V64: 1.0}})
+    got = block_shape.calibrate({(0, 2), (0, 4)})
+    assert got == {(0, 2): V64, (0, 4): DEFAULT_SHAPE} and measured == [(0, 2)]  # 4 bytes: not measured
     document = json.loads(choices.read_text())
-    assert document["choices"] == [[0, 2, "v32-t64"], [0, 4, "v64-t64"]]
-    assert document["seconds"]["copy-2"] == {"v64-t64": 2.0, "v32-t64": 1.0}
+    assert document["choices"] == [[0, 2, "v64-t64"]]
+    assert document["seconds"]["copy-2"] == {"v32-t64": 2.0, "v64-t64": 1.0}
     monkeypatch.setattr(block_shape, "_choices", {})  # a new process: read back, nothing measured
-    assert block_shape.calibrate({(0, 2)}) == {(0, 2): V32} and block_shape.chosen((0, 2)) == V32
-    assert len(measured) == 2
+    assert block_shape.calibrate({(0, 2)}) == {(0, 2): V64} and block_shape.chosen((0, 2)) == V64
+    assert len(measured) == 1
+    choices.unlink()
+    monkeypatch.setattr(block_shape, "_choices", {})
+    fake_seconds(monkeypatch, {(0, 2): {DEFAULT_SHAPE: 1.0, V64: 1.0}})
+    assert block_shape.calibrate({(0, 2)}) == {(0, 2): DEFAULT_SHAPE}  # a tie keeps the default
 
 
 @pytest.mark.parametrize(
@@ -148,14 +149,14 @@ def test_calibration_keeps_the_fastest_and_a_tie_keeps_the_default(
 def test_a_stale_or_corrupt_choice_is_ignored_and_measured_again(
     spoil: Any, choices: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    measured = fake_seconds(monkeypatch, {(0, 2): {DEFAULT_SHAPE: 2.0, V32: 1.0}})
+    measured = fake_seconds(monkeypatch, {(0, 2): {DEFAULT_SHAPE: 2.0, V64: 1.0}})
     block_shape.calibrate({(0, 2)})
     choices.write_text(spoil(json.loads(choices.read_text())))
     monkeypatch.setattr(block_shape, "_choices", {})
     assert block_shape.chosen((0, 2)) == DEFAULT_SHAPE  # ignored: the default until measured
     monkeypatch.setattr(block_shape, "_choices", {})
-    assert block_shape.calibrate({(0, 2)}) == {(0, 2): V32} and len(measured) == 2
-    assert json.loads(choices.read_text())["choices"] == [[0, 2, "v32-t64"]]
+    assert block_shape.calibrate({(0, 2)}) == {(0, 2): V64} and len(measured) == 2
+    assert json.loads(choices.read_text())["choices"] == [[0, 2, "v64-t64"]]
 
 
 def test_a_forced_shape_wins_and_a_wrong_one_is_a_clear_error(choices: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -164,19 +165,19 @@ def test_a_forced_shape_wins_and_a_wrong_one_is_a_clear_error(choices: Path, mon
     assert block_shape.calibrate({(0, 2), (0, 1)}) == {(0, 2): Shape(16, 64), (0, 1): Shape(16, 64)}
     assert not measured and not choices.exists()
     monkeypatch.setenv(block_shape.FORCE_VARIABLE, "v48")
-    with pytest.raises(FuseError, match=r"FASTFUSE_BLOCK_SHAPE='v48': expected one of \['v64-t64', 'v32-t64', "):
+    with pytest.raises(FuseError, match=r"FASTFUSE_BLOCK_SHAPE='v48': expected one of \['v32-t64', 'v64-t64', "):
         block_shape.chosen((0, 2))
 
 
 def test_the_engine_runs_the_shape_chosen(choices: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FASTFUSE_ENGINE", "numba")
-    fake_seconds(monkeypatch, {(0, 4): {DEFAULT_SHAPE: 2.0, V32: 1.0}})
-    block_shape.calibrate({(0, 4)})
-    numba_kernels._COMPILED.pop(("copy", 4, V32), None)
-    numba_kernels._WORKERS.pop(("copy", 4, V32), None)
-    parts = [np.arange(70 * 90, dtype=np.float32).reshape(70, 90)] * 2
+    fake_seconds(monkeypatch, {(0, 2): {DEFAULT_SHAPE: 2.0, V64: 1.0}})
+    block_shape.calibrate({(0, 2)})
+    numba_kernels._COMPILED.pop(("copy", 2, V64), None)
+    numba_kernels._WORKERS.pop(("copy", 2, V64), None)
+    parts = [np.arange(70 * 90, dtype=np.uint16).reshape(70, 90)] * 2
     assert same_bits(transpose_concat(parts), fused_reference(parts))
-    assert ("copy", 4, V32) in numba_kernels._COMPILED
+    assert ("copy", 2, V64) in numba_kernels._COMPILED
 
 
 def test_the_measurement_times_every_candidate() -> None:
