@@ -79,14 +79,9 @@ TILE_COLS = 8192
 
 
 class Shape(NamedTuple):
-    """How a worker cuts a band into blocks: the parameters of the one code path.
-
-    ``vector``: bytes of each source row a block loads (one of ``intrinsics.VECTORS``; a block
-    is ``64 // itemsize`` source rows by ``vector // itemsize`` columns and always stores whole
-    64-byte destination lines). ``tile_rows``: source rows per tile (a multiple of 64 bytes'
-    worth of elements for every width, so bands hold whole blocks). Every shape writes the same
-    bits; which is fastest depends on the CPU (``block_shape`` measures it).
-    """
+    """The parameters of the one code path: ``vector``, bytes of each source row a block loads
+    (``intrinsics.VECTORS``); ``tile_rows``, source rows per tile (whole blocks for every width).
+    Every shape writes the same bits; which is fastest depends on the CPU (``block_shape``)."""
 
     vector: int = 32
     tile_rows: int = 64
@@ -95,9 +90,7 @@ class Shape(NamedTuple):
         return f"v{self.vector}-t{self.tile_rows}"
 
 
-# The default: 32-byte vectors measured fastest for every width tried on the Zen 4 VM, AVX-512
-# and AVX2 code alike (docs/design.md); block_shape measures where CPUs are known to differ.
-DEFAULT_SHAPE = Shape()
+DEFAULT_SHAPE = Shape()  # fastest for every width tried on a Zen 4, AVX-512 and AVX2 (design.md)
 SHAPES = (DEFAULT_SHAPE, Shape(64, 64), Shape(16, 64), Shape(32, 128))  # every shape the tests run
 
 # The one place numba options are set: we move bits, so no fastmath; error_model numpy avoids
@@ -301,14 +294,10 @@ def _widen_worker(shape: Shape) -> Callable[..., None]:
     vector, tile_rows = shape.vector, shape.tile_rows
 
     def widen_tile(jobs, row, tile, element):  # type: ignore[no-untyped-def]
-        """A converting tile (``J_MODE`` says which widening).
-
-        Blocks are transposed into a scratch block, then widened row by row: the scratch keeps
-        the source reads sequential (as for copies) and turns the conversion into contiguous
-        rows the compiler vectorizes. A widened row is whole destination lines, streamed out
-        like a copy's when the destination allows (the grid shifted to line boundaries).
-        Edges and strided sources go element by element.
-        """
+        """A converting tile (``J_MODE`` says which widening). Blocks are transposed into a
+        scratch block (sequential source reads), widened row by row into a row scratch (a loop
+        the compiler vectorizes) and streamed out as whole lines where the destination allows.
+        Edges and strided sources go element by element."""
         job = _job(jobs, row)
         like_src = _like(element)
         like_dst = np.empty(0, np.uint32)
