@@ -1,8 +1,8 @@
 """The kernel and the per-layer loop under each instruction set numba can generate here.
 
 One child process per round and code generation (``host``: numba's default, the host CPU;
-``haswell``: ``NUMBA_CPU_NAME=haswell``, AVX2 code, with its own ``NUMBA_CACHE_DIR`` under the
-bench cache so the two never share compiled code). The child loads the kernels (compiling them
+``haswell``: ``NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=``, AVX2 code, with its own
+``NUMBA_CACHE_DIR`` under the bench cache so the two never share compiled code). The child loads the kernels (compiling them
 the first time), then times, taking turns, min of its rounds: the kernel on whole-model QKV in
 one call, the per-layer loop (one ``transpose_concat`` per layer, steady state) and
 ``np.copyto`` of the same bytes. Its three figures come back as JSON; ``report.py`` shows each
@@ -66,7 +66,9 @@ def environment(codegen: str) -> dict[str, str]:
     if codegen == "host":
         return {}
     folder = cache_dir() / f"numba-{codegen}"
-    return {"NUMBA_CPU_NAME": codegen, "NUMBA_CACHE_DIR": str(folder)}
+    # NUMBA_CPU_FEATURES empty: the CPU's own features. Without it numba keeps the host's
+    # (AVX-512 on a Zen 4): NUMBA_CPU_NAME alone only changes the scheduling model.
+    return {"NUMBA_CPU_NAME": codegen, "NUMBA_CPU_FEATURES": "", "NUMBA_CACHE_DIR": str(folder)}
 
 
 def build_codegen(size: str, param: str, rounds: int = 5) -> dict[str, Impl | None]:

@@ -197,7 +197,7 @@ EXIT_SCRIPT = """
 def exit_at(delay: float, phases: tuple[str, ...], cache: Path, cpu: str) -> tuple[str, int | None]:
     """A fresh process starts the background compile, waits for a loader phase, then ``delay``
     seconds, and exits: it must exit 0 and quietly (no LLVM assertion), its compiling child gone."""
-    env = {} if cpu == "host" else {"NUMBA_CPU_NAME": cpu}
+    env = {} if cpu == "host" else {"NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": ""}  # features: the CPU's own
     report = json.loads(run(EXIT_SCRIPT.format(phases=phases, delay=delay), cache=cache, timeout=300, **env))
     if report["child"] is not None:  # reaped by the exit hook: no such process, or not ours any more
         status = Path(f"/proc/{report['child']}/status")

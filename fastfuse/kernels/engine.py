@@ -219,12 +219,18 @@ def _transposition(copy: Copy) -> tuple[Block, Block]:
 def _run_kernels(work: Sequence[Copy]) -> None:
     """One job table per worker, one parallel launch each."""
     kernels = _kernels()
+    from fastfuse.kernels import block_shape
+
+    shapes: dict[Spec, Any] = {}
     tables: dict[Spec, list[list[int]]] = {}
     for copy in work:
         mode = _mode(copy)
+        spec = _spec(copy)
+        if spec not in shapes:
+            shapes[spec] = block_shape.chosen(spec)
         source, destination = _transposition(copy)
         tiling = kernels.tiling(source.row_stride, source.col_stride, source.itemsize, mode)
-        tables.setdefault(_spec(copy), []).append(
+        tables.setdefault(spec, []).append(
             [
                 source.address,
                 source.row_stride,
@@ -235,13 +241,13 @@ def _run_kernels(work: Sequence[Copy]) -> None:
                 destination.row_stride,
                 tiling,
                 mode,
-                kernels.tile_count(source.rows, source.cols, tiling),
+                kernels.tile_count(source.rows, source.cols, tiling, shapes[spec].tile_rows),
             ]
         )
     for spec, rows in tables.items():
         jobs = np.array(rows, dtype=np.int64).reshape(-1, kernels.JOB_COLUMNS)
         np.cumsum(jobs[:, kernels.J_TILE_END], out=jobs[:, kernels.J_TILE_END])
-        worker = kernels.worker(*spec)
+        worker = kernels.worker(*spec, shapes[spec])
         with _launch_lock:
             kernels.run_tiles(jobs, worker)
     _count("numba", len(work))

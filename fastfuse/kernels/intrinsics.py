@@ -20,6 +20,7 @@ from numba.extending import intrinsic
 
 __all__ = [
     "LINE",
+    "VECTORS",
     "call_worker",
     "copy_bytes",
     "f32_bits",
@@ -27,6 +28,7 @@ __all__ = [
     "load_at",
     "store_at",
     "store_fence",
+    "stream_lines",
     "transpose_block",
     "typed_pointer",
 ]
@@ -63,56 +65,103 @@ def store_at(typingctx, address, value):  # type: ignore[no-untyped-def]
     return sig, codegen
 
 
-@intrinsic
-def transpose_block(typingctx, src, src_stride, dst, dst_stride, streaming, like):  # type: ignore[no-untyped-def]
-    """Transpose one ``B x B`` block, ``B = 64 // itemsize``, through vector registers.
+# Bytes a block's vectors may hold (``transpose_block``'s ``vector``): a whole line, or a half
+# or quarter of one (the shape a CPU moves fastest, chosen by measurement: ``block_shape``).
+VECTORS = (64, 32, 16)
 
-    Loads ``B`` rows of 64 bytes from ``src + i * src_stride``, transposes them with
-    ``log2(B)`` rounds of interleaves, stores ``B`` rows to ``dst + i * dst_stride``.
+
+@intrinsic
+def transpose_block(typingctx, src, src_stride, dst, dst_stride, streaming, like, vector):  # type: ignore[no-untyped-def]
+    """Transpose one block of ``B`` source rows by ``S`` columns, ``B = 64 // itemsize``,
+    ``S = vector // itemsize`` (``vector``: a literal of :data:`VECTORS`), through registers.
+
+    Loads ``B`` vectors of ``vector`` bytes from ``src + i * src_stride``, transposes each of
+    the ``B / S`` stacked ``S x S`` squares with ``log2(S)`` rounds of interleaves, and stores
+    ``S`` whole 64-byte rows (the squares' rows side by side) to ``dst + i * dst_stride``.
     Addresses and strides are in bytes. ``streaming`` stores need 64-byte aligned destination
     rows and bypass the cache (finish with ``store_fence``). One shuffle network serves both
-    kinds of store: the block is the bulk of a worker's compile time.
+    kinds of store: the block is the bulk of a worker's compile time. The bits written do not
+    depend on ``vector``; the instructions (and their speed on a given CPU) do.
     """
-    sig = types.void(types.intp, types.intp, types.intp, types.intp, types.boolean, like)
+    if not isinstance(vector, types.IntegerLiteral) or vector.literal_value not in VECTORS:
+        return None
+    sig = types.void(types.intp, types.intp, types.intp, types.intp, types.boolean, like, vector)
     bits = like.dtype.bitwidth
     side = LINE * 8 // bits
+    square = vector.literal_value * 8 // bits
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        src_addr, src_step, dst_addr, dst_step, stream, _ = args
-        vector_ptr = ir.VectorType(ir.IntType(bits), side).as_pointer()
-        mask_type = ir.VectorType(ir.IntType(32), side)
-        half = side // 2
-        low = ir.Constant(mask_type, [v for k in range(half) for v in (k, k + side)])
-        high = ir.Constant(mask_type, [v for k in range(half, side) for v in (k, k + side)])
+        src_addr, src_step, dst_addr, dst_step, stream = args[:5]
+        element = ir.IntType(bits)
+        mask_type = ir.VectorType(ir.IntType(32), square)
+        half = square // 2
+        low = ir.Constant(mask_type, [v for k in range(half) for v in (k, k + square)])
+        high = ir.Constant(mask_type, [v for k in range(half, square) for v in (k, k + square)])
 
-        def row_pointers(base, step):  # type: ignore[no-untyped-def]
-            pointers, address = [], base
-            for _ in range(side):
-                pointers.append(builder.inttoptr(address, vector_ptr))
+        def addresses(base, step, count):  # type: ignore[no-untyped-def]
+            found, address = [], base
+            for _ in range(count):
+                found.append(address)
                 address = builder.add(address, step)
-            return pointers
+            return found
 
-        rows = [builder.load(p, align=1) for p in row_pointers(src_addr, src_step)]
-        # log2(B) rounds of interleaving rows i and i + B/2. (Swapping index bits inside
-        # 64-bit lanes with shifts and masks instead needs fewer shuffle-port uops but was
-        # no faster here: the kernel waits on memory, not on shuffles.)
-        for _ in range(side.bit_length() - 1):
-            interleaved = []
-            for i in range(half):
-                a, b = rows[i], rows[i + half]
-                interleaved.append(builder.shuffle_vector(a, b, low))
-                interleaved.append(builder.shuffle_vector(a, b, high))
-            rows = interleaved
+        def pointer(address, lanes):  # type: ignore[no-untyped-def]
+            return builder.inttoptr(address, ir.VectorType(element, lanes).as_pointer())
+
+        vectors = [builder.load(pointer(a, square), align=1) for a in addresses(src_addr, src_step, side)]
+        squares = []
+        for first in range(0, side, square):
+            rows = vectors[first : first + square]
+            # log2(S) rounds of interleaving rows i and i + S/2. (Swapping index bits inside
+            # 64-bit lanes with shifts and masks instead needs fewer shuffle-port uops but was
+            # no faster here: the kernel waits on memory, not on shuffles.)
+            for _ in range(square.bit_length() - 1):
+                interleaved = []
+                for i in range(half):
+                    a, b = rows[i], rows[i + half]
+                    interleaved.append(builder.shuffle_vector(a, b, low))
+                    interleaved.append(builder.shuffle_vector(a, b, high))
+                rows = interleaved
+            squares.append(rows)
+        lines = []
+        for t in range(square):
+            pieces = [rows[t] for rows in squares]
+            while len(pieces) > 1:  # side by side, a line of B elements
+                lanes = pieces[0].type.count
+                both = ir.Constant(ir.VectorType(ir.IntType(32), 2 * lanes), list(range(2 * lanes)))
+                pieces = [builder.shuffle_vector(a, b, both) for a, b in zip(pieces[::2], pieces[1::2])]
+            lines.append(pieces[0])
         nontemporal = builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
         if stream.type != ir.IntType(1):
             stream = builder.icmp_unsigned("!=", stream, ir.Constant(stream.type, 0))
+        targets = addresses(dst_addr, dst_step, square)
         with builder.if_else(stream) as (then, otherwise):
             with then:
-                for row, pointer in zip(rows, row_pointers(dst_addr, dst_step)):
-                    builder.store(row, pointer, align=LINE).set_metadata("nontemporal", nontemporal)
+                for line, address in zip(lines, targets):
+                    builder.store(line, pointer(address, side), align=LINE).set_metadata("nontemporal", nontemporal)
             with otherwise:
-                for row, pointer in zip(rows, row_pointers(dst_addr, dst_step)):
-                    builder.store(row, pointer, align=1)
+                for line, address in zip(lines, targets):
+                    builder.store(line, pointer(address, side), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def stream_lines(typingctx, dst, src, count):  # type: ignore[no-untyped-def]
+    """Copy ``count`` 64-byte lines from ``src`` (any alignment) to ``dst`` (64-byte aligned)
+    with non-temporal stores (finish with ``store_fence``)."""
+    sig = types.void(types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        dst_addr, src_addr, lines = args
+        line_ptr = ir.VectorType(ir.IntType(64), LINE // 8).as_pointer()
+        nontemporal = builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
+        with cgutils.for_range(builder, lines) as loop:
+            offset = builder.mul(loop.index, ir.Constant(lines.type, LINE))
+            value = builder.load(builder.inttoptr(builder.add(src_addr, offset), line_ptr), align=1)
+            target = builder.inttoptr(builder.add(dst_addr, offset), line_ptr)
+            builder.store(value, target, align=LINE).set_metadata("nontemporal", nontemporal)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -212,15 +261,19 @@ if numba.config.DISABLE_JIT:  # pragma: no cover - exercised by the NUMBA_DISABL
     def store_at(address, value):  # type: ignore[no-redef,no-untyped-def]
         view(address, value.dtype, 1)[0] = value
 
-    def transpose_block(src, src_stride, dst, dst_stride, streaming, like):  # type: ignore[no-redef,no-untyped-def]
+    def transpose_block(src, src_stride, dst, dst_stride, streaming, like, vector):  # type: ignore[no-redef,no-untyped-def]
         assert not streaming or (dst % LINE == 0 and dst_stride % LINE == 0), "streaming stores need aligned rows"
-        side = LINE // like.itemsize
-        block = [view(src + i * src_stride, like.dtype, side).copy() for i in range(side)]
-        for i in range(side):
+        side, square = LINE // like.itemsize, vector // like.itemsize
+        block = [view(src + i * src_stride, like.dtype, square).copy() for i in range(side)]
+        for i in range(square):
             view(dst + i * dst_stride, like.dtype, side)[:] = [row[i] for row in block]
 
     def store_fence():  # type: ignore[no-redef,no-untyped-def]
         pass
+
+    def stream_lines(dst, src, count):  # type: ignore[no-redef,no-untyped-def]
+        assert dst % LINE == 0, "streaming stores need aligned lines"
+        ctypes.memmove(int(dst), int(src), int(count) * LINE)
 
     def copy_bytes(dst, src, count):  # type: ignore[no-redef,no-untyped-def]
         ctypes.memmove(int(dst), int(src), int(count))

@@ -66,13 +66,16 @@ def location() -> str | None:
 
 
 def hits() -> dict[str, int]:
-    """How many kernels this process loaded from numba's cache (the rest, if any, it compiled)."""
-    from fastfuse.kernels import numba_kernels
+    """How many kernels this process loaded from numba's cache (the rest, if any, it compiled):
+    the driver, and each worker in the block shape chosen here (``block_shape``)."""
+    from fastfuse.kernels import block_shape, numba_kernels
 
     driver = numba_kernels.run_tiles
     found = {"driver": sum(driver.stats.cache_hits.values()) if hasattr(driver, "stats") else 0}
     with numba_kernels._WORKERS_LOCK:
-        for (kind, width), compiled in numba_kernels._COMPILED.items():
+        compiled_workers = list(numba_kernels._COMPILED.items())
+    for (kind, width, shape), compiled in compiled_workers:
+        if shape == block_shape.chosen((int(kind == "widen"), width)):
             found[f"{kind}-{width}"] = compiled.cache_hits
     return found
 
@@ -95,12 +98,14 @@ def fill(specs: Iterable[Spec], started: Callable[[subprocess.Popen[bytes]], Non
 
 def compile_here(specs: Iterable[Spec], *, driver: bool = True) -> None:
     """Compile (or load from the cache) the driver (unless ``driver=False``) and the workers of
-    ``specs`` in this thread."""
+    ``specs`` in this thread, each in the block shape chosen for this CPU (measured first where
+    the cache holds no choice yet: ``block_shape.calibrate``)."""
     import numpy as np
 
-    from fastfuse.kernels import numba_kernels
+    from fastfuse.kernels import block_shape, numba_kernels
 
     if driver:  # one driver for every width
         numba_kernels.run_tiles(np.zeros((0, numba_kernels.JOB_COLUMNS), np.int64), 0)
-    for spec in specs:
-        numba_kernels.worker(*spec)
+    specs = set(specs)
+    for spec, shape in block_shape.calibrate(specs).items():
+        numba_kernels.worker(*spec, shape)

@@ -20,15 +20,16 @@ calling the tile *worker* of the job's width through a C function pointer: a wor
 width first runs (a few tenths of a second each), and cached on disk like the driver.
 
 How a tile moves (the measurements behind it: ``docs/design.md``): a tile is a band of
-``TILE_ROWS`` source rows, normally whole rows wide. It is cut into blocks of ``B x B``
-elements with ``B * itemsize == 64`` bytes, one cache line per block row: ``B`` source lines are
-loaded, transposed in vector registers (``log2(B)`` rounds of two-input shuffles) and written as
-``B`` whole destination lines. Walking a band left to right reads ``B`` sequential streams (the
-hardware prefetcher's best case) and writes every destination line exactly once, whole, so the
-stores are non-temporal: no read-for-ownership of the destination, no cache pollution. The
-block grid is shifted per part so those stores are 64-byte aligned; the few rows and columns
-outside the grid and strided sources go element by element; widening f16/bf16 to f32
-transposes blocks into a scratch block and converts its rows.
+``Shape.tile_rows`` source rows, normally whole rows wide, cut into blocks of ``B`` source rows
+(``B * itemsize == 64`` bytes) by ``S`` columns (``S * itemsize == Shape.vector``): ``B``
+vectors are loaded, transposed in registers (``log2(S)`` rounds of two-input shuffles per
+``S x S`` square) and written as ``S`` whole destination lines. The shape is a parameter of
+the one code path, chosen per CPU by measurement (``block_shape``). Walking a band left to
+right reads ``B`` sequential streams (the prefetcher's best case) and writes every destination
+line exactly once, whole, so the stores are non-temporal: no read-for-ownership, no cache
+pollution. The block grid is shifted per part so those stores are 64-byte aligned; the few rows
+and columns outside the grid and strided sources go element by element; widening f16/bf16 to
+f32 transposes blocks into a scratch block, converts its rows and streams them out.
 
 Importing this module imports numba (about 0.2 s); ``fastfuse`` imports it only when a kernel
 is needed. With ``NUMBA_DISABLE_JIT=1`` the intrinsics are replaced by slow pure-Python
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numba
 import numpy as np
@@ -55,6 +56,7 @@ from fastfuse.kernels.intrinsics import (
     load_at,
     store_at,
     store_fence,
+    stream_lines,
     transpose_block,
     typed_pointer,
 )
@@ -70,11 +72,26 @@ ROWS_PER_TILE = 64
 MODE_COPY, MODE_F16_TO_F32, MODE_BF16_TO_F32 = 0, 1, 2
 
 
-# Tile shape in elements: TILE_ROWS source rows (output columns) by TILE_COLS source columns
-# (output rows). Whole source rows per band keep B long sequential read streams; bands of 64
-# rows give enough tiles to balance threads (20 per 1280-row part).
-TILE_ROWS = 64
+# Tile shape in elements: ``Shape.tile_rows`` source rows (output columns) by TILE_COLS source
+# columns (output rows). Whole source rows per band keep B long sequential read streams; bands
+# of 64 rows give enough tiles to balance threads (20 per 1280-row part).
 TILE_COLS = 8192
+
+
+class Shape(NamedTuple):
+    """The parameters of the one code path: ``vector``, bytes of each source row a block loads
+    (``intrinsics.VECTORS``); ``tile_rows``, source rows per tile (whole blocks for every width).
+    Every shape writes the same bits; which is fastest depends on the CPU (``block_shape``)."""
+
+    vector: int = 32
+    tile_rows: int = 64
+
+    def name(self) -> str:
+        return f"v{self.vector}-t{self.tile_rows}"
+
+
+DEFAULT_SHAPE = Shape()  # fastest for every width tried on a Zen 4, AVX-512 and AVX2 (design.md)
+SHAPES = (DEFAULT_SHAPE, Shape(64, 64), Shape(16, 64), Shape(32, 128))  # every shape the tests run
 
 # The one place numba options are set: we move bits, so no fastmath; error_model numpy avoids
 # division checks in the tile arithmetic. Helpers are inlined into the worker that uses them,
@@ -88,11 +105,12 @@ def tiling(src_row: int, src_col: int, width: int, mode: int) -> int:
     return TILING_ROWS if mode == MODE_COPY and src_row == width and src_col != width else TILING_BLOCKS
 
 
-def tile_count(rows: int, cols: int, tiling: int = TILING_BLOCKS) -> int:
-    """Tiles a ``rows x cols`` source is cut into (for ``J_TILE_END``)."""
+def tile_count(rows: int, cols: int, tiling: int = TILING_BLOCKS, tile_rows: int = DEFAULT_SHAPE.tile_rows) -> int:
+    """Tiles a ``rows x cols`` source is cut into (for ``J_TILE_END``) by a worker whose shape
+    has ``tile_rows``."""
     if tiling == TILING_ROWS:
         return -(-cols // ROWS_PER_TILE) if rows else 0
-    return -(-rows // TILE_ROWS) * -(-cols // TILE_COLS)
+    return -(-rows // tile_rows) * -(-cols // TILE_COLS)
 
 
 @_inline
@@ -187,31 +205,32 @@ def _tile_span(index, count, tile, shift, size):  # type: ignore[no-untyped-def]
 
 
 @_inline
-def _tile_bounds(job, tile, shift):  # type: ignore[no-untyped-def]
+def _tile_bounds(job, tile, shift, tile_rows):  # type: ignore[no-untyped-def]
     """``(r0, r1, c0, c1)`` of block tile ``tile``: output rows ``r``, source rows ``c``."""
     rows, cols = job[J_ROWS], job[J_COLS]
-    tiles_down = (rows + TILE_ROWS - 1) // TILE_ROWS
+    tiles_down = (rows + tile_rows - 1) // tile_rows
     tiles_across = (cols + TILE_COLS - 1) // TILE_COLS
     r0, r1 = _tile_span(tile // tiles_down, tiles_across, TILE_COLS, 0, cols)
-    c0, c1 = _tile_span(tile % tiles_down, tiles_down, TILE_ROWS, shift, rows)
+    c0, c1 = _tile_span(tile % tiles_down, tiles_down, tile_rows, shift, rows)
     return r0, r1, c0, c1
 
 
 @_inline
-def _move_band(job, c, r0, r1, streaming, like):  # type: ignore[no-untyped-def]
+def _move_band(job, c, r0, r1, streaming, like, vector):  # type: ignore[no-untyped-def]
     """Blocks for source rows ``c..c+B`` and columns ``r0..r1`` (``r1 - r0 >= B``), left to right.
 
-    ``B`` sequential read streams; each block writes ``B`` whole destination lines. A ragged
-    right edge is one more block ending at ``r1``, overlapping its neighbour (same bits twice).
+    ``B`` sequential read streams; each block writes ``S = vector // itemsize`` whole
+    destination lines. A ragged right edge is one more block ending at ``r1``, overlapping its
+    neighbour (same bits twice).
     """
     width = like.itemsize
-    side = LINE // width
+    step = vector // width
     src_row, dst_row = job[J_SRC_ROW], job[J_DST_ROW]
-    for b in range((r1 - r0 + side - 1) // side):
-        r = min(r0 + b * side, r1 - side)
+    for b in range((r1 - r0 + step - 1) // step):
+        r = min(r0 + b * step, r1 - step)
         src = job[J_SRC] + c * src_row + r * width
         dst = job[J_DST] + r * dst_row + c * width
-        transpose_block(src, src_row, dst, dst_row, streaming, like)
+        transpose_block(src, src_row, dst, dst_row, streaming, like, vector)
 
 
 @_inline
@@ -228,73 +247,96 @@ def _copy_rows(job, tile, width):  # type: ignore[no-untyped-def]
 # Workers: one tile of one job. Compiled as C callbacks, one per element width (or conversion).
 
 
-def _copy_tile(jobs, row, tile, element):  # type: ignore[no-untyped-def]
-    """Tile ``tile`` of job ``row``: bands of line blocks, row copies, or elements if too small."""
-    job = _job(jobs, row)
-    like = _like(element)
-    width = like.itemsize
-    if job[J_TILING] == TILING_ROWS:
-        _copy_rows(job, tile, width)
-        return
-    side = LINE // width
-    blocks = job[J_SRC_COL] == width
-    # Shift the band grid along c so block rows land on destination line boundaries (aligned
-    # streaming stores). Aligning source loads too (a shift along r) did not pay.
-    c_shift = _grid_shift(job[J_DST], job[J_DST_ROW], width) if blocks else -1
-    r0, r1, c0, c1 = _tile_bounds(job, tile, max(c_shift, 0))
-    if r1 - r0 < side or c1 - c0 < side or not blocks:
-        _move_elements(job, r0, r1, c0, c1, like, like)
-        return
-    streaming = c_shift >= 0
-    c_grid = min(c1, c_shift) if streaming and c0 == 0 else c0
-    c_end = c_grid + (c1 - c_grid) // side * side
-    # Rows before the grid (less than one destination line per output row) go element by
-    # element: a cached block there would share lines with the streaming stores, and a line
-    # written both ways costs a flush (f16 in-cache rate halved). Rows after it likewise when
-    # streaming; otherwise one cached band overlapping the grid (same bits written twice).
-    _move_elements(job, r0, r1, c0, c_grid, like, like)
-    for c in range(c_grid, c_end, side):
-        _move_band(job, c, r0, r1, streaming, like)
-    if c_end < c1:
+def _copy_worker(shape: Shape) -> Callable[..., None]:
+    """The copy worker of ``shape``: its parameters are constants of the compiled code."""
+    vector, tile_rows = shape.vector, shape.tile_rows
+
+    def copy_tile(jobs, row, tile, element):  # type: ignore[no-untyped-def]
+        """Tile ``tile`` of job ``row``: bands of line blocks, row copies, or elements if too small."""
+        job = _job(jobs, row)
+        like = _like(element)
+        width = like.itemsize
+        if job[J_TILING] == TILING_ROWS:
+            _copy_rows(job, tile, width)
+            return
+        side = LINE // width
+        blocks = job[J_SRC_COL] == width
+        # Shift the band grid along c so block rows land on destination line boundaries
+        # (aligned streaming stores). Aligning source loads too (a shift along r) did not pay.
+        c_shift = _grid_shift(job[J_DST], job[J_DST_ROW], width) if blocks else -1
+        r0, r1, c0, c1 = _tile_bounds(job, tile, max(c_shift, 0), tile_rows)
+        if r1 - r0 < side or c1 - c0 < side or not blocks:
+            _move_elements(job, r0, r1, c0, c1, like, like)
+            return
+        streaming = c_shift >= 0
+        c_grid = min(c1, c_shift) if streaming and c0 == 0 else c0
+        c_end = c_grid + (c1 - c_grid) // side * side
+        # Rows before the grid (less than one destination line per output row) go element by
+        # element: a cached block there would share lines with the streaming stores, and a line
+        # written both ways costs a flush (f16 in-cache rate halved). Rows after it likewise when
+        # streaming; otherwise one cached band overlapping the grid (same bits written twice).
+        _move_elements(job, r0, r1, c0, c_grid, like, like)
+        for c in range(c_grid, c_end, side):
+            _move_band(job, c, r0, r1, streaming, like, vector)
+        if c_end < c1:
+            if streaming:
+                _move_elements(job, r0, r1, c_end, c1, like, like)
+            else:
+                _move_band(job, c1 - side, r0, r1, False, like, vector)
         if streaming:
-            _move_elements(job, r0, r1, c_end, c1, like, like)
-        else:
-            _move_band(job, c1 - side, r0, r1, False, like)
-    if streaming:
-        store_fence()
+            store_fence()
+
+    return copy_tile
 
 
-def _widen_tile(jobs, row, tile, element):  # type: ignore[no-untyped-def]
-    """A converting tile (2-byte source, 4-byte destination; ``J_MODE`` says which widening).
+def _widen_worker(shape: Shape) -> Callable[..., None]:
+    """The widening worker of ``shape`` (2-byte source, 4-byte destination)."""
+    vector, tile_rows = shape.vector, shape.tile_rows
 
-    Line blocks are transposed into a scratch block, then widened row by row: the scratch
-    keeps the source reads sequential (as for copies) and turns the conversion into contiguous
-    rows the compiler vectorizes. Edges and strided sources go element by element.
-    """
-    job = _job(jobs, row)
-    like_src = _like(element)
-    like_dst = np.empty(0, np.uint32)
-    width, dst_width = like_src.itemsize, like_dst.itemsize
-    side = LINE // width
-    mode = job[J_MODE]
-    r0, r1, c0, c1 = _tile_bounds(job, tile, 0)
-    if r1 - r0 < side or c1 - c0 < side or job[J_SRC_COL] != width:
-        _move_elements(job, r0, r1, c0, c1, like_src, like_dst)
-        return
-    scratch = np.empty(side * side, like_src.dtype)
-    block = scratch.ctypes.data
-    src_row, dst_row = job[J_SRC_ROW], job[J_DST_ROW]
-    c_end = c0 + (c1 - c0) // side * side
-    r_end = r0 + (r1 - r0) // side * side
-    for c in range(c0, c_end, side):
-        for r in range(r0, r_end, side):
-            transpose_block(job[J_SRC] + c * src_row + r * width, src_row, block, LINE, False, like_src)
-            for i in range(side):
-                out = _row(job[J_DST] + (r + i) * dst_row + c * dst_width, side, like_dst)
-                for j in range(side):
-                    out[j] = _convert(scratch[i * side + j], mode, like_dst)
-    _move_elements(job, r0, r1, c_end, c1, like_src, like_dst)
-    _move_elements(job, r_end, r1, c0, c_end, like_src, like_dst)
+    def widen_tile(jobs, row, tile, element):  # type: ignore[no-untyped-def]
+        """A converting tile (``J_MODE`` says which widening). Blocks are transposed into a
+        scratch block (sequential source reads), widened row by row into a row scratch (a loop
+        the compiler vectorizes) and streamed out as whole lines where the destination allows.
+        Edges and strided sources go element by element."""
+        job = _job(jobs, row)
+        like_src = _like(element)
+        like_dst = np.empty(0, np.uint32)
+        width, dst_width = like_src.itemsize, like_dst.itemsize
+        side = LINE // width
+        step = vector // width
+        mode = job[J_MODE]
+        blocks = job[J_SRC_COL] == width
+        c_shift = _grid_shift(job[J_DST], job[J_DST_ROW], dst_width) if blocks else -1
+        r0, r1, c0, c1 = _tile_bounds(job, tile, max(c_shift, 0), tile_rows)
+        if r1 - r0 < side or c1 - c0 < side or not blocks:
+            _move_elements(job, r0, r1, c0, c1, like_src, like_dst)
+            return
+        streaming = c_shift >= 0
+        c_grid = min(c1, c_shift) if streaming and c0 == 0 else c0
+        scratch = np.empty(side * step, like_src.dtype)
+        wide = np.empty(side, like_dst.dtype)
+        block, wide_row = scratch.ctypes.data, wide.ctypes.data
+        src_row, dst_row = job[J_SRC_ROW], job[J_DST_ROW]
+        c_end = c_grid + (c1 - c_grid) // side * side
+        r_end = r0 + (r1 - r0) // step * step
+        _move_elements(job, r0, r1, c0, c_grid, like_src, like_dst)
+        for c in range(c_grid, c_end, side):
+            for r in range(r0, r_end, step):
+                transpose_block(job[J_SRC] + c * src_row + r * width, src_row, block, LINE, False, like_src, vector)
+                for i in range(step):
+                    for j in range(side):
+                        wide[j] = _convert(scratch[i * side + j], mode, like_dst)
+                    dst = job[J_DST] + (r + i) * dst_row + c * dst_width
+                    if streaming:
+                        stream_lines(dst, wide_row, side * dst_width // LINE)
+                    else:
+                        copy_bytes(dst, wide_row, side * dst_width)
+        _move_elements(job, r0, r1, c_end, c1, like_src, like_dst)
+        _move_elements(job, r_end, r1, c_grid, c_end, like_src, like_dst)
+        if streaming:
+            store_fence()
+
+    return widen_tile
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,21 +375,22 @@ def _compile(make: Callable[[bool], Any]) -> Any:
 
 run_tiles = _compile(lambda cache: numba.njit(parallel=True, cache=cache, **_OPTIONS)(_run_tiles))
 
-_WORKERS: dict[tuple[str, int], Any] = {}  # (kind, width) -> address (or function, without JIT)
-_COMPILED: dict[tuple[str, int], Any] = {}  # (kind, width) -> numba CFunc
+WorkerKey = tuple[str, int, Shape]  # (kind, width, shape)
+_WORKERS: dict[WorkerKey, Any] = {}  # -> address (or function, without JIT)
+_COMPILED: dict[WorkerKey, Any] = {}  # -> numba CFunc
 _WORKERS_LOCK = threading.Lock()
 _UINTS = {1: types.uint8, 2: types.uint16, 4: types.uint32, 8: types.uint64}
 
 
-def worker(mode: int, width: int) -> Any:
-    """The worker for jobs of ``mode`` (copies, or any widening) whose source elements are
-    ``width`` bytes, compiled (or loaded from numba's cache) on first use; its address, for
-    :func:`run_tiles`."""
+def worker(mode: int, width: int, shape: Shape = DEFAULT_SHAPE) -> Any:
+    """The worker of ``shape`` for jobs of ``mode`` (copies, or any widening) whose source
+    elements are ``width`` bytes, compiled (or loaded from numba's cache) on first use; its
+    address, for :func:`run_tiles`."""
     kind = "copy" if mode == MODE_COPY else "widen"
-    key = (kind, width)
+    key = (kind, width, shape)
     with _WORKERS_LOCK:
         if key not in _WORKERS:
-            function = _copy_tile if kind == "copy" else _widen_tile
+            function = (_copy_worker if kind == "copy" else _widen_worker)(shape)
             if numba.config.DISABLE_JIT:
                 _WORKERS[key] = (function, np.empty(0, np.dtype(f"u{width}")))
             else:

@@ -1,0 +1,213 @@
+"""Which block shape each kernel worker uses on this CPU: measured once, kept beside the kernels.
+
+The workers have one code path whose parameters (:class:`~fastfuse.kernels.numba_kernels.Shape`:
+bytes per block row vector, source rows per tile) are constants of the compiled code. Which
+shape is fastest depends on the CPU and on the instructions numba generates for it (on one
+Zen 4, 32-byte vectors beat 64-byte ones for f16 by 8% under AVX-512 code and by 23% under AVX2
+code: ``docs/design.md``), so it is measured, not assumed: :func:`calibrate` compiles each candidate
+of a worker, times it on a synthetic transpose larger than the caches (a few tenths of a
+second for all of them once compiled), and writes the winner to a *choice file* in numba's
+cache folder for the kernels, keyed by what numba keys its own cache on (target triple, CPU
+name and features) plus the numba version and the kernels' source. A missing, stale or
+unreadable choice file reads as "not measured": the default shape, until the next warm-up or
+cache fill measures again. No shape changes a single bit of the result.
+
+``FASTFUSE_BLOCK_SHAPE=v32-t64`` (a :meth:`Shape.name`) forces one shape for every worker
+(tests run each shape this way on any host). Without numba's cache, or with
+``NUMBA_DISABLE_JIT=1``, nothing is measured: the default shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from typing import Any
+
+import numba
+import numpy as np
+
+from fastfuse.errors import FuseError
+from fastfuse.kernels import intrinsics, kernel_cache, numba_kernels
+from fastfuse.kernels.numba_kernels import DEFAULT_SHAPE, SHAPES, Shape
+
+__all__ = ["CALIBRATED", "CANDIDATES", "calibrate", "choice_file", "chosen", "target"]
+
+Spec = tuple[int, int]  # (0 copy or 1 widen, source element width)
+
+# The workers whose shape is measured: 2-byte copies (f16, bf16), where the shapes' speeds
+# differ most from CPU to CPU and code generation to code generation. Each candidate costs a
+# compile at the first warm-up (about a second), so the others keep the default (measuring
+# f32 and the widening too took cold `fastfuse warmup` from about 8 s to 13 s).
+CALIBRATED: frozenset[Spec] = frozenset({(0, 2)})
+CANDIDATES = (DEFAULT_SHAPE, Shape(64, 64))
+FORCE_VARIABLE = "FASTFUSE_BLOCK_SHAPE"
+SOURCE_BYTES = 48 << 20  # per calibration transpose: past the last-level caches measured (32 MB)
+ROUNDS = 5
+
+_JIT_DISABLED = bool(numba.config.DISABLE_JIT)  # type: ignore[attr-defined]
+_lock = threading.Lock()
+_choices: dict[str, dict[Spec, Shape]] = {}  # choice file path -> choices read or measured
+
+
+def target() -> list[str]:
+    """What numba keys compiled code on: target triple, CPU name, CPU features."""
+    from numba.core.registry import cpu_target
+
+    return [str(part) for part in cpu_target.target_context.codegen().magic_tuple()]
+
+
+def _key() -> dict[str, Any]:
+    sources = hashlib.sha1()
+    for module in (numba_kernels, intrinsics):
+        with open(str(module.__file__), "rb") as f:
+            sources.update(f.read())
+    return {"target": target(), "numba": numba.__version__, "kernels": sources.hexdigest()}
+
+
+def choice_file() -> str | None:
+    """The choice file for this target (None: numba caches nothing, so nothing is kept)."""
+    folder = kernel_cache.location()
+    if folder is None:
+        return None
+    digest = hashlib.sha1(json.dumps(target()).encode()).hexdigest()[:16]
+    return os.path.join(folder, f"block-shapes-{digest}.json")
+
+
+def _read(path: str) -> dict[Spec, Shape]:
+    """The choices in ``path``; {} when it is missing, unreadable, or for another key."""
+    try:
+        with open(path) as f:
+            found = json.load(f)
+        if found["key"] != _key():
+            return {}
+        names = {shape.name(): shape for shape in SHAPES}
+        return {
+            (int(kind), int(width)): names[name]
+            for kind, width, name in found["choices"]
+            if (int(kind), int(width)) in CALIBRATED and name in names
+        }
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _forced() -> Shape | None:
+    name = os.environ.get(FORCE_VARIABLE, "")
+    if not name:
+        return None
+    for shape in SHAPES:
+        if shape.name() == name:
+            return shape
+    raise FuseError(f"{FORCE_VARIABLE}={name!r}: expected one of {[shape.name() for shape in SHAPES]}")
+
+
+def chosen(spec: Spec) -> Shape:
+    """The shape of ``spec``'s worker here: forced, measured (choice file), else the default."""
+    forced = _forced()
+    if forced is not None:
+        return forced
+    if spec not in CALIBRATED or _JIT_DISABLED:
+        return DEFAULT_SHAPE
+    path = choice_file()
+    if path is None:
+        return DEFAULT_SHAPE
+    with _lock:
+        if path not in _choices:
+            _choices[path] = _read(path)
+        return _choices[path].get(spec, DEFAULT_SHAPE)
+
+
+def _problem(spec: Spec) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """A job table for ``SOURCE_BYTES`` of square parts fused side by side (like QKV), and the
+    arrays it points into (kept alive by the caller)."""
+    widen, width = spec
+    side = 1024
+    count = max(1, SOURCE_BYTES // (side * side * width))
+    source = np.ones((count, side, side), np.dtype(f"u{width}"))
+    out = np.zeros((side, count * side), np.uint32 if widen else source.dtype)
+    mode = numba_kernels.MODE_F16_TO_F32 if widen else numba_kernels.MODE_COPY
+    rows = [
+        [
+            part.ctypes.data,
+            side * width,
+            width,
+            side,
+            side,
+            out.ctypes.data + j * side * out.itemsize,
+            out.strides[0],
+            numba_kernels.TILING_BLOCKS,
+            mode,
+            0,
+        ]
+        for j, part in enumerate(source)
+    ]
+    return np.array(rows, np.int64), source, out
+
+
+def _measure(spec: Spec, shapes: tuple[Shape, ...], rounds: int) -> dict[Shape, float]:
+    """Min-of-``rounds`` seconds of each shape's worker on one problem, taking turns."""
+    jobs, source, out = _problem(spec)
+    tables = {}
+    for shape in shapes:
+        table = jobs.copy()
+        table[:, numba_kernels.J_TILE_END] = np.cumsum(
+            [numba_kernels.tile_count(int(r[3]), int(r[4]), int(r[7]), shape.tile_rows) for r in jobs]
+        )
+        tables[shape] = (table, numba_kernels.worker(spec[0], spec[1], shape))
+    best = dict.fromkeys(shapes, float("inf"))
+    numba_kernels.run_tiles(*tables[shapes[0]])  # first touch of the output
+    for turn in range(rounds):
+        for shape in shapes if turn % 2 == 0 else shapes[::-1]:
+            start = time.perf_counter()
+            numba_kernels.run_tiles(*tables[shape])
+            best[shape] = min(best[shape], time.perf_counter() - start)
+    del source, out
+    return best
+
+
+def calibrate(specs: set[Spec] | frozenset[Spec], rounds: int = ROUNDS) -> dict[Spec, Shape]:
+    """Measure the :data:`CANDIDATES` of each spec of ``specs`` in :data:`CALIBRATED` that the
+    choice file does not hold yet, and record the fastest (a tie keeps the default). Returns
+    the choices of ``specs``. Nothing is measured without numba's cache, with JIT disabled or
+    with a forced shape."""
+    wanted = sorted(set(specs) & CALIBRATED)
+    path = choice_file()
+    if path is None or _JIT_DISABLED or _forced() is not None:
+        return {spec: chosen(spec) for spec in specs}
+    with _lock:
+        choices = dict(_read(path))
+        todo = [spec for spec in wanted if spec not in choices]
+        figures = _figures(path)
+        for spec in todo:
+            seconds = _measure(spec, CANDIDATES, rounds)
+            choices[spec] = min(CANDIDATES, key=lambda shape: (seconds[shape], shape != DEFAULT_SHAPE))
+            figures[kernel_cache.spec_names([spec])[0]] = {shape.name(): seconds[shape] for shape in CANDIDATES}
+        if todo:
+            _write(path, choices, figures)
+        _choices[path] = choices
+    return {spec: chosen(spec) for spec in specs}
+
+
+def _figures(path: str) -> dict[str, dict[str, float]]:
+    """The timings a valid choice file already records (kept when a spec is added)."""
+    try:
+        with open(path) as f:
+            found = json.load(f)
+        return dict(found["seconds"]) if found["key"] == _key() else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _write(path: str, choices: dict[Spec, Shape], figures: dict[str, dict[str, float]]) -> None:
+    """Write the choice file atomically (a reader sees the old one or the new one, whole)."""
+    document = {
+        "key": _key(),
+        "choices": [[kind, width, shape.name()] for (kind, width), shape in sorted(choices.items())],
+        "seconds": figures,
+    }
+    temporary = f"{path}.{os.getpid()}.partial"
+    with open(temporary, "w") as f:
+        json.dump(document, f, indent=1)
+    os.replace(temporary, path)

@@ -1,0 +1,186 @@
+"""The kernels' block shapes (``numba_kernels.Shape``) and the per-CPU choice among them
+(``block_shape``): every shape gives the reference's bits, under the host's code and under
+AVX2 code (``NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=`` in a child, whatever the host); the
+calibration keeps the fastest, and a stale or corrupt choice file is ignored."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pytest
+from naive import fused_reference, same_bits
+
+from fastfuse import FuseError, transpose_concat
+from fastfuse.kernels import block_shape, numba_kernels
+from fastfuse.kernels.numba_kernels import DEFAULT_SHAPE, SHAPES, Shape
+
+V64 = Shape(64, 64)  # the candidate beside the default (32-byte vectors)
+AVX2 = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": ""}  # features empty: haswell's own
+
+
+def random_bits(shape: tuple[int, int], dtype: Any, rng: np.random.Generator) -> np.ndarray:
+    """Arbitrary bit patterns (NaN payloads, -0.0, subnormals included)."""
+    dtype = np.dtype(dtype)
+    return rng.integers(0, 256, size=(*shape, dtype.itemsize), dtype=np.uint8).view(dtype).reshape(shape)
+
+
+def off_grid(rows: int, cols: int, dtype: Any, skip: int = 3) -> np.ndarray:
+    """A C-contiguous ``rows x cols`` output starting ``skip`` elements past its allocation."""
+    return np.zeros(rows * cols + skip, dtype)[skip:].reshape(rows, cols)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=Shape.name)
+@pytest.mark.parametrize(
+    "dtype", [np.float32, np.float16, ml_dtypes.bfloat16, np.int8, np.float64], ids=lambda d: np.dtype(d).name
+)
+def test_each_shape_gives_the_reference_bits(shape: Shape, dtype: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Odd sizes (edges of the block and tile grids), an output off the line grid, strided and
+    Fortran-ordered sources, GQA-like unequal parts; and the widenings, for 2-byte types."""
+    monkeypatch.setenv("FASTFUSE_ENGINE", "numba")
+    monkeypatch.setenv(block_shape.FORCE_VARIABLE, shape.name())
+    rng = np.random.default_rng(7)
+    for rows in [(257, 255, 1), (130, 33, 64), (64, 64, 64)]:
+        cols = 131 if rows[0] != 64 else 128
+        parts = [random_bits((r, cols), dtype, rng) for r in rows]
+        expected = fused_reference(parts)
+        assert same_bits(transpose_concat(parts), expected)
+        out = off_grid(*expected.shape, dtype)
+        assert same_bits(transpose_concat(parts, out=out), expected)
+        strided = [np.repeat(p, 2, axis=1)[:, ::2] for p in parts]
+        assert same_bits(transpose_concat([np.asfortranarray(strided[0]), *strided[1:]]), expected)
+        if np.dtype(dtype).itemsize == 2 and np.dtype(dtype).kind == "f":
+            finite = [np.where(np.isfinite(p.astype(np.float32)), p, 0).astype(dtype) for p in parts]
+            wide = fused_reference(finite).astype(np.float32)
+            assert same_bits(transpose_concat(finite, dtype="float32"), wide)
+            assert same_bits(transpose_concat(finite, dtype="float32", out=off_grid(*wide.shape, np.float32)), wide)
+    assert ("copy", np.dtype(dtype).itemsize, shape) in numba_kernels._COMPILED  # the forced shape ran
+
+
+def test_avx2_code_gives_the_same_bits_in_every_shape(tmp_path: Path) -> None:
+    """The tests above, in a child whose numba generates AVX2 code (its own cache)."""
+    tests = [f"{__file__}::test_each_shape_gives_the_reference_bits", f"{__file__}::test_codegen_is_what_was_asked"]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("NUMBA_", "FASTFUSE_"))}
+    environment |= {**AVX2, "NUMBA_CACHE_DIR": str(tmp_path), "FASTFUSE_EXPECT_AVX2": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=600,
+        cwd=Path(__file__).parent,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert f"{len(SHAPES) * 5 + 1} passed" in done.stdout, done.stdout[-500:]
+
+
+def test_codegen_is_what_was_asked() -> None:
+    """Under the AVX2 switch the workers hold no AVX-512 register (``NUMBA_CPU_NAME`` alone
+    would keep the host's features); on the host, numba's target is the host CPU."""
+    numba_kernels.worker(0, 2, DEFAULT_SHAPE)
+    cpu, features = block_shape.target()[1:]
+    assembly = numba_kernels._COMPILED[("copy", 2, DEFAULT_SHAPE)]._library.get_asm_str()
+    if os.environ.get("FASTFUSE_EXPECT_AVX2"):
+        assert (cpu, features) == ("haswell", "")
+        assert "zmm" not in assembly and "ymm" in assembly
+    else:
+        assert cpu == os.environ.get("NUMBA_CPU_NAME", cpu)
+
+
+@pytest.fixture
+def choices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private choice file (nothing read yet), measurements faked by ``fake_seconds``."""
+    path = tmp_path / "block-shapes.json"
+    monkeypatch.setattr(block_shape, "choice_file", lambda: str(path))
+    monkeypatch.setattr(block_shape, "_choices", {})
+    monkeypatch.delenv(block_shape.FORCE_VARIABLE, raising=False)
+    return path
+
+
+def fake_seconds(monkeypatch: pytest.MonkeyPatch, seconds: dict[tuple[int, int], dict[Shape, float]]) -> list[Any]:
+    """Replace the timing by ``seconds[spec]``; the list of specs measured."""
+    measured: list[Any] = []
+
+    def measure(spec: tuple[int, int], shapes: tuple[Shape, ...], rounds: int) -> dict[Shape, float]:
+        measured.append(spec)
+        return {shape: seconds[spec][shape] for shape in shapes}
+
+    monkeypatch.setattr(block_shape, "_measure", measure)
+    return measured
+
+
+def test_calibration_keeps_the_fastest_and_a_tie_keeps_the_default(
+    choices: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    measured = fake_seconds(monkeypatch, {(0, 2): {DEFAULT_SHAPE: 2.0, V64: 1.0}})
+    got = block_shape.calibrate({(0, 2), (0, 4)})
+    assert got == {(0, 2): V64, (0, 4): DEFAULT_SHAPE} and measured == [(0, 2)]  # 4 bytes: not measured
+    document = json.loads(choices.read_text())
+    assert document["choices"] == [[0, 2, "v64-t64"]]
+    assert document["seconds"]["copy-2"] == {"v32-t64": 2.0, "v64-t64": 1.0}
+    monkeypatch.setattr(block_shape, "_choices", {})  # a new process: read back, nothing measured
+    assert block_shape.calibrate({(0, 2)}) == {(0, 2): V64} and block_shape.chosen((0, 2)) == V64
+    assert len(measured) == 1
+    choices.unlink()
+    monkeypatch.setattr(block_shape, "_choices", {})
+    fake_seconds(monkeypatch, {(0, 2): {DEFAULT_SHAPE: 1.0, V64: 1.0}})
+    assert block_shape.calibrate({(0, 2)}) == {(0, 2): DEFAULT_SHAPE}  # a tie keeps the default
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda d: "{not json",
+        lambda d: json.dumps({**d, "key": {**d["key"], "target": ["other-cpu"]}}),
+        lambda d: json.dumps({**d, "key": {**d["key"], "kernels": "an older kernel source"}}),
+        lambda d: json.dumps({**d, "choices": [[0, 2, "v48-t64"]]}),
+        lambda d: json.dumps({**d, "choices": [[0, 2]]}),
+        lambda d: json.dumps([1, 2]),
+    ],
+    ids=["corrupt", "other-cpu", "other-kernels", "unknown-shape", "short-entry", "not-a-dict"],
+)
+def test_a_stale_or_corrupt_choice_is_ignored_and_measured_again(
+    spoil: Any, choices: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    measured = fake_seconds(monkeypatch, {(0, 2): {DEFAULT_SHAPE: 2.0, V64: 1.0}})
+    block_shape.calibrate({(0, 2)})
+    choices.write_text(spoil(json.loads(choices.read_text())))
+    monkeypatch.setattr(block_shape, "_choices", {})
+    assert block_shape.chosen((0, 2)) == DEFAULT_SHAPE  # ignored: the default until measured
+    monkeypatch.setattr(block_shape, "_choices", {})
+    assert block_shape.calibrate({(0, 2)}) == {(0, 2): V64} and len(measured) == 2
+    assert json.loads(choices.read_text())["choices"] == [[0, 2, "v64-t64"]]
+
+
+def test_a_forced_shape_wins_and_a_wrong_one_is_a_clear_error(choices: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    measured = fake_seconds(monkeypatch, {})
+    monkeypatch.setenv(block_shape.FORCE_VARIABLE, "v16-t64")
+    assert block_shape.calibrate({(0, 2), (0, 1)}) == {(0, 2): Shape(16, 64), (0, 1): Shape(16, 64)}
+    assert not measured and not choices.exists()
+    monkeypatch.setenv(block_shape.FORCE_VARIABLE, "v48")
+    with pytest.raises(FuseError, match=r"FASTFUSE_BLOCK_SHAPE='v48': expected one of \['v32-t64', 'v64-t64', "):
+        block_shape.chosen((0, 2))
+
+
+def test_the_engine_runs_the_shape_chosen(choices: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FASTFUSE_ENGINE", "numba")
+    fake_seconds(monkeypatch, {(0, 2): {DEFAULT_SHAPE: 2.0, V64: 1.0}})
+    block_shape.calibrate({(0, 2)})
+    numba_kernels._COMPILED.pop(("copy", 2, V64), None)
+    numba_kernels._WORKERS.pop(("copy", 2, V64), None)
+    parts = [np.arange(70 * 90, dtype=np.uint16).reshape(70, 90)] * 2
+    assert same_bits(transpose_concat(parts), fused_reference(parts))
+    assert ("copy", 2, V64) in numba_kernels._COMPILED
+
+
+def test_the_measurement_times_every_candidate() -> None:
+    seconds = block_shape._measure((1, 2), block_shape.CANDIDATES, rounds=1)
+    assert set(seconds) == set(block_shape.CANDIDATES)
+    assert all(0 < s < float("inf") for s in seconds.values())
