@@ -178,7 +178,7 @@ def limit(data: bytes, program: Program, limit: int) -> Program:
     that error pending, as a one-pass machine fails: after the push (that opcode's operands
     checked first), before the put. Only needed for a program of more than ``limit`` instructions."""
     kinds, args, _ = program
-    pushed, memo = 0, set()
+    pushed, memo = 0, set[int]()
     for i, (k, a) in enumerate(zip(kinds, args)):
         if k == PUT or k == MEMOIZE:
             index = len(memo) if k == MEMOIZE else a

@@ -112,10 +112,10 @@ def _run(program: Program, data: bytes) -> Any:
                 stack = []
                 append, pop = stack.append, stack.pop
             elif kind == TUPLE:
-                items = tuple(stack)
+                values = tuple(stack)
                 stack = marks.pop()
                 append, pop = stack.append, stack.pop
-                append(items)
+                append(values)
             elif kind == REDUCE:
                 value = pop()
                 stack[-1] = reduce(stack[-1], value)
