@@ -186,9 +186,8 @@ def test_limits_stop_at_the_opcode_a_one_pass_machine_stops_at(monkeypatch: pyte
     monkeypatch.setattr(unpickler, "MAX_OBJECTS", 3)
     assert _error(b"\x80\x02NNNN.") == "x byte 5: more than 3 values; a state dict needs far fewer"
     assert _error(b"\x80\x02NN]\x87.") == "x byte 5: more than 3 values; a state dict needs far fewer"
-    assert (
-        _error(b"\x80\x02NN\x87N.") == "x byte 4: TUPLE3 needs 3 values, the stack holds 2"
-    )  # checked before the push
+    # the fourth push, TUPLE3, checks its operands first
+    assert _error(b"\x80\x02NN\x85\x87.") == "x byte 5: TUPLE3 needs 3 values, the stack holds 2"
     assert _error(b"\x80\x02Nq\x00q\x01q\x02q\x03.") == "x byte 9: more than 3 memo entries"
     assert _error(b"Nq\x00q\x01q\x02(q\x03.") == "x byte 8: more than 3 memo entries"  # before the empty stack
     assert unpickler.load(b"\x80\x02Nq\x00q\x01q\x02q\x00.", "x") is None  # setting an index again: no new entry
