@@ -191,3 +191,20 @@ def test_limits_stop_at_the_opcode_a_one_pass_machine_stops_at(monkeypatch: pyte
     assert _error(b"\x80\x02Nq\x00q\x01q\x02q\x03.") == "x byte 9: more than 3 memo entries"
     assert _error(b"Nq\x00q\x01q\x02(q\x03.") == "x byte 8: more than 3 memo entries"  # before the empty stack
     assert unpickler.load(b"\x80\x02Nq\x00q\x01q\x02q\x00.", "x") is None  # setting an index again: no new entry
+
+
+def test_the_garbage_collector_is_left_as_it_was() -> None:
+    """The parse pauses the collector (it would walk the whole process midway) and restores it."""
+    import gc
+
+    assert gc.isenabled()
+    unpickler.load(b"\x80\x02N.", "x")
+    _error(b"\x80\x02a")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        unpickler.load(b"\x80\x02N.", "x")
+        _error(b"\x80\x02a")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

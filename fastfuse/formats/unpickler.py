@@ -26,6 +26,7 @@ Three modules: :mod:`~fastfuse.formats.pickle_program` decodes the opcodes into 
 
 from __future__ import annotations
 
+import gc
 import operator
 from collections.abc import Iterator
 from typing import Any
@@ -73,13 +74,18 @@ MAX_DEPTH = 100  # open MARKs; torch nests 3
 def load(data: bytes, where: str) -> Any:
     """The object ``data`` pickles, built from allowed pieces only; ``where`` (file and member)
     starts every error message."""
-    program = decode(data, MAX_OPCODES, MAX_DEPTH)
-    if len(program.kinds) > MAX_OBJECTS:  # else fewer values and memo entries than instructions
-        program = limit(data, program, MAX_OBJECTS)
+    collecting = gc.isenabled()
+    gc.disable()  # ~25k tuples and dicts for large-v3: no collection (a walk of the process) midway
     try:
+        program = decode(data, MAX_OPCODES, MAX_DEPTH)
+        if len(program.kinds) > MAX_OBJECTS:  # else fewer values and memo entries than instructions
+            program = limit(data, program, MAX_OBJECTS)
         return _run(program, data)
     except _Stopped as e:
         raise MalformedFileError(f"{where} byte {e.args[0]}: {e.args[1]}") from None
+    finally:
+        if collecting:
+            gc.enable()
 
 
 class _Stopped(Exception):
