@@ -205,12 +205,14 @@ def measure(impls: dict[str, Impl], repeats: dict[str, int]) -> dict[str, float]
     self-timed cases), in rounds that take turns: a machine that slows down for a while (a noisy
     neighbour, writeback) slows every implementation of the comparison, not only the one it hits."""
     best = dict.fromkeys(impls, float("inf"))
+    result: Any = None
     for round_ in range(max(repeats.values(), default=0)):
         for name, impl in impls.items():
             if round_ >= repeats[name]:
                 continue
             if impl.setup:
                 impl.setup()
+            result = None  # the last run's result is freed here, not inside this run's timing
             start = time.perf_counter()
             result = impl.run()
             best[name] = min(best[name], result if impl.self_timed else time.perf_counter() - start)
