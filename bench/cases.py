@@ -7,8 +7,9 @@ time, so a 3 GB working set is freed before the next) and returns ``name -> Impl
 Groups: ``kernel`` (whole-model QKV in memory against memcpy, numpy, torch, the serial loop),
 ``widen`` (f16/bf16 -> f32), ``layouts`` (GQA, both layouts), ``loop`` (a loader's per-layer
 loop in a fresh process: first pass and steady state), ``load`` (numpy), ``torch``
-(``framework="pt"`` against safetensors' torch loaders), ``ptload`` (a ``torch.save`` file
-against ``torch.load(mmap=True)``), ``file`` (file to file against ``cp`` + ``sync``, from
+(``framework="pt"`` against safetensors' torch loaders), ``ptload`` (a ``torch.save`` file,
+Hugging Face's and openai-whisper's, against ``torch.load(mmap=True)`` alone and with the torch
+fusion, and the pickle parse alone), ``file`` (file to file against ``cp`` + ``sync``, from
 safetensors and from torch files, and against CTranslate2's converter where installed),
 ``startup`` (fresh processes, warm and cold numba cache) and ``scaling`` (threads). The cases
 that run whole processes (``file``, ``startup``) are built in ``file_cases.py``.
@@ -36,6 +37,7 @@ from harness import (
     fresh,
     lower_peak,
     np_dtype,
+    openai_checkpoint_file,
     python_argv,
     torch_checkpoint_file,
     warm_page_cache,
@@ -316,21 +318,69 @@ def _torch(size: str, dtype: str) -> dict[str, Impl | None]:
     }
 
 
-def _ptload(size: str, dtype: str) -> dict[str, Impl | None]:
-    """A ``torch.save`` file: fastfuse's reader (no torch) against ``torch.load(mmap=True)``."""
+def torch_fuse(tensors: dict[str, Any]) -> dict[str, Any]:
+    """:func:`numpy_fuse` with torch (``torch.cat`` of the transposed parts, made contiguous):
+    what a user of ``torch.load`` writes to get fastfuse's fused tensors; openai or HF names."""
+    import re
+
+    import torch
+
+    fused = {}
+    for key in tensors:
+        match = re.fullmatch(
+            r"(?:model\.)?(enc|dec)oder\.(?:layers|blocks)\.(\d+)\.(?:self_)?attn\.(q_proj|query)\.weight", key
+        )
+        if not match:
+            continue
+        base, parts = (
+            key[: -len(f"{match[3]}.weight")],
+            ("q_proj", "k_proj", "v_proj") if match[3] == "q_proj" else ("query", "key", "value"),
+        )
+        weights = [tensors[f"{base}{p}.weight"] for p in parts]
+        name = f"fused.{match[1]}.{match[2]}.self_attn.qkv"
+        fused[f"{name}.weight"] = torch.cat([w.t() for w in weights], 1).contiguous()
+        zeros = torch.zeros(weights[0].shape[0], dtype=weights[0].dtype)
+        fused[f"{name}.bias"] = torch.cat([tensors.get(f"{base}{p}.bias", zeros) for p in parts])
+    return fused
+
+
+def _ptload(size: str, param: str) -> dict[str, Impl | None]:
+    """A ``torch.save`` file (``param``: Hugging Face's ``pytorch_model.bin`` or openai-whisper's
+    ``.pt``, float16): fastfuse's load (no torch) against ``torch.load(mmap=True)`` alone and
+    followed by the torch fusion of the same groups; ``parse``: fastfuse's pickle interpreter
+    alone on the file's ``data.pkl`` (in memory)."""
     if not _importable("torch"):
-        return dict.fromkeys(GROUPS["ptload"].params[dtype])
+        return dict.fromkeys(GROUPS["ptload"].params[param])
+    import zipfile
+
     import torch
 
     import fastfuse
+    from fastfuse.formats import unpickler
 
-    path = torch_checkpoint_file(size, dtype)
+    path = (
+        openai_checkpoint_file(size, "float16") if param == "openai-float16" else torch_checkpoint_file(size, "float16")
+    )
     warm_page_cache(path)
     p = str(path)
+    with zipfile.ZipFile(p) as archive:
+        pkl = next(name for name in archive.namelist() if name.endswith("/data.pkl"))
+        raw = archive.read(pkl)
+
+    def torch_load() -> dict[str, Any]:
+        loaded = torch.load(p, mmap=True, weights_only=True)
+        return loaded.get("model_state_dict", loaded)
+
+    def torch_load_fuse() -> dict[str, Any]:
+        tensors = torch_load()
+        return {**tensors, **torch_fuse(tensors)}
+
     mmap_load = f"torch.load({p!r}, mmap=True, weights_only=True)"
     return {
         "fastfuse": _loader(lambda: fastfuse.load(path), f"import fastfuse; fastfuse.load({p!r})"),
-        "torch.load-mmap": _loader(lambda: torch.load(p, mmap=True, weights_only=True), f"import torch; {mmap_load}"),
+        "torch.load-mmap": _loader(torch_load, f"import torch; {mmap_load}"),
+        "torch.load-mmap+fusion": Impl(torch_load_fuse),
+        "parse": Impl(lambda: unpickler.load(raw, "bench")),
     }
 
 
@@ -341,6 +391,7 @@ def _importable(name: str) -> bool:
 
 
 KERNEL_IMPLS = ("fastfuse", "memcpy", "numpy", "serial", "torch")
+PT_IMPLS = ("fastfuse", "torch.load-mmap", "torch.load-mmap+fusion", "parse")
 THREADS = (1, 2)
 GROUPS: dict[str, Group] = {
     "kernel": Group({dt: KERNEL_IMPLS for dt in DTYPES}, _kernel, rounds=7),
@@ -349,7 +400,7 @@ GROUPS: dict[str, Group] = {
     "loop": Group({dt: ("first-loop", "steady", "memcpy") for dt in ("float32", "float16")}, _loop, rounds=3),
     "load": Group({"float16": ("fastfuse", "load_file", "safe_open+numpy")}, _load, rounds=5),
     "torch": Group({"float16": ("fastfuse-pt", "load_file-pt", "safe_open-pt")}, _torch, rounds=5),
-    "ptload": Group({"float16": ("fastfuse", "torch.load-mmap")}, _ptload, rounds=5),
+    "ptload": Group(dict.fromkeys(("float16", "openai-float16"), PT_IMPLS), _ptload, rounds=5),
     "file": Group(FILE_IMPLS, build_file, rounds=3),
     "startup": Group(
         {"load": ("fastfuse", "fastfuse-cold", "load_file"), "fuse": ("fastfuse", "numpy")}, build_startup, rounds=5

@@ -87,6 +87,54 @@ def torch_checkpoint_file(size: str, dtype: str = "float16") -> Path:
     return _cached(cache_dir() / f"whisper-{size}-{dtype}-v2.bin", write)
 
 
+# openai-whisper's names for Hugging Face's (as transformers' convert_openai_to_hf.py maps them;
+# tests/ct2_models.py has the same table for its tiny models).
+_OPENAI_NAMES = (
+    (r"^model\.", ""),
+    (r"\.layers\.", ".blocks."),
+    (r"self_attn_layer_norm", "attn_ln"),
+    (r"encoder_attn_layer_norm", "cross_attn_ln"),
+    (r"final_layer_norm", "mlp_ln"),
+    (r"encoder_attn\.", "cross_attn."),
+    (r"self_attn\.", "attn."),
+    (r"q_proj", "query"),
+    (r"k_proj", "key"),
+    (r"v_proj", "value"),
+    (r"out_proj", "out"),
+    (r"fc1", "mlp.0"),
+    (r"fc2", "mlp.2"),
+    (r"^encoder\.layer_norm", "encoder.ln_post"),
+    (r"^decoder\.layer_norm", "decoder.ln"),
+    (r"embed_positions\.weight", "positional_embedding"),
+    (r"embed_tokens", "token_embedding"),
+)
+
+
+def openai_checkpoint_file(size: str, dtype: str = "float16") -> Path:
+    """The same checkpoint as openai-whisper's ``torch.save({"dims": ..., "model_state_dict": ...})``, cached."""
+
+    def write(temp: Path) -> None:
+        import re
+
+        import torch
+        from safetensors.torch import load_file
+
+        from fastfuse.cli.demo import WHISPER_SIZES
+
+        state = {}
+        for key, value in load_file(str(checkpoint_file(size, dtype))).items():
+            for pattern, name in _OPENAI_NAMES:
+                key = re.sub(pattern, name, key)
+            state[key] = value
+        d, encoder, decoder, vocab = WHISPER_SIZES[size]
+        dims = {"n_mels": 128 if d == 1280 else 80, "n_vocab": vocab, "n_audio_ctx": 1500, "n_audio_state": d}
+        dims |= {"n_audio_head": d // 64, "n_audio_layer": encoder, "n_text_ctx": 448, "n_text_state": d}
+        dims |= {"n_text_head": d // 64, "n_text_layer": decoder}
+        torch.save({"dims": dims, "model_state_dict": state}, str(temp))
+
+    return _cached(cache_dir() / f"whisper-{size}-{dtype}-openai.pt", write)
+
+
 def warm_page_cache(path: Path) -> None:
     with open(path, "rb", buffering=0) as f:
         while f.read(64 << 20):
@@ -157,12 +205,14 @@ def measure(impls: dict[str, Impl], repeats: dict[str, int]) -> dict[str, float]
     self-timed cases), in rounds that take turns: a machine that slows down for a while (a noisy
     neighbour, writeback) slows every implementation of the comparison, not only the one it hits."""
     best = dict.fromkeys(impls, float("inf"))
+    result: Any = None
     for round_ in range(max(repeats.values(), default=0)):
         for name, impl in impls.items():
             if round_ >= repeats[name]:
                 continue
             if impl.setup:
                 impl.setup()
+            result = None  # the last run's result is freed here, not inside this run's timing
             start = time.perf_counter()
             result = impl.run()
             best[name] = min(best[name], result if impl.self_timed else time.perf_counter() - start)

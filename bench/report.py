@@ -83,8 +83,38 @@ ROWS = [
     Row("load(framework='pt') vs safe_open('pt'), every tensor", "torch", F16, "fastfuse-pt", "safe_open-pt"),
     Row("load(framework='pt') peak RssAnon (vs load_file)", "torch", F16, "fastfuse-pt", "load_file-pt", rss=True),
     Row("load(framework='pt') peak RssAnon (vs safe_open)", "torch", F16, "fastfuse-pt", "safe_open-pt", rss=True),
-    Row("load of a torch.save file vs torch.load(mmap=True)", "ptload", F16, "fastfuse", "torch.load-mmap", "<=", 1.0),
-    Row("load of a torch.save file: peak RssAnon", "ptload", F16, "fastfuse", "torch.load-mmap", rss=True),
+    *[
+        row
+        for pt, name in ((F16, "pytorch_model.bin"), ("openai-float16", "openai-whisper .pt"))
+        for row in [
+            Row(
+                f"load of a {name} vs torch.load(mmap=True) + torch fusion",
+                "ptload",
+                pt,
+                "fastfuse",
+                "torch.load-mmap+fusion",
+                "<=",
+                0.5,
+            ),
+            Row(
+                f"load of a {name} vs torch.load(mmap=True) alone",
+                "ptload",
+                pt,
+                "fastfuse",
+                "torch.load-mmap",
+                "<=",
+                1.0,
+            ),
+            Row(
+                f"parse of a {name}'s data.pkl alone (vs torch.load(mmap=True))",
+                "ptload",
+                pt,
+                "parse",
+                "torch.load-mmap",
+            ),
+            Row(f"load of a {name}: peak RssAnon", "ptload", pt, "fastfuse", "torch.load-mmap", rss=True),
+        ]
+    ],
     Row("file: CLI + sync vs cp + sync", "file", ST, "cli+sync", "cp+sync", "<=", 1.3),
     Row("file: CLI on a torch.save file + sync vs cp + sync", "file", "torch", "cli+sync", "cp+sync", "<=", 1.3),
     Row("file: fuse_file vs copyfile + fsync (in process)", "file", ST, "fuse_file", "copyfile+fsync"),

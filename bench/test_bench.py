@@ -63,6 +63,21 @@ def test_numpy_fusion_matches_load() -> None:
     assert loaded.keys() == reference.keys()
 
 
+@pytest.mark.parametrize("param", ["float16", "openai-float16"])
+def test_torch_fusion_matches_load_of_torch_files(param: str) -> None:
+    """The ``ptload`` baseline (torch.load, then torch.cat) builds the tensors fastfuse.load does."""
+    torch = pytest.importorskip("torch")
+    import fastfuse
+
+    make = harness.openai_checkpoint_file if param == "openai-float16" else harness.torch_checkpoint_file
+    path = make(cases.TINY, "float16")
+    loaded = torch.load(path, mmap=True, weights_only=True)
+    fused = cases.torch_fuse(loaded.get("model_state_dict", loaded))
+    found = fastfuse.load(path)
+    assert fused and set(fused) == {key for key in found if key.startswith("fused.")}
+    assert all(np.array_equal(_bits(found[key]), _bits(t.numpy())) for key, t in fused.items())
+
+
 def test_import_does_not_load_numba() -> None:
     assert not harness.imports_numba()
 

@@ -1,10 +1,12 @@
-"""What the restricted unpickler (``_unpickle``) may build: the allowed globals, and the plain
-data it turns persistent ids and tensor rebuilds into. Nothing here is ever called by a pickle."""
+"""What the restricted unpickler (:mod:`fastfuse.formats.unpickler`) may build: the allowed
+globals, and the plain data it turns persistent ids and tensor rebuilds into. Nothing here is
+ever called by a pickle. The refs are NamedTuples (built in C, one per storage and tensor of
+a checkpoint); compare them with ``type(x) is TensorRef``, never ``isinstance(x, tuple)``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
     "ALLOWED",
@@ -19,6 +21,7 @@ __all__ = [
     "a_kind",
     "kind",
     "kinds",
+    "ordered_dict",
 ]
 
 #: Legacy typed storage classes (``torch.FloatStorage``...) -> element dtype name.
@@ -86,8 +89,7 @@ HINTS = {
 }
 
 
-@dataclass(frozen=True)
-class StorageRef:
+class StorageRef(NamedTuple):
     """A persistent id ``('storage', <storage class>, key, location, numel)``."""
 
     cls: str  # "FloatStorage", ..., "UntypedStorage"
@@ -97,8 +99,7 @@ class StorageRef:
     numel: int  # elements of ``dtype`` (bytes for UntypedStorage)
 
 
-@dataclass(frozen=True, eq=False)
-class TensorRef:
+class TensorRef(NamedTuple):
     """A rebuilt tensor: ``dtype`` elements of ``storage`` from element ``offset``."""
 
     storage: StorageRef
@@ -111,13 +112,20 @@ class TensorRef:
 
 class PickledDict(dict[str, Any]):
     """A dict or OrderedDict of the pickle. ``odd_keys``: how many non-string keys were
-    dropped, ``odd_kind`` the kind of the first one."""
+    dropped, ``odd_kind`` the kind of the first one. ``PickledDict()`` is a plain empty dict
+    (no ``__init__``: the class attributes are the defaults, set on the instance when they
+    differ); :func:`ordered_dict` makes an OrderedDict's."""
 
-    def __init__(self, ordered: bool = False) -> None:
-        super().__init__()
-        self.ordered = ordered
-        self.odd_keys = 0
-        self.odd_kind = ""
+    ordered: bool = False
+    odd_keys: int = 0
+    odd_kind: str = ""
+
+
+def ordered_dict() -> PickledDict:
+    """A new, empty PickledDict of an OrderedDict."""
+    d = PickledDict()
+    d.ordered = True
+    return d
 
 
 NAMES = {"NoneType": "None", "PickledDict": "dict", "TensorRef": "tensor", "StorageRef": "storage", "Global": "global"}
