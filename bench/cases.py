@@ -380,7 +380,7 @@ def _ptload(size: str, param: str) -> dict[str, Impl | None]:
         "fastfuse": _loader(lambda: fastfuse.load(path), f"import fastfuse; fastfuse.load({p!r})"),
         "torch.load-mmap": _loader(torch_load, f"import torch; {mmap_load}"),
         "torch.load-mmap+fusion": Impl(torch_load_fuse),
-        "parse": Impl(lambda: unpickler.load(raw, "bench")),
+        "parse": Impl(lambda: unpickler.unpickle(raw, "bench")),
     }
 
 

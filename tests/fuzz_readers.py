@@ -61,7 +61,7 @@ def target_zip(data: bytes) -> None:
 
 
 def target_pickle(data: bytes) -> None:
-    unpickler.load(data, "fuzz")
+    unpickler.unpickle(data, "fuzz")
 
 
 TARGETS: dict[str, Callable[[bytes], None]] = {

@@ -116,7 +116,7 @@ def test_a_big_call_hands_its_remaining_copies_to_the_kernels(tmp_path: Path) ->
 
         def first_group_then_ready(copies):
             numpy_move(copies)
-            kernel_loader.load({(0, 2)})  # what the loader thread does, at a known moment
+            kernel_loader.load_here({(0, 2)})  # what the loader thread does, at a known moment
 
         numpy_engine.move_with_numpy = first_group_then_ready
         rng = np.random.default_rng(1)
@@ -168,7 +168,7 @@ def test_no_deadlock_and_exact_results_while_the_kernels_compile(tmp_path: Path)
                 errors.append(e)
 
         threads = [threading.Thread(target=fuse_repeatedly, args=(s,)) for s in range(3)]
-        threads.append(threading.Thread(target=kernel_loader.load, args=({(0, 2), (1, 2)},)))
+        threads.append(threading.Thread(target=kernel_loader.load_here, args=({(0, 2), (1, 2)},)))
         for t in threads:
             t.start()
         deadline = time.monotonic() + 240
@@ -337,6 +337,6 @@ def test_nowhere_to_cache_still_works(read_only_install: Path) -> None:
     result = as_nobody(KERNEL_CHECK.format(site=str(read_only_install)), env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout)["cache"] is None
-    code = "from fastfuse.kernels import engine as kernel_engine, kernel_loader; kernel_loader.load({(0, 1)}); print(kernel_engine.cache_report())"
+    code = "from fastfuse.kernels import engine as kernel_engine, kernel_loader; kernel_loader.load_here({(0, 1)}); print(kernel_engine.cache_report())"
     report = as_nobody(code, env)
     assert report.stdout == "{'cache': None, 'kernels': ['copy-1']}\n", report.stderr

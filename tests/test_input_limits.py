@@ -78,14 +78,14 @@ def test_many_keys_of_one_storage_are_a_bomb(tmp_path: Path) -> None:
 def test_a_pickle_of_ten_million_dicts_is_refused() -> None:
     data = b"\x80\x02]\x28" + b"}" * 10_000_000 + b"e."  # PROTO, EMPTY_LIST, MARK, EMPTY_DICT..., APPENDS
     with pytest.raises(MalformedFileError) as caught:
-        unpickler.load(data, "x")
+        unpickler.unpickle(data, "x")
     assert str(caught.value).endswith(f"more than {unpickler.MAX_OPCODES} opcodes; a state dict needs far fewer")
 
 
 def test_a_pickle_of_memo_puts_is_refused_early() -> None:
     data = b"\x80\x02N" + b"q\x00" * 49_999_990 + b"."  # 100 MB: NONE, then BINPUT 0 over and over
     with pytest.raises(MalformedFileError) as caught:
-        unpickler.load(data, "x")
+        unpickler.unpickle(data, "x")
     assert str(caught.value).endswith(f"more than {unpickler.MAX_OPCODES} opcodes; a state dict needs far fewer")
 
 

@@ -44,6 +44,21 @@ def test_no_module_is_named_like_a_public_function() -> None:
     assert clashes == []
 
 
+def test_no_other_function_is_named_like_a_public_one() -> None:
+    """``unpickler.load`` read like ``fastfuse.load``: a public name means one function."""
+    import ast
+
+    public = {name for name in fastfuse.__all__ if callable(getattr(fastfuse, name))}
+    clashes = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and node.name in public:
+                module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+                if getattr(fastfuse, node.name).__module__ != module:
+                    clashes.append(f"{module}.{node.name}")
+    assert clashes == []
+
+
 def test_every_folder_is_one_kind() -> None:
     folders = sorted({m.split(".")[1] for m in _modules() if m.count(".") >= 2})
     assert folders == ["cli", "formats", "kernels", "planning", "sinks", "staging"]

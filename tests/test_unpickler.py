@@ -70,7 +70,7 @@ def values(with_bytes: bool = True) -> st.SearchStrategy[Any]:
 @given(value=values(), protocol=st.integers(3, 5))
 def test_harmless_pickles_load_as_pickle_loads_them(value: Any, protocol: int) -> None:
     data = pickle.dumps(value, protocol=protocol)
-    assert same(plain(unpickler.load(data, "x")), pickle.loads(data))
+    assert same(plain(unpickler.unpickle(data, "x")), pickle.loads(data))
 
 
 @settings(max_examples=100, deadline=None)
@@ -78,7 +78,7 @@ def test_harmless_pickles_load_as_pickle_loads_them(value: Any, protocol: int) -
 def test_protocol_2_pickles_load_as_pickle_loads_them(value: Any) -> None:
     """(Protocol 2 pickles bytes as a call of _codecs.encode: refused, so none here.)"""
     data = pickle.dumps(value, protocol=2)
-    assert same(plain(unpickler.load(data, "x")), pickle.loads(data))
+    assert same(plain(unpickler.unpickle(data, "x")), pickle.loads(data))
 
 
 def test_shared_and_cyclic_values_keep_their_identity() -> None:
@@ -86,7 +86,7 @@ def test_shared_and_cyclic_values_keep_their_identity() -> None:
     cyclic: list[Any] = []
     cyclic.append(cyclic)
     for protocol in range(2, 6):
-        found = unpickler.load(pickle.dumps({"a": shared, "b": shared, "c": cyclic}, protocol=protocol), "x")
+        found = unpickler.unpickle(pickle.dumps({"a": shared, "b": shared, "c": cyclic}, protocol=protocol), "x")
         assert found["a"] is found["b"] and found["a"] == [1, "a"]
         assert found["c"][0] is found["c"]
 
@@ -112,7 +112,7 @@ def test_a_state_dict_reads_as_torch_load_reads_it() -> None:
         "s": torch.tensor(3.0),
         "p": torch.nn.Parameter(torch.zeros(2, 2)),
     }
-    found = unpickler.load(torch_pickle(state), "x")
+    found = unpickler.unpickle(torch_pickle(state), "x")
     assert list(found) == list(state)
     for name, tensor in state.items():
         ref = found[name]
@@ -132,7 +132,7 @@ def _opcodes(data: bytes) -> list[tuple[str, int, int]]:
 
 def _error(data: bytes) -> str:
     with pytest.raises(MalformedFileError) as caught:
-        unpickler.load(data, "x")
+        unpickler.unpickle(data, "x")
     return str(caught.value)
 
 
@@ -165,7 +165,7 @@ def test_an_opcode_out_of_place_is_named_at_its_byte(opcode: bytes, name: str) -
 def test_the_memo_is_read_by_index_only_after_it_is_set() -> None:
     assert _error(b"\x80\x02h\x05.") == "x byte 2: memo index 5 is read before it is set"
     assert _error(b"\x80\x02Nq\x05j\x06\x00\x00\x00.") == "x byte 5: memo index 6 is read before it is set"
-    assert unpickler.load(b"\x80\x04N\x94h\x00\x86.", "x") == (None, None)  # MEMOIZE takes the next index
+    assert unpickler.unpickle(b"\x80\x04N\x94h\x00\x86.", "x") == (None, None)  # MEMOIZE takes the next index
 
 
 def test_errors_of_a_one_pass_machine_come_in_opcode_order() -> None:
@@ -190,7 +190,7 @@ def test_limits_stop_at_the_opcode_a_one_pass_machine_stops_at(monkeypatch: pyte
     assert _error(b"\x80\x02NN\x85\x87.") == "x byte 5: TUPLE3 needs 3 values, the stack holds 2"
     assert _error(b"\x80\x02Nq\x00q\x01q\x02q\x03.") == "x byte 9: more than 3 memo entries"
     assert _error(b"Nq\x00q\x01q\x02(q\x03.") == "x byte 8: more than 3 memo entries"  # before the empty stack
-    assert unpickler.load(b"\x80\x02Nq\x00q\x01q\x02q\x00.", "x") is None  # setting an index again: no new entry
+    assert unpickler.unpickle(b"\x80\x02Nq\x00q\x01q\x02q\x00.", "x") is None  # setting an index again: no new entry
 
 
 def test_the_garbage_collector_is_left_as_it_was() -> None:
@@ -198,12 +198,12 @@ def test_the_garbage_collector_is_left_as_it_was() -> None:
     import gc
 
     assert gc.isenabled()
-    unpickler.load(b"\x80\x02N.", "x")
+    unpickler.unpickle(b"\x80\x02N.", "x")
     _error(b"\x80\x02a")
     assert gc.isenabled()
     gc.disable()
     try:
-        unpickler.load(b"\x80\x02N.", "x")
+        unpickler.unpickle(b"\x80\x02N.", "x")
         _error(b"\x80\x02a")
         assert not gc.isenabled()
     finally:

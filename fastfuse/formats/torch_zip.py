@@ -39,7 +39,7 @@ from fastfuse.formats.stored import (
     open_regular,
     pread_exactly,
 )
-from fastfuse.formats.unpickler import MAX_PICKLE_BYTES, load
+from fastfuse.formats.unpickler import MAX_PICKLE_BYTES, unpickle
 from fastfuse.formats.zip_archive import Member, check_crcs, check_entries, locate, read_entries, read_member
 
 __all__ = ["LEGACY_MAGIC", "claims", "read_torch", "torch_dtype", "verify_crcs"]
@@ -133,7 +133,7 @@ def read_torch(path: PathLike) -> StoredFile:
             )
     finally:
         os.close(fd)
-    tensors, metadata = _top_level(p, load(raw, f"{p}: member {pkl.name!r}"))
+    tensors, metadata = _top_level(p, unpickle(raw, f"{p}: member {pkl.name!r}"))
     _check_shared(p, tensors)
     stored = {name: _locate(p, prefix, members, name, t) for name, t in tensors.items()}
     check_expansion(p, list(stored.values()), size)

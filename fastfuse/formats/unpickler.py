@@ -20,7 +20,7 @@ Three modules: :mod:`~fastfuse.formats.pickle_program` decodes the opcodes into 
 :mod:`~fastfuse.formats.pickle_rules` says what is allowed; the objects built are in
 :mod:`~fastfuse.formats.pickle_objects`.
 
->>> load(b"\\x80\\x02}q\\x00X\\x01\\x00\\x00\\x00aK\\x07s.", "demo")
+>>> unpickle(b"\\x80\\x02}q\\x00X\\x01\\x00\\x00\\x00aK\\x07s.", "demo")
 {'a': 7}
 """
 
@@ -63,7 +63,7 @@ from fastfuse.formats.pickle_program import (
 )
 from fastfuse.formats.pickle_rules import Refusal, build, reduce, setitems, stack_global, storage
 
-__all__ = ["MAX_DEPTH", "MAX_OBJECTS", "MAX_OPCODES", "MAX_PICKLE_BYTES", "load"]
+__all__ = ["MAX_DEPTH", "MAX_OBJECTS", "MAX_OPCODES", "MAX_PICKLE_BYTES", "unpickle"]
 
 MAX_PICKLE_BYTES = 100_000_000  # a large-v3 state dict pickles to ~0.1 MB
 MAX_OBJECTS = 1_000_000  # values pushed (and memo entries): ~10k per large model; bounds memory
@@ -71,7 +71,7 @@ MAX_OPCODES = 1_000_000  # opcodes run: ~40k for large-v3 (1259 tensors); bounds
 MAX_DEPTH = 100  # open MARKs; torch nests 3
 
 
-def load(data: bytes, where: str) -> Any:
+def unpickle(data: bytes, where: str) -> Any:
     """The object ``data`` pickles, built from allowed pieces only; ``where`` (file and member)
     starts every error message."""
     collecting = gc.isenabled()

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator
 from fastfuse.errors import FuseError
 from fastfuse.kernels import kernel_cache
 
-__all__ = ["ALL_SPECS", "LOAD_AFTER_BYTES", "Spec", "load", "load_now", "request", "state"]
+__all__ = ["ALL_SPECS", "LOAD_AFTER_BYTES", "Spec", "load_here", "load_now", "request", "state"]
 
 Spec = tuple[int, int]  # (0 copy or 1 widen, source element width): one kernel worker
 
@@ -101,7 +101,7 @@ def _at_exit() -> None:
 atexit.register(_at_exit)
 
 
-def load(specs: Iterable[Spec]) -> None:
+def load_here(specs: Iterable[Spec]) -> None:
     """Load (from numba's cache) or compile the driver and the workers of ``specs`` in this
     thread, one LLVM section each; mark them ready. Raises ``_Closing`` once exiting."""
     with _llvm_section():
@@ -116,9 +116,9 @@ def load(specs: Iterable[Spec]) -> None:
 
 
 def load_now(specs: Iterable[Spec]) -> None:
-    """:func:`load` for a caller that needs the kernels (``FASTFUSE_ENGINE=numba``, ``warm_up``)."""
+    """:func:`load_here` for a caller that needs the kernels (``FASTFUSE_ENGINE=numba``, ``warm_up``)."""
     try:
-        load(specs)
+        load_here(specs)
     except _Closing:
         raise FuseError("the interpreter is exiting: the kernels can no longer be loaded") from None
 
@@ -159,7 +159,7 @@ def _background() -> None:
             _fill_in_child(todo)
             with state.lock:
                 state.phase = "loading"
-            load(todo)
+            load_here(todo)
     except _Closing:
         return
     except BaseException as e:  # noqa: BLE001 - recorded; the process stays on numpy
