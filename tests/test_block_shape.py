@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from naive import fused_reference, same_bits
 
+import fastfuse
 from fastfuse import FuseError, transpose_concat
 from fastfuse.kernels import block_shape, numba_kernels
 from fastfuse.kernels.numba_kernels import DEFAULT_SHAPE, SHAPES, Shape
@@ -68,6 +69,8 @@ def test_avx2_code_gives_the_same_bits_in_every_shape(tmp_path: Path) -> None:
     tests = [f"{__file__}::test_each_shape_gives_the_reference_bits", f"{__file__}::test_codegen_is_what_was_asked"]
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("NUMBA_", "FASTFUSE_"))}
     environment |= {**AVX2, "NUMBA_CACHE_DIR": str(tmp_path), "FASTFUSE_EXPECT_AVX2": "1"}
+    package_root = str(Path(fastfuse.__file__).resolve().parent.parent)  # this fastfuse, installed or not
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, environment.get("PYTHONPATH", "")]))
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
         check=False,
