@@ -183,6 +183,20 @@ def test_the_engine_runs_the_shape_chosen(choices: Path, monkeypatch: pytest.Mon
     assert ("copy", 2, V64) in numba_kernels._COMPILED
 
 
+def test_only_a_warm_up_measures_never_a_load(choices: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading kernels (a load's loader thread, the cache-filling child) takes the choice file or
+    the default; ``warm_up`` measures what the file lacks, once."""
+    from fastfuse.kernels import engine, kernel_cache
+
+    measured = fake_seconds(monkeypatch, {(0, 2): {DEFAULT_SHAPE: 2.0, V64: 1.0}})
+    kernel_cache.compile_here({(0, 2)})
+    assert measured == [] and not choices.exists() and block_shape.chosen((0, 2)) == DEFAULT_SHAPE
+    engine.warm_up()
+    assert measured == [(0, 2)] and block_shape.chosen((0, 2)) == V64
+    engine.warm_up()
+    assert measured == [(0, 2)]
+
+
 def test_the_measurement_times_every_candidate() -> None:
     seconds = block_shape._measure((1, 2), block_shape.CANDIDATES, rounds=1)
     assert set(seconds) == set(block_shape.CANDIDATES)

@@ -9,8 +9,9 @@ of a worker, times it on a synthetic transpose larger than the caches (a few ten
 second for all of them once compiled), and writes the winner to a *choice file* in numba's
 cache folder for the kernels, keyed by what numba keys its own cache on (target triple, CPU
 name and features) plus the numba version and the kernels' source. A missing, stale or
-unreadable choice file reads as "not measured": the default shape, until the next warm-up or
-cache fill measures again. No shape changes a single bit of the result.
+unreadable choice file reads as "not measured": the default shape, until the next ``warm_up()``
+(``fastfuse warmup``) measures again; a load never measures (a second or two on its path). No
+shape changes a single bit of the result.
 
 ``FASTFUSE_BLOCK_SHAPE=v32-t64`` (a :meth:`Shape.name`) forces one shape for every worker
 (tests run each shape this way on any host). Without numba's cache, or with

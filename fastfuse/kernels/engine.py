@@ -257,9 +257,12 @@ def warm_up(*, wait: bool = True) -> None:
     """Load or compile every kernel specialisation (numba caches them on disk for later processes).
 
     Args:
-        wait: True loads (or compiles) them now, in this thread. False starts it in the
-            background (a child process compiles, see :mod:`~fastfuse.kernels.kernel_loader`)
-            and returns at once; calls keep running on numpy until it is done.
+        wait: True loads (or compiles) them now, in this thread, first measuring which block
+            shape suits this CPU where the cache holds no choice yet (``block_shape``; loads
+            never measure: without a choice they use the default shape). False starts the
+            loading in the background (a child process compiles, see
+            :mod:`~fastfuse.kernels.kernel_loader`) and returns at once, measuring nothing;
+            calls keep running on numpy until it is done.
 
     Returns:
         None; :func:`cache_report` then names the kernels loaded and where numba caches them.
@@ -274,7 +277,7 @@ def warm_up(*, wait: bool = True) -> None:
         ['copy-1', 'copy-2', 'copy-4', 'copy-8', 'widen-2']
     """
     if wait:
-        load_now(ALL_SPECS)
+        load_now(ALL_SPECS, calibrate=True)
         return
     with state.lock:
         state.seen_bytes = max(state.seen_bytes, LOAD_AFTER_BYTES)

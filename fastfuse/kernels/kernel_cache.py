@@ -96,10 +96,11 @@ def fill(specs: Iterable[Spec], started: Callable[[subprocess.Popen[bytes]], Non
     return child.returncode, stderr.decode(errors="replace")[-2000:]
 
 
-def compile_here(specs: Iterable[Spec], *, driver: bool = True) -> None:
+def compile_here(specs: Iterable[Spec], *, driver: bool = True, calibrate: bool = False) -> None:
     """Compile (or load from the cache) the driver (unless ``driver=False``) and the workers of
-    ``specs`` in this thread, each in the block shape chosen for this CPU (measured first where
-    the cache holds no choice yet: ``block_shape.calibrate``)."""
+    ``specs`` in this thread, each in the block shape chosen for this CPU; ``calibrate`` measures
+    the shapes first where the cache holds no choice yet (``block_shape.calibrate``: a second or
+    two, so only an explicit warm-up asks for it, never a load)."""
     import numpy as np
 
     from fastfuse.kernels import block_shape, numba_kernels
@@ -107,5 +108,6 @@ def compile_here(specs: Iterable[Spec], *, driver: bool = True) -> None:
     if driver:  # one driver for every width
         numba_kernels.run_tiles(np.zeros((0, numba_kernels.JOB_COLUMNS), np.int64), 0)
     specs = set(specs)
-    for spec, shape in block_shape.calibrate(specs).items():
+    shapes = block_shape.calibrate(specs) if calibrate else {spec: block_shape.chosen(spec) for spec in specs}
+    for spec, shape in shapes.items():
         numba_kernels.worker(*spec, shape)

@@ -101,24 +101,25 @@ def _at_exit() -> None:
 atexit.register(_at_exit)
 
 
-def load_here(specs: Iterable[Spec]) -> None:
+def load_here(specs: Iterable[Spec], *, calibrate: bool = False) -> None:
     """Load (from numba's cache) or compile the driver and the workers of ``specs`` in this
-    thread, one LLVM section each; mark them ready. Raises ``_Closing`` once exiting."""
+    thread, one LLVM section each; mark them ready (``calibrate``: measure the block shapes the
+    cache holds no choice for first). Raises ``_Closing`` once exiting."""
     with _llvm_section():
         kernel_cache.compile_here(())  # numba, the kernels module and the driver
     for spec in sorted(specs):
-        if spec in state.ready:
+        if spec in state.ready and not calibrate:  # a warm-up still measures what the file lacks
             continue
         with _llvm_section():
-            kernel_cache.compile_here((spec,), driver=False)
+            kernel_cache.compile_here((spec,), driver=False, calibrate=calibrate)
         with state.lock:
             state.ready = state.ready | {spec}
 
 
-def load_now(specs: Iterable[Spec]) -> None:
+def load_now(specs: Iterable[Spec], *, calibrate: bool = False) -> None:
     """:func:`load_here` for a caller that needs the kernels (``FASTFUSE_ENGINE=numba``, ``warm_up``)."""
     try:
-        load_here(specs)
+        load_here(specs, calibrate=calibrate)
     except _Closing:
         raise FuseError("the interpreter is exiting: the kernels can no longer be loaded") from None
 
