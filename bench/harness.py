@@ -87,34 +87,10 @@ def torch_checkpoint_file(size: str, dtype: str = "float16") -> Path:
     return _cached(cache_dir() / f"whisper-{size}-{dtype}-v2.bin", write)
 
 
-# openai-whisper's names for Hugging Face's (as transformers' convert_openai_to_hf.py maps them;
-# tests/ct2_models.py has the same table for its tiny models).
-_OPENAI_NAMES = (
-    (r"^model\.", ""),
-    (r"\.layers\.", ".blocks."),
-    (r"self_attn_layer_norm", "attn_ln"),
-    (r"encoder_attn_layer_norm", "cross_attn_ln"),
-    (r"final_layer_norm", "mlp_ln"),
-    (r"encoder_attn\.", "cross_attn."),
-    (r"self_attn\.", "attn."),
-    (r"q_proj", "query"),
-    (r"k_proj", "key"),
-    (r"v_proj", "value"),
-    (r"out_proj", "out"),
-    (r"fc1", "mlp.0"),
-    (r"fc2", "mlp.2"),
-    (r"^encoder\.layer_norm", "encoder.ln_post"),
-    (r"^decoder\.layer_norm", "decoder.ln"),
-    (r"embed_positions\.weight", "positional_embedding"),
-    (r"embed_tokens", "token_embedding"),
-)
-
-
 def openai_checkpoint_file(size: str, dtype: str = "float16") -> Path:
     """The same checkpoint as openai-whisper's ``torch.save({"dims": ..., "model_state_dict": ...})``, cached."""
 
     def write(temp: Path) -> None:
-        import re
 
         import torch
         from safetensors.torch import load_file
@@ -122,10 +98,11 @@ def openai_checkpoint_file(size: str, dtype: str = "float16") -> Path:
         from fastfuse.cli.demo import WHISPER_SIZES
 
         state = {}
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tests' name table
+        from openai_names import openai_name
+
         for key, value in load_file(str(checkpoint_file(size, dtype))).items():
-            for pattern, name in _OPENAI_NAMES:
-                key = re.sub(pattern, name, key)
-            state[key] = value
+            state[openai_name(key)] = value
         d, encoder, decoder, vocab = WHISPER_SIZES[size]
         dims = {"n_mels": 128 if d == 1280 else 80, "n_vocab": vocab, "n_audio_ctx": 1500, "n_audio_state": d}
         dims |= {"n_audio_head": d // 64, "n_audio_layer": encoder, "n_text_ctx": 448, "n_text_state": d}

@@ -11,9 +11,10 @@ line's semantics, in process.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
+
+from openai_names import openai_name
 
 LANGS = ("en", "de", "fr", "es")
 NUM_TIMESTAMPS = 16
@@ -156,28 +157,6 @@ def as_torch_bin(folder: Path, out: Path, shards: int = 1) -> Path:
     return out
 
 
-# openai-whisper's names for Hugging Face's (as transformers' convert_openai_to_hf.py maps them).
-_OPENAI_NAMES = (
-    (r"^model\.", ""),
-    (r"\.layers\.", ".blocks."),
-    (r"self_attn_layer_norm", "attn_ln"),
-    (r"encoder_attn_layer_norm", "cross_attn_ln"),
-    (r"final_layer_norm", "mlp_ln"),
-    (r"encoder_attn\.", "cross_attn."),
-    (r"self_attn\.", "attn."),
-    (r"q_proj", "query"),
-    (r"k_proj", "key"),
-    (r"v_proj", "value"),
-    (r"out_proj", "out"),
-    (r"fc1", "mlp.0"),
-    (r"fc2", "mlp.2"),
-    (r"^encoder\.layer_norm", "encoder.ln_post"),
-    (r"^decoder\.layer_norm", "decoder.ln"),
-    (r"embed_positions\.weight", "positional_embedding"),
-    (r"embed_tokens", "token_embedding"),
-)
-
-
 def save_openai_pt(hf_folder: Path, path: Path) -> Path:
     """The weights of ``hf_folder`` as openai-whisper's ``torch.save({"dims", "model_state_dict"})``."""
     import torch
@@ -189,9 +168,7 @@ def save_openai_pt(hf_folder: Path, path: Path) -> Path:
     for key, value in load_file(hf_folder / "model.safetensors").items():
         if key == "proj_out.weight":
             continue
-        for pattern, name in _OPENAI_NAMES:
-            key = re.sub(pattern, name, key)
-        state[key] = value
+        state[openai_name(key)] = value
     dims = {
         "n_mels": config.num_mel_bins,
         "n_vocab": config.vocab_size,
