@@ -243,6 +243,21 @@ def _copy_rows(job, tile, width):  # type: ignore[no-untyped-def]
         copy_bytes(job[J_DST] + r * job[J_DST_ROW], job[J_SRC] + r * job[J_SRC_COL], count)
 
 
+@_inline
+def _band_grid(job, tile, tile_rows, width, dst_width):  # type: ignore[no-untyped-def]
+    """Tile ``tile``'s ``(r0, r1, c0, c1)``, the first source row of its block grid, whether its
+    stores stream, and whether blocks fit (else: element by element). The band grid is shifted
+    along c so block rows land on destination line boundaries (aligned streaming stores);
+    aligning the source loads too (a shift along r) did not pay."""
+    side = LINE // width
+    blocks = job[J_SRC_COL] == width
+    c_shift = _grid_shift(job[J_DST], job[J_DST_ROW], dst_width) if blocks else -1
+    r0, r1, c0, c1 = _tile_bounds(job, tile, max(c_shift, 0), tile_rows)
+    streaming = c_shift >= 0
+    c_grid = min(c1, c_shift) if streaming and c0 == 0 else c0
+    return r0, r1, c0, c1, c_grid, streaming, blocks and r1 - r0 >= side and c1 - c0 >= side
+
+
 # ---------------------------------------------------------------------------------------------
 # Workers: one tile of one job. Compiled as C callbacks, one per element width (or conversion).
 
@@ -260,16 +275,10 @@ def _copy_worker(shape: Shape) -> Callable[..., None]:
             _copy_rows(job, tile, width)
             return
         side = LINE // width
-        blocks = job[J_SRC_COL] == width
-        # Shift the band grid along c so block rows land on destination line boundaries
-        # (aligned streaming stores). Aligning source loads too (a shift along r) did not pay.
-        c_shift = _grid_shift(job[J_DST], job[J_DST_ROW], width) if blocks else -1
-        r0, r1, c0, c1 = _tile_bounds(job, tile, max(c_shift, 0), tile_rows)
-        if r1 - r0 < side or c1 - c0 < side or not blocks:
+        r0, r1, c0, c1, c_grid, streaming, fits = _band_grid(job, tile, tile_rows, width, width)
+        if not fits:
             _move_elements(job, r0, r1, c0, c1, like, like)
             return
-        streaming = c_shift >= 0
-        c_grid = min(c1, c_shift) if streaming and c0 == 0 else c0
         c_end = c_grid + (c1 - c_grid) // side * side
         # Rows before the grid (less than one destination line per output row) go element by
         # element: a cached block there would share lines with the streaming stores, and a line
@@ -305,14 +314,10 @@ def _widen_worker(shape: Shape) -> Callable[..., None]:
         side = LINE // width
         step = vector // width
         mode = job[J_MODE]
-        blocks = job[J_SRC_COL] == width
-        c_shift = _grid_shift(job[J_DST], job[J_DST_ROW], dst_width) if blocks else -1
-        r0, r1, c0, c1 = _tile_bounds(job, tile, max(c_shift, 0), tile_rows)
-        if r1 - r0 < side or c1 - c0 < side or not blocks:
+        r0, r1, c0, c1, c_grid, streaming, fits = _band_grid(job, tile, tile_rows, width, dst_width)
+        if not fits:
             _move_elements(job, r0, r1, c0, c1, like_src, like_dst)
             return
-        streaming = c_shift >= 0
-        c_grid = min(c1, c_shift) if streaming and c0 == 0 else c0
         scratch = np.empty(side * step, like_src.dtype)
         wide = np.empty(side, like_dst.dtype)
         block, wide_row = scratch.ctypes.data, wide.ctypes.data
