@@ -1,6 +1,7 @@
 """A bounded fuzz run of each reader (tests/fuzz_readers.py): a fixed budget of mutated inputs
 from real seed files, deterministic seed, in a child process (hangs and memory are its own). Any
-exception other than a FuseError, an input over 10 s or 2 GB of memory fails."""
+exception other than a FuseError, or 2 GB of memory, fails; no wall time is asserted (the child's
+timeout only ends a hang)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def fuzz(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize("target", sorted(BUDGET))
 def test_mutation_fuzz(target: str) -> None:
-    result = fuzz(target, "--inputs", str(BUDGET[target]), "--seed", "1")
+    result = fuzz(target, "--inputs", str(BUDGET[target]), "--seed", "1", "--time-limit", "0")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.startswith(f"{target}: {BUDGET[target] + 3}") or "inputs in" in result.stdout
 
