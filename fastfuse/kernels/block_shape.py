@@ -20,6 +20,7 @@ shape changes a single bit of the result.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -53,19 +54,22 @@ _lock = threading.Lock()
 _choices: dict[str, dict[Spec, Shape]] = {}  # choice file path -> choices read or measured
 
 
-def target() -> list[str]:
-    """What numba keys compiled code on: target triple, CPU name, CPU features."""
+@functools.cache
+def target() -> tuple[str, ...]:
+    """What numba keys compiled code on: target triple, CPU name, CPU features (fixed for the
+    process: computed once, as :func:`chosen` runs on every kernel call)."""
     from numba.core.registry import cpu_target
 
-    return [str(part) for part in cpu_target.target_context.codegen().magic_tuple()]
+    return tuple(str(part) for part in cpu_target.target_context.codegen().magic_tuple())
 
 
+@functools.cache
 def _key() -> dict[str, Any]:
     sources = hashlib.sha1()
     for module in (numba_kernels, intrinsics):
         with open(str(module.__file__), "rb") as f:
             sources.update(f.read())
-    return {"target": target(), "numba": numba.__version__, "kernels": sources.hexdigest()}
+    return {"target": list(target()), "numba": numba.__version__, "kernels": sources.hexdigest()}
 
 
 def choice_file() -> str | None:
@@ -73,24 +77,34 @@ def choice_file() -> str | None:
     folder = kernel_cache.location()
     if folder is None:
         return None
-    digest = hashlib.sha1(json.dumps(target()).encode()).hexdigest()[:16]
-    return os.path.join(folder, f"block-shapes-{digest}.json")
+    return os.path.join(folder, _file_name())
 
 
-def _read(path: str) -> dict[Spec, Shape]:
-    """The choices in ``path``; {} when it is missing, unreadable, or for another key."""
+@functools.cache
+def _file_name() -> str:
+    return f"block-shapes-{hashlib.sha1(json.dumps(target()).encode()).hexdigest()[:16]}.json"
+
+
+def _document(path: str) -> dict[str, Any]:
+    """The choice file at ``path``; {} when it is missing, unreadable, or for another key."""
     try:
         with open(path) as f:
             found = json.load(f)
-        if found["key"] != _key():
-            return {}
-        names = {shape.name(): shape for shape in SHAPES}
+        return found if isinstance(found, dict) and found.get("key") == _key() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _read(path: str) -> dict[Spec, Shape]:
+    """The choices in ``path`` (see :func:`_document`); entries that name no known shape are left out."""
+    names = {shape.name(): shape for shape in SHAPES}
+    try:
         return {
             (int(kind), int(width)): names[name]
-            for kind, width, name in found["choices"]
+            for kind, width, name in _document(path).get("choices", [])
             if (int(kind), int(width)) in CALIBRATED and name in names
         }
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, TypeError):
         return {}
 
 
@@ -193,12 +207,8 @@ def calibrate(specs: set[Spec] | frozenset[Spec], rounds: int = ROUNDS) -> dict[
 
 def _figures(path: str) -> dict[str, dict[str, float]]:
     """The timings a valid choice file already records (kept when a spec is added)."""
-    try:
-        with open(path) as f:
-            found = json.load(f)
-        return dict(found["seconds"]) if found["key"] == _key() else {}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
+    seconds = _document(path).get("seconds", {})
+    return dict(seconds) if isinstance(seconds, dict) else {}
 
 
 def _write(path: str, choices: dict[Spec, Shape], figures: dict[str, dict[str, float]]) -> None:
