@@ -260,8 +260,11 @@ _ALIGN = 64  # each output starts on a cache line: the kernels' streaming stores
 
 
 def _new_buffer(nbytes: int) -> np.ndarray:
-    """``nbytes`` of new, uninitialised memory (one allocation: huge pages where the system has them)."""
-    return np.empty(nbytes, np.uint8)
+    """``nbytes`` of new, uninitialised memory starting on a cache line (one allocation: huge
+    pages where the system has them; ``np.empty`` alone starts 16 bytes into a page)."""
+    buffer = np.empty(nbytes + _ALIGN, np.uint8)
+    skip = -buffer.ctypes.data % _ALIGN
+    return buffer[skip : skip + nbytes]
 
 
 def _allocate(targets: Sequence[FusedTensor], framework: str) -> dict[str, Any]:
@@ -274,11 +277,10 @@ def _allocate(targets: Sequence[FusedTensor], framework: str) -> dict[str, Any]:
     if not targets:
         return {}
     to_torch = torch_converter(framework)
-    buffer = _new_buffer(end + _ALIGN)
-    skip = -buffer.ctypes.data % _ALIGN
+    buffer = _new_buffer(end)
     results = {}
     for t, start in zip(targets, starts):
-        view = buffer[skip + start : skip + start + t.nbytes].view(t.dtype).reshape(t.shape)
+        view = buffer[start : start + t.nbytes].view(t.dtype).reshape(t.shape)
         results[t.key] = view if to_torch is None else to_torch(view)
     return results
 
@@ -326,7 +328,7 @@ def transpose_concat(
     target = result_dtype(arrays[0].dtype, dtype)
     shape = (arrays[0].shape[1], sum(a.shape[0] for a in arrays))
     if out is None:
-        out = np.empty(shape, target)
+        out = _new_buffer(shape[0] * shape[1] * target.itemsize).view(target).reshape(shape)
     else:
         _check_out(out, shape, target, arrays)
     work, start = [], 0

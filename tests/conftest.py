@@ -101,7 +101,9 @@ def poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
     import fastfuse.fusion
 
     def allocate(nbytes: int) -> np.ndarray:
-        return np.full(nbytes, 0xA5, np.uint8)
+        buffer = np.full(nbytes + 64, 0xA5, np.uint8)
+        skip = -buffer.ctypes.data % 64  # on a cache line, like the real allocation
+        return buffer[skip : skip + nbytes]
 
     monkeypatch.setattr(fastfuse.fusion, "_new_buffer", allocate)
 

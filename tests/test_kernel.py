@@ -96,6 +96,30 @@ def test_out_is_a_slice_of_a_bigger_buffer() -> None:
     assert (buffer[:5] == -1).all() and (buffer[-5:] == -1).all()
 
 
+def test_a_new_result_starts_on_a_cache_line() -> None:
+    parts = [np.ones((300, 200), np.float16)] * 3
+    assert transpose_concat(parts).ctypes.data % 64 == 0  # the kernels' streaming stores need it
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int8, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("rows", [128, 131], ids=["line-rows", "ragged-rows"])
+def test_out_at_every_offset_into_a_cache_line(dtype: object, rows: int) -> None:
+    """Destinations that start anywhere in a line: the rows before and after the streaming grid
+    (less than a line of each output row) take another path than the grid itself."""
+    width = np.dtype(dtype).itemsize
+    rng = np.random.default_rng(rows)
+    parts = [random_bits((rows, 70), dtype, rng) for _ in range(3)]
+    expected = fused_reference(parts)
+    size = expected.size
+    for offset in range(0, 64, width):
+        raw = np.full(size * width + 192, 0x5A, np.uint8)
+        start = -raw.ctypes.data % 64 + 64 + offset
+        out = raw[start : start + size * width].view(dtype).reshape(expected.shape)
+        assert transpose_concat(parts, out=out) is out
+        assert same_bits(out, expected), offset
+        assert (raw[:start] == 0x5A).all() and (raw[start + size * width :] == 0x5A).all(), offset
+
+
 def test_nan_payloads_and_signed_zero_survive() -> None:
     bits = np.array([[0x7E01, 0xFE02, 0x7C01, 0x8000], [0x0000, 0x0001, 0x7BFF, 0xFFFF]], np.uint16)
     out = transpose_concat([bits.view(np.float16)])

@@ -1,6 +1,6 @@
 """Which block shape each kernel worker uses on this CPU: measured once, kept beside the kernels.
 
-The workers have one code path whose parameters (:class:`~fastfuse.kernels.numba_kernels.Shape`:
+The workers have one code path whose parameters (:class:`~fastfuse.kernels.job_table.Shape`:
 bytes per block row vector, source rows per tile) are constants of the compiled code. Which
 shape is fastest depends on the CPU and on the instructions numba generates for it (on one
 Zen 4, 32-byte vectors beat 64-byte ones for f16 by 8% under AVX-512 code and by 23% under AVX2
@@ -32,19 +32,22 @@ import numba
 import numpy as np
 
 from fastfuse.errors import FuseError
-from fastfuse.kernels import intrinsics, kernel_cache, numba_kernels
-from fastfuse.kernels.numba_kernels import DEFAULT_SHAPE, SHAPES, Shape
+from fastfuse.kernels import intrinsics, job_table, kernel_cache, numba_kernels
+from fastfuse.kernels.job_table import DEFAULT_SHAPE, SHAPES, Shape
 
 __all__ = ["CALIBRATED", "CANDIDATES", "calibrate", "choice_file", "chosen", "target"]
 
 Spec = tuple[int, int]  # (0 copy or 1 widen, source element width)
 
-# The workers whose shape is measured: 2-byte copies (f16, bf16), where the shapes' speeds
-# differ most from CPU to CPU and code generation to code generation. Each candidate costs a
-# compile at the first warm-up (about a second), so the others keep the default (measuring
-# f32 and the widening too took cold `fastfuse warmup` from about 8 s to 13 s).
-CALIBRATED: frozenset[Spec] = frozenset({(0, 2)})
-CANDIDATES = (DEFAULT_SHAPE, Shape(64, 64))
+# The workers whose shape is measured, and the shapes each may take (the default first): the
+# copies of 2-byte (f16, bf16) and 4-byte (f32) elements, where the shapes' speeds differ most
+# from CPU to CPU and code generation to code generation. Each candidate costs a compile at the
+# first warm-up (about a second), so the widening and the rarer widths keep the default.
+CANDIDATES: dict[Spec, tuple[Shape, ...]] = {
+    (0, 2): (DEFAULT_SHAPE, Shape(64, 64), Shape(32, 128, True)),
+    (0, 4): (DEFAULT_SHAPE, Shape(64, 256, True)),
+}
+CALIBRATED: frozenset[Spec] = frozenset(CANDIDATES)
 FORCE_VARIABLE = "FASTFUSE_BLOCK_SHAPE"
 SOURCE_BYTES = 48 << 20  # per calibration transpose: past the last-level caches measured (32 MB)
 ROUNDS = 5
@@ -66,7 +69,7 @@ def target() -> tuple[str, ...]:
 @functools.cache
 def _key() -> dict[str, Any]:
     sources = hashlib.sha1()
-    for module in (numba_kernels, intrinsics):
+    for module in (numba_kernels, job_table, intrinsics):
         with open(str(module.__file__), "rb") as f:
             sources.update(f.read())
     return {"target": list(target()), "numba": numba.__version__, "kernels": sources.hexdigest()}
@@ -142,7 +145,7 @@ def _problem(spec: Spec) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np
     count = max(1, SOURCE_BYTES // (side * side * width))
     source = np.ones((count, side, side), np.dtype(f"u{width}"))
     out = np.zeros((side, count * side), np.uint32 if widen else source.dtype)
-    mode = numba_kernels.MODE_F16_TO_F32 if widen else numba_kernels.MODE_COPY
+    mode = job_table.MODE_F16_TO_F32 if widen else job_table.MODE_COPY
     rows = [
         [
             part.ctypes.data,
@@ -152,7 +155,7 @@ def _problem(spec: Spec) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np
             side,
             out.ctypes.data + j * side * out.itemsize,
             out.strides[0],
-            numba_kernels.TILING_BLOCKS,
+            job_table.TILING_BLOCKS,
             mode,
             0,
         ]
@@ -167,8 +170,8 @@ def _measure(spec: Spec, shapes: tuple[Shape, ...], rounds: int) -> dict[Shape, 
     tables = {}
     for shape in shapes:
         table = jobs.copy()
-        table[:, numba_kernels.J_TILE_END] = np.cumsum(
-            [numba_kernels.tile_count(int(r[3]), int(r[4]), int(r[7]), shape.tile_rows) for r in jobs]
+        table[:, job_table.J_TILE_END] = np.cumsum(
+            [job_table.tile_count(int(r[3]), int(r[4]), int(r[7]), shape.tile_rows) for r in jobs]
         )
         tables[shape] = (table, numba_kernels.worker(spec[0], spec[1], shape))
     best = dict.fromkeys(shapes, float("inf"))
@@ -184,7 +187,7 @@ def _measure(spec: Spec, shapes: tuple[Shape, ...], rounds: int) -> dict[Shape, 
 
 def calibrate(specs: set[Spec] | frozenset[Spec], rounds: int = ROUNDS) -> dict[Spec, Shape]:
     """Measure the :data:`CANDIDATES` of each spec of ``specs`` in :data:`CALIBRATED` that the
-    choice file does not hold yet, and record the fastest (a tie keeps the default). Returns
+    choice file does not hold yet, and record the fastest (a tie keeps the default: the first). Returns
     the choices of ``specs``. Nothing is measured without numba's cache, with JIT disabled or
     with a forced shape."""
     wanted = sorted(set(specs) & CALIBRATED)
@@ -196,9 +199,10 @@ def calibrate(specs: set[Spec] | frozenset[Spec], rounds: int = ROUNDS) -> dict[
         todo = [spec for spec in wanted if spec not in choices]
         figures = _figures(path)
         for spec in todo:
-            seconds = _measure(spec, CANDIDATES, rounds)
-            choices[spec] = min(CANDIDATES, key=lambda shape: (seconds[shape], shape != DEFAULT_SHAPE))
-            figures[kernel_cache.spec_names([spec])[0]] = {shape.name(): seconds[shape] for shape in CANDIDATES}
+            shapes = CANDIDATES[spec]
+            seconds = _measure(spec, shapes, rounds)
+            choices[spec] = min(shapes, key=lambda shape: (seconds[shape], shape != DEFAULT_SHAPE))
+            figures[kernel_cache.spec_names([spec])[0]] = {shape.name(): seconds[shape] for shape in shapes}
         if todo:
             _write(path, choices, figures)
         _choices[path] = choices

@@ -44,7 +44,7 @@ import numpy as np
 
 from fastfuse.dtypes import WIDENINGS
 from fastfuse.errors import FuseError
-from fastfuse.kernels import kernel_cache
+from fastfuse.kernels import job_table, kernel_cache
 from fastfuse.kernels.kernel_loader import ALL_SPECS, LOAD_AFTER_BYTES, Spec, load_now, request, state
 from fastfuse.kernels.regions import Block, Copy
 
@@ -229,7 +229,7 @@ def _run_kernels(work: Sequence[Copy]) -> None:
         if spec not in shapes:
             shapes[spec] = block_shape.chosen(spec)
         source, destination = _transposition(copy)
-        tiling = kernels.tiling(source.row_stride, source.col_stride, source.itemsize, mode)
+        tiling = job_table.tiling(source.row_stride, source.col_stride, source.itemsize, mode)
         tables.setdefault(spec, []).append(
             [
                 source.address,
@@ -241,12 +241,12 @@ def _run_kernels(work: Sequence[Copy]) -> None:
                 destination.row_stride,
                 tiling,
                 mode,
-                kernels.tile_count(source.rows, source.cols, tiling, shapes[spec].tile_rows),
+                job_table.tile_count(source.rows, source.cols, tiling, shapes[spec].tile_rows),
             ]
         )
     for spec, rows in tables.items():
-        jobs = np.array(rows, dtype=np.int64).reshape(-1, kernels.JOB_COLUMNS)
-        np.cumsum(jobs[:, kernels.J_TILE_END], out=jobs[:, kernels.J_TILE_END])
+        jobs = np.array(rows, dtype=np.int64).reshape(-1, job_table.JOB_COLUMNS)
+        np.cumsum(jobs[:, job_table.J_TILE_END], out=jobs[:, job_table.J_TILE_END])
         worker = kernels.worker(*spec, shapes[spec])
         with _launch_lock:
             kernels.run_tiles(jobs, worker)

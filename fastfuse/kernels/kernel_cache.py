@@ -103,10 +103,10 @@ def compile_here(specs: Iterable[Spec], *, driver: bool = True, calibrate: bool 
     two, so only an explicit warm-up asks for it, never a load)."""
     import numpy as np
 
-    from fastfuse.kernels import block_shape, numba_kernels
+    from fastfuse.kernels import block_shape, job_table, numba_kernels
 
     if driver:  # one driver for every width
-        numba_kernels.run_tiles(np.zeros((0, numba_kernels.JOB_COLUMNS), np.int64), 0)
+        numba_kernels.run_tiles(np.zeros((0, job_table.JOB_COLUMNS), np.int64), 0)
     specs = set(specs)
     shapes = block_shape.calibrate(specs) if calibrate else {spec: block_shape.chosen(spec) for spec in specs}
     for spec, shape in shapes.items():

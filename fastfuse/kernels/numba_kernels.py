@@ -4,13 +4,7 @@ This module knows arrays of unsigned integers and byte addresses, nothing else: 
 no dtypes beyond element width, no I/O, no allocation of results. All validation happens before
 a kernel runs; a kernel trusts its job table.
 
-A *job table* has one int64 row per part (see the ``J_*`` column indices). Part ``p`` is a
-strided 2-D source ``S[c, r]`` (``c < rows``, ``r < cols``) written transposed into a
-destination whose row ``r`` starts at ``dst + r * dst_row_stride`` and holds ``S[0..rows, r]``
-as consecutive elements. :func:`run_tiles` runs the tile grid of every part of every group in
-one ``prange``, so small parts never serialize and a whole checkpoint is one parallel region.
-When ``S[0..rows, r]`` is itself contiguous (a Fortran-ordered part, or the rows of an
-``out_in`` layout) the job is tiled in destination rows instead and each row is one memcpy.
+The job table (one row per part) and the block shapes are described in :mod:`~fastfuse.kernels.job_table`.
 
 Compilation is the cost that matters on a first run: numba compiles every jitted function into
 its own library and compiles each callee again inside every caller, and the block transpose is
@@ -41,12 +35,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import numba
 import numpy as np
 from numba import types
 
+from fastfuse.kernels import job_table as jt
 from fastfuse.kernels.intrinsics import (
     LINE,
     call_worker,
@@ -60,38 +55,9 @@ from fastfuse.kernels.intrinsics import (
     transpose_block,
     typed_pointer,
 )
+from fastfuse.kernels.job_table import DEFAULT_SHAPE, Shape
 
-# Job table columns.
-J_SRC, J_SRC_ROW, J_SRC_COL, J_ROWS, J_COLS, J_DST, J_DST_ROW, J_TILING, J_MODE, J_TILE_END = range(10)
-JOB_COLUMNS = 10
-# How a job is cut into tiles: bands of line blocks (a transpose), or destination rows (copies).
-TILING_BLOCKS, TILING_ROWS = 0, 1
-ROWS_PER_TILE = 64
-
-# Conversion modes: the destination element from the source element's bits.
-MODE_COPY, MODE_F16_TO_F32, MODE_BF16_TO_F32 = 0, 1, 2
-
-
-# Tile shape in elements: ``Shape.tile_rows`` source rows (output columns) by TILE_COLS source
-# columns (output rows). Whole source rows per band keep B long sequential read streams; bands
-# of 64 rows give enough tiles to balance threads (20 per 1280-row part).
-TILE_COLS = 8192
-
-
-class Shape(NamedTuple):
-    """The parameters of the one code path: ``vector``, bytes of each source row a block loads
-    (``intrinsics.VECTORS``); ``tile_rows``, source rows per tile (whole blocks for every width).
-    Every shape writes the same bits; which is fastest depends on the CPU (``block_shape``)."""
-
-    vector: int = 32
-    tile_rows: int = 64
-
-    def name(self) -> str:
-        return f"v{self.vector}-t{self.tile_rows}"
-
-
-DEFAULT_SHAPE = Shape()  # fastest for every width tried on a Zen 4, AVX-512 and AVX2 (design.md)
-SHAPES = (DEFAULT_SHAPE, Shape(64, 64), Shape(16, 64), Shape(32, 128))  # every shape the tests run
+__all__ = ["run_tiles", "worker"]
 
 # The one place numba options are set: we move bits, so no fastmath; error_model numpy avoids
 # division checks in the tile arithmetic. Helpers are inlined into the worker that uses them,
@@ -100,22 +66,9 @@ _OPTIONS: dict[str, Any] = {"nogil": True, "error_model": "numpy"}
 _inline = numba.njit(inline="always", error_model="numpy")
 
 
-def tiling(src_row: int, src_col: int, width: int, mode: int) -> int:
-    """How to tile a source with these byte strides: row copies when ``S[:, r]`` is contiguous."""
-    return TILING_ROWS if mode == MODE_COPY and src_row == width and src_col != width else TILING_BLOCKS
-
-
-def tile_count(rows: int, cols: int, tiling: int = TILING_BLOCKS, tile_rows: int = DEFAULT_SHAPE.tile_rows) -> int:
-    """Tiles a ``rows x cols`` source is cut into (for ``J_TILE_END``) by a worker whose shape
-    has ``tile_rows``."""
-    if tiling == TILING_ROWS:
-        return -(-cols // ROWS_PER_TILE) if rows else 0
-    return -(-rows // tile_rows) * -(-cols // TILE_COLS)
-
-
 @_inline
 def _job(jobs: int, row: int):  # type: ignore[no-untyped-def]
-    return numba.carray(job_pointer(jobs + row * (JOB_COLUMNS * 8)), JOB_COLUMNS)
+    return numba.carray(job_pointer(jobs + row * (jt.JOB_COLUMNS * 8)), jt.JOB_COLUMNS)
 
 
 @_inline
@@ -134,7 +87,7 @@ if numba.config.DISABLE_JIT:  # pragma: no cover - exercised by the NUMBA_DISABL
     from fastfuse.kernels.intrinsics import view
 
     def _job(jobs, row):  # type: ignore[no-redef,no-untyped-def]
-        return view(jobs + row * JOB_COLUMNS * 8, np.dtype(np.int64), JOB_COLUMNS)
+        return view(jobs + row * jt.JOB_COLUMNS * 8, np.dtype(np.int64), jt.JOB_COLUMNS)
 
     def _row(address, count, like):  # type: ignore[no-redef,no-untyped-def]
         return view(address, like.dtype, count)
@@ -155,10 +108,10 @@ def _convert(bits, mode, like_dst):  # type: ignore[no-untyped-def]
     half of f32; f16 normals rebias the exponent, subnormals are ``m * 2**-24`` (exact in f32),
     inf and NaN keep their payload shifted into the f32 mantissa, never quieted.
     """
-    if mode == MODE_COPY:
+    if mode == jt.MODE_COPY:
         return like_dst.dtype.type(bits)
     h = np.uint32(bits)
-    if mode == MODE_BF16_TO_F32:
+    if mode == jt.MODE_BF16_TO_F32:
         return like_dst.dtype.type(h << np.uint32(16))
     sign = (h & np.uint32(0x8000)) << np.uint32(16)
     magnitude = h & np.uint32(0x7FFF)
@@ -173,13 +126,13 @@ def _convert(bits, mode, like_dst):  # type: ignore[no-untyped-def]
 def _move_elements(job, r_lo, r_hi, c_lo, c_hi, like_src, like_dst):  # type: ignore[no-untyped-def]
     """Element by element: the fallback for block-grid edges and strided sources."""
     dst_width = like_dst.itemsize
-    mode = job[J_MODE]
+    mode = job[jt.J_MODE]
     for r in range(r_lo, r_hi):
-        src = job[J_SRC] + r * job[J_SRC_COL] + c_lo * job[J_SRC_ROW]
-        dst = job[J_DST] + r * job[J_DST_ROW] + c_lo * dst_width
+        src = job[jt.J_SRC] + r * job[jt.J_SRC_COL] + c_lo * job[jt.J_SRC_ROW]
+        dst = job[jt.J_DST] + r * job[jt.J_DST_ROW] + c_lo * dst_width
         for _ in range(c_lo, c_hi):
             store_at(dst, _convert(load_at(src, like_src), mode, like_dst))
-            src += job[J_SRC_ROW]
+            src += job[jt.J_SRC_ROW]
             dst += dst_width
 
 
@@ -207,10 +160,10 @@ def _tile_span(index, count, tile, shift, size):  # type: ignore[no-untyped-def]
 @_inline
 def _tile_bounds(job, tile, shift, tile_rows):  # type: ignore[no-untyped-def]
     """``(r0, r1, c0, c1)`` of block tile ``tile``: output rows ``r``, source rows ``c``."""
-    rows, cols = job[J_ROWS], job[J_COLS]
+    rows, cols = job[jt.J_ROWS], job[jt.J_COLS]
     tiles_down = (rows + tile_rows - 1) // tile_rows
-    tiles_across = (cols + TILE_COLS - 1) // TILE_COLS
-    r0, r1 = _tile_span(tile // tiles_down, tiles_across, TILE_COLS, 0, cols)
+    tiles_across = (cols + jt.TILE_COLS - 1) // jt.TILE_COLS
+    r0, r1 = _tile_span(tile // tiles_down, tiles_across, jt.TILE_COLS, 0, cols)
     c0, c1 = _tile_span(tile % tiles_down, tiles_down, tile_rows, shift, rows)
     return r0, r1, c0, c1
 
@@ -225,22 +178,59 @@ def _move_band(job, c, r0, r1, streaming, like, vector):  # type: ignore[no-unty
     """
     width = like.itemsize
     step = vector // width
-    src_row, dst_row = job[J_SRC_ROW], job[J_DST_ROW]
+    src_row, dst_row = job[jt.J_SRC_ROW], job[jt.J_DST_ROW]
     for b in range((r1 - r0 + step - 1) // step):
         r = min(r0 + b * step, r1 - step)
-        src = job[J_SRC] + c * src_row + r * width
-        dst = job[J_DST] + r * dst_row + c * width
+        src = job[jt.J_SRC] + c * src_row + r * width
+        dst = job[jt.J_DST] + r * dst_row + c * width
         transpose_block(src, src_row, dst, dst_row, streaming, like, vector)
+
+
+@_inline
+def _move_band_rows(job, c, keep_lo, keep_hi, r0, r1, scratch, like, vector):  # type: ignore[no-untyped-def]
+    """Source rows ``c + keep_lo .. c + keep_hi`` of the band at ``c`` (``c + B <= J_ROWS``),
+    columns ``r0..r1``: each block is transposed into ``scratch`` (``S`` lines, in cache) and
+    the kept part of each of its rows copied out with ordinary stores. For the rows beside the
+    streaming grid, less than a line per destination row: those lines are written only here,
+    so no line is written both ways (that costs a flush), and at block speed, not element by
+    element."""
+    width = like.itemsize
+    step = vector // width
+    src_row, dst_row = job[jt.J_SRC_ROW], job[jt.J_DST_ROW]
+    block = scratch.ctypes.data
+    for b in range((r1 - r0 + step - 1) // step):
+        r = min(r0 + b * step, r1 - step)
+        transpose_block(job[jt.J_SRC] + c * src_row + r * width, src_row, block, LINE, False, like, vector)
+        for i in range(step):
+            dst = job[jt.J_DST] + (r + i) * dst_row + (c + keep_lo) * width
+            copy_bytes(dst, block + i * LINE + keep_lo * width, (keep_hi - keep_lo) * width)
+
+
+@_inline
+def _move_columns(job, c_lo, c_hi, r0, r1, streaming, like, vector):  # type: ignore[no-untyped-def]
+    """The blocks of bands ``c_lo..c_hi`` (whole bands) and columns ``r0..r1``, block column by
+    block column: each column's ``S`` destination rows get ``c_hi - c_lo`` elements in a row.
+    Same blocks as :func:`_move_band` over each band, in another order."""
+    width = like.itemsize
+    side = LINE // width
+    step = vector // width
+    src_row, dst_row = job[jt.J_SRC_ROW], job[jt.J_DST_ROW]
+    for b in range((r1 - r0 + step - 1) // step):
+        r = min(r0 + b * step, r1 - step)
+        for c in range(c_lo, c_hi, side):
+            src = job[jt.J_SRC] + c * src_row + r * width
+            dst = job[jt.J_DST] + r * dst_row + c * width
+            transpose_block(src, src_row, dst, dst_row, streaming, like, vector)
 
 
 @_inline
 def _copy_rows(job, tile, width):  # type: ignore[no-untyped-def]
     """Destination rows ``ROWS_PER_TILE * tile ...``: each a contiguous run of the source."""
-    r0 = tile * ROWS_PER_TILE
-    r1 = min(r0 + ROWS_PER_TILE, job[J_COLS])
-    count = job[J_ROWS] * width
+    r0 = tile * jt.ROWS_PER_TILE
+    r1 = min(r0 + jt.ROWS_PER_TILE, job[jt.J_COLS])
+    count = job[jt.J_ROWS] * width
     for r in range(r0, r1):
-        copy_bytes(job[J_DST] + r * job[J_DST_ROW], job[J_SRC] + r * job[J_SRC_COL], count)
+        copy_bytes(job[jt.J_DST] + r * job[jt.J_DST_ROW], job[jt.J_SRC] + r * job[jt.J_SRC_COL], count)
 
 
 @_inline
@@ -250,8 +240,8 @@ def _band_grid(job, tile, tile_rows, width, dst_width):  # type: ignore[no-untyp
     along c so block rows land on destination line boundaries (aligned streaming stores);
     aligning the source loads too (a shift along r) did not pay."""
     side = LINE // width
-    blocks = job[J_SRC_COL] == width
-    c_shift = _grid_shift(job[J_DST], job[J_DST_ROW], dst_width) if blocks else -1
+    blocks = job[jt.J_SRC_COL] == width
+    c_shift = _grid_shift(job[jt.J_DST], job[jt.J_DST_ROW], dst_width) if blocks else -1
     r0, r1, c0, c1 = _tile_bounds(job, tile, max(c_shift, 0), tile_rows)
     streaming = c_shift >= 0
     c_grid = min(c1, c_shift) if streaming and c0 == 0 else c0
@@ -264,14 +254,14 @@ def _band_grid(job, tile, tile_rows, width, dst_width):  # type: ignore[no-untyp
 
 def _copy_worker(shape: Shape) -> Callable[..., None]:
     """The copy worker of ``shape``: its parameters are constants of the compiled code."""
-    vector, tile_rows = shape.vector, shape.tile_rows
+    vector, tile_rows, columns_first = shape
 
     def copy_tile(jobs, row, tile, element):  # type: ignore[no-untyped-def]
         """Tile ``tile`` of job ``row``: bands of line blocks, row copies, or elements if too small."""
         job = _job(jobs, row)
         like = _like(element)
         width = like.itemsize
-        if job[J_TILING] == TILING_ROWS:
+        if job[jt.J_TILING] == jt.TILING_ROWS:
             _copy_rows(job, tile, width)
             return
         side = LINE // width
@@ -280,18 +270,24 @@ def _copy_worker(shape: Shape) -> Callable[..., None]:
             _move_elements(job, r0, r1, c0, c1, like, like)
             return
         c_end = c_grid + (c1 - c_grid) // side * side
-        # Rows before the grid (less than one destination line per output row) go element by
-        # element: a cached block there would share lines with the streaming stores, and a line
-        # written both ways costs a flush (f16 in-cache rate halved). Rows after it likewise when
-        # streaming; otherwise one cached band overlapping the grid (same bits written twice).
-        _move_elements(job, r0, r1, c0, c_grid, like, like)
-        for c in range(c_grid, c_end, side):
-            _move_band(job, c, r0, r1, streaming, like, vector)
-        if c_end < c1:
-            if streaming:
-                _move_elements(job, r0, r1, c_end, c1, like, like)
-            else:
-                _move_band(job, c1 - side, r0, r1, False, like, vector)
+        # Rows before the grid (less than one destination line per output row) and, when
+        # streaming, after it go through a scratch block (a cached block overlapping the grid
+        # would share lines with the streaming stores, and a line written both ways costs a
+        # flush: f16 in-cache rate halved); otherwise one cached band overlaps the grid (same
+        # bits written twice).
+        if c0 < c_grid or (streaming and c_end < c1):
+            scratch = np.empty(side * (vector // width), like.dtype)
+            if c0 < c_grid:
+                _move_band_rows(job, c0, 0, c_grid - c0, r0, r1, scratch, like, vector)
+            if streaming and c_end < c1:
+                _move_band_rows(job, c1 - side, c_end - (c1 - side), side, r0, r1, scratch, like, vector)
+        if columns_first:
+            _move_columns(job, c_grid, c_end, r0, r1, streaming, like, vector)
+        else:
+            for c in range(c_grid, c_end, side):
+                _move_band(job, c, r0, r1, streaming, like, vector)
+        if c_end < c1 and not streaming:
+            _move_band(job, c1 - side, r0, r1, False, like, vector)
         if streaming:
             store_fence()
 
@@ -300,7 +296,7 @@ def _copy_worker(shape: Shape) -> Callable[..., None]:
 
 def _widen_worker(shape: Shape) -> Callable[..., None]:
     """The widening worker of ``shape`` (2-byte source, 4-byte destination)."""
-    vector, tile_rows = shape.vector, shape.tile_rows
+    vector, tile_rows, columns_first = shape
 
     def widen_tile(jobs, row, tile, element):  # type: ignore[no-untyped-def]
         """A converting tile (``J_MODE`` says which widening). Blocks are transposed into a
@@ -313,7 +309,7 @@ def _widen_worker(shape: Shape) -> Callable[..., None]:
         width, dst_width = like_src.itemsize, like_dst.itemsize
         side = LINE // width
         step = vector // width
-        mode = job[J_MODE]
+        mode = job[jt.J_MODE]
         r0, r1, c0, c1, c_grid, streaming, fits = _band_grid(job, tile, tile_rows, width, dst_width)
         if not fits:
             _move_elements(job, r0, r1, c0, c1, like_src, like_dst)
@@ -321,21 +317,23 @@ def _widen_worker(shape: Shape) -> Callable[..., None]:
         scratch = np.empty(side * step, like_src.dtype)
         wide = np.empty(side, like_dst.dtype)
         block, wide_row = scratch.ctypes.data, wide.ctypes.data
-        src_row, dst_row = job[J_SRC_ROW], job[J_DST_ROW]
+        src_row, dst_row = job[jt.J_SRC_ROW], job[jt.J_DST_ROW]
         c_end = c_grid + (c1 - c_grid) // side * side
         r_end = r0 + (r1 - r0) // step * step
         _move_elements(job, r0, r1, c0, c_grid, like_src, like_dst)
-        for c in range(c_grid, c_end, side):
-            for r in range(r0, r_end, step):
-                transpose_block(job[J_SRC] + c * src_row + r * width, src_row, block, LINE, False, like_src, vector)
-                for i in range(step):
-                    for j in range(side):
-                        wide[j] = _convert(scratch[i * side + j], mode, like_dst)
-                    dst = job[J_DST] + (r + i) * dst_row + c * dst_width
-                    if streaming:
-                        stream_lines(dst, wide_row, side * dst_width // LINE)
-                    else:
-                        copy_bytes(dst, wide_row, side * dst_width)
+        bands, columns = (c_end - c_grid) // side, (r_end - r0) // step
+        for k in range(bands * columns):
+            band, column = (k % bands, k // bands) if columns_first else (k // columns, k % columns)
+            c, r = c_grid + band * side, r0 + column * step
+            transpose_block(job[jt.J_SRC] + c * src_row + r * width, src_row, block, LINE, False, like_src, vector)
+            for i in range(step):
+                for j in range(side):
+                    wide[j] = _convert(scratch[i * side + j], mode, like_dst)
+                dst = job[jt.J_DST] + (r + i) * dst_row + c * dst_width
+                if streaming:
+                    stream_lines(dst, wide_row, side * dst_width // LINE)
+                else:
+                    copy_bytes(dst, wide_row, side * dst_width)
         _move_elements(job, r0, r1, c_end, c1, like_src, like_dst)
         _move_elements(job, r_end, r1, c_grid, c_end, like_src, like_dst)
         if streaming:
@@ -357,8 +355,8 @@ def _run_tiles(jobs, worker):  # type: ignore[no-untyped-def]
     Why tiles are bands of whole-line blocks with non-temporal stores (the designs measured):
     ``docs/design.md``.
     """
-    n_tiles = jobs[-1, J_TILE_END] if jobs.shape[0] > 0 else 0
-    tile_ends = jobs[:, J_TILE_END]
+    n_tiles = jobs[-1, jt.J_TILE_END] if jobs.shape[0] > 0 else 0
+    tile_ends = jobs[:, jt.J_TILE_END]
     base = jobs.ctypes.data
     for t in numba.prange(n_tiles):
         p = np.searchsorted(tile_ends, t, side="right")
@@ -391,7 +389,7 @@ def worker(mode: int, width: int, shape: Shape = DEFAULT_SHAPE) -> Any:
     """The worker of ``shape`` for jobs of ``mode`` (copies, or any widening) whose source
     elements are ``width`` bytes, compiled (or loaded from numba's cache) on first use; its
     address, for :func:`run_tiles`."""
-    kind = "copy" if mode == MODE_COPY else "widen"
+    kind = "copy" if mode == jt.MODE_COPY else "widen"
     key = (kind, width, shape)
     with _WORKERS_LOCK:
         if key not in _WORKERS:
