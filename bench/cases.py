@@ -76,12 +76,13 @@ def _kernels_loaded() -> None:
 
 
 def aligned_zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """Zeros starting on a cache line, as fastfuse's own outputs do (``np.zeros`` of large arrays
-    starts 16 bytes into a page)."""
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    raw = np.zeros(nbytes + 64, np.uint8)
-    skip = -raw.ctypes.data % 64
-    return raw[skip : skip + nbytes].view(dtype).reshape(shape)
+    """Zeros (pages touched) in fastfuse's own allocation for outputs, which starts on a cache
+    line (``np.zeros`` of a large array starts 16 bytes into a page)."""
+    from fastfuse.fusion import _new_buffer
+
+    out = _new_buffer(int(np.prod(shape)) * np.dtype(dtype).itemsize).view(dtype).reshape(shape)
+    out[...] = 0
+    return out
 
 
 def _fastfuse(qkv: np.ndarray, out_dtype: Any) -> tuple[np.ndarray, Callable[[], list[np.ndarray]]]:

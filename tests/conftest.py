@@ -100,10 +100,12 @@ def poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
     test cannot pass because memory happened to be clear (e.g. a zero-filled bias part)."""
     import fastfuse.fusion
 
+    new_buffer = fastfuse.fusion._new_buffer
+
     def allocate(nbytes: int) -> np.ndarray:
-        buffer = np.full(nbytes + 64, 0xA5, np.uint8)
-        skip = -buffer.ctypes.data % 64  # on a cache line, like the real allocation
-        return buffer[skip : skip + nbytes]
+        buffer = new_buffer(nbytes)
+        buffer.fill(0xA5)
+        return buffer
 
     monkeypatch.setattr(fastfuse.fusion, "_new_buffer", allocate)
 

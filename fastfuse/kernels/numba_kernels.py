@@ -169,24 +169,6 @@ def _tile_bounds(job, tile, shift, tile_rows):  # type: ignore[no-untyped-def]
 
 
 @_inline
-def _move_band(job, c, r0, r1, streaming, like, vector):  # type: ignore[no-untyped-def]
-    """Blocks for source rows ``c..c+B`` and columns ``r0..r1`` (``r1 - r0 >= B``), left to right.
-
-    ``B`` sequential read streams; each block writes ``S = vector // itemsize`` whole
-    destination lines. A ragged right edge is one more block ending at ``r1``, overlapping its
-    neighbour (same bits twice).
-    """
-    width = like.itemsize
-    step = vector // width
-    src_row, dst_row = job[jt.J_SRC_ROW], job[jt.J_DST_ROW]
-    for b in range((r1 - r0 + step - 1) // step):
-        r = min(r0 + b * step, r1 - step)
-        src = job[jt.J_SRC] + c * src_row + r * width
-        dst = job[jt.J_DST] + r * dst_row + c * width
-        transpose_block(src, src_row, dst, dst_row, streaming, like, vector)
-
-
-@_inline
 def _move_band_rows(job, c, keep_lo, keep_hi, r0, r1, scratch, like, vector):  # type: ignore[no-untyped-def]
     """Source rows ``c + keep_lo .. c + keep_hi`` of the band at ``c`` (``c + B <= J_ROWS``),
     columns ``r0..r1``: each block is transposed into ``scratch`` (``S`` lines, in cache) and
@@ -207,10 +189,12 @@ def _move_band_rows(job, c, keep_lo, keep_hi, r0, r1, scratch, like, vector):  #
 
 
 @_inline
-def _move_columns(job, c_lo, c_hi, r0, r1, streaming, like, vector):  # type: ignore[no-untyped-def]
-    """The blocks of bands ``c_lo..c_hi`` (whole bands) and columns ``r0..r1``, block column by
-    block column: each column's ``S`` destination rows get ``c_hi - c_lo`` elements in a row.
-    Same blocks as :func:`_move_band` over each band, in another order."""
+def _move_blocks(job, c_lo, c_hi, r0, r1, streaming, like, vector):  # type: ignore[no-untyped-def]
+    """The blocks of bands ``c_lo..c_hi`` (whole bands of ``B`` source rows) and columns
+    ``r0..r1`` (``r1 - r0 >= S``), block column by block column: each column's ``S``
+    destination rows get ``c_hi - c_lo`` elements in a row, as whole lines. Over one band this
+    walks it left to right: ``B`` sequential read streams. A ragged right edge is one more
+    block column ending at ``r1``, overlapping its neighbour (same bits twice)."""
     width = like.itemsize
     side = LINE // width
     step = vector // width
@@ -282,12 +266,12 @@ def _copy_worker(shape: Shape) -> Callable[..., None]:
             if streaming and c_end < c1:
                 _move_band_rows(job, c1 - side, c_end - (c1 - side), side, r0, r1, scratch, like, vector)
         if columns_first:
-            _move_columns(job, c_grid, c_end, r0, r1, streaming, like, vector)
+            _move_blocks(job, c_grid, c_end, r0, r1, streaming, like, vector)
         else:
             for c in range(c_grid, c_end, side):
-                _move_band(job, c, r0, r1, streaming, like, vector)
+                _move_blocks(job, c, c + side, r0, r1, streaming, like, vector)
         if c_end < c1 and not streaming:
-            _move_band(job, c1 - side, r0, r1, False, like, vector)
+            _move_blocks(job, c1 - side, c1, r0, r1, False, like, vector)
         if streaming:
             store_fence()
 
