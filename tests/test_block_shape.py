@@ -135,6 +135,11 @@ def test_calibration_keeps_the_fastest_and_a_tie_keeps_the_default(
     monkeypatch.setattr(block_shape, "_choices", {})
     fake_seconds(monkeypatch, {(0, 2): {DEFAULT_SHAPE: 1.0, V64: 1.0}})
     assert block_shape.calibrate({(0, 2)}) == {(0, 2): DEFAULT_SHAPE}  # a tie keeps the default
+    for faster, kept in ((0.98, DEFAULT_SHAPE), (0.96, V64)):  # within the margin: a tie
+        choices.unlink()
+        monkeypatch.setattr(block_shape, "_choices", {})
+        fake_seconds(monkeypatch, {(0, 2): {DEFAULT_SHAPE: 1.0, V64: faster}})
+        assert block_shape.calibrate({(0, 2)}) == {(0, 2): kept}, faster
 
 
 @pytest.mark.parametrize(
