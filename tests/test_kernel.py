@@ -101,21 +101,28 @@ def test_a_new_result_starts_on_a_cache_line() -> None:
     assert transpose_concat(parts).ctypes.data % 64 == 0  # the kernels' streaming stores need it
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int8, np.float64], ids=lambda d: np.dtype(d).name)
+OFFSET_CASES = [(np.float32, None), (np.float16, None), (np.int8, None), (np.float64, None)]
+OFFSET_CASES += [(np.float16, np.float32), (ml_dtypes.bfloat16, np.float32)]  # widening
+
+
+@pytest.mark.parametrize(("dtype", "widen_to"), OFFSET_CASES, ids=lambda d: np.dtype(d).name if d else "same")
 @pytest.mark.parametrize("rows", [128, 131], ids=["line-rows", "ragged-rows"])
-def test_out_at_every_offset_into_a_cache_line(dtype: object, rows: int) -> None:
+def test_out_at_every_offset_into_a_cache_line(dtype: object, widen_to: object, rows: int) -> None:
     """Destinations that start anywhere in a line: the rows before and after the streaming grid
     (less than a line of each output row) take another path than the grid itself."""
-    width = np.dtype(dtype).itemsize
     rng = np.random.default_rng(rows)
-    parts = [random_bits((rows, 70), dtype, rng) for _ in range(3)]
-    expected = fused_reference(parts)
-    size = expected.size
+    if widen_to is None:
+        parts = [random_bits((rows, 70), dtype, rng) for _ in range(3)]
+        expected = fused_reference(parts)
+    else:  # finite values: numpy's own widening is the reference
+        parts = [rng.standard_normal((rows, 70), dtype=np.float32).astype(dtype) for _ in range(3)]
+        expected = fused_reference([p.astype(widen_to) for p in parts])
+    width, size = expected.itemsize, expected.size
     for offset in range(0, 64, width):
         raw = np.full(size * width + 192, 0x5A, np.uint8)
         start = -raw.ctypes.data % 64 + 64 + offset
-        out = raw[start : start + size * width].view(dtype).reshape(expected.shape)
-        assert transpose_concat(parts, out=out) is out
+        out = raw[start : start + size * width].view(expected.dtype).reshape(expected.shape)
+        assert transpose_concat(parts, out=out, dtype=widen_to) is out
         assert same_bits(out, expected), offset
         assert (raw[:start] == 0x5A).all() and (raw[start + size * width :] == 0x5A).all(), offset
 

@@ -208,6 +208,29 @@ def _move_blocks(job, c_lo, c_hi, r0, r1, streaming, like, vector):  # type: ign
 
 
 @_inline
+def _widen_block(job, c, r, keep_lo, keep_hi, streaming, scratch, wide, like_dst, vector):  # type: ignore[no-untyped-def]
+    """The block at source rows ``c..c+B``, columns ``r..r+S``, widened: transposed into
+    ``scratch`` (sequential source reads), each of its ``S`` rows converted into ``wide`` (a
+    loop the compiler vectorizes) and elements ``keep_lo..keep_hi`` of it written to the
+    destination row: streamed when whole and ``streaming`` (a line-aligned row), else copied."""
+    width, dst_width = scratch.itemsize, like_dst.itemsize
+    side = LINE // width
+    step = vector // width
+    mode = job[jt.J_MODE]
+    src_row, dst_row = job[jt.J_SRC_ROW], job[jt.J_DST_ROW]
+    block, wide_row = scratch.ctypes.data, wide.ctypes.data
+    transpose_block(job[jt.J_SRC] + c * src_row + r * width, src_row, block, LINE, False, scratch, vector)
+    for i in range(step):
+        for j in range(side):
+            wide[j] = _convert(scratch[i * side + j], mode, like_dst)
+        dst = job[jt.J_DST] + (r + i) * dst_row + (c + keep_lo) * dst_width
+        if streaming and keep_hi - keep_lo == side:
+            stream_lines(dst, wide_row, side * dst_width // LINE)
+        else:
+            copy_bytes(dst, wide_row + keep_lo * dst_width, (keep_hi - keep_lo) * dst_width)
+
+
+@_inline
 def _copy_rows(job, tile, width):  # type: ignore[no-untyped-def]
     """Destination rows ``ROWS_PER_TILE * tile ...``: each a contiguous run of the source."""
     r0 = tile * jt.ROWS_PER_TILE
@@ -283,43 +306,34 @@ def _widen_worker(shape: Shape) -> Callable[..., None]:
     vector, tile_rows, columns_first = shape
 
     def widen_tile(jobs, row, tile, element):  # type: ignore[no-untyped-def]
-        """A converting tile (``J_MODE`` says which widening). Blocks are transposed into a
-        scratch block (sequential source reads), widened row by row into a row scratch (a loop
-        the compiler vectorizes) and streamed out as whole lines where the destination allows.
-        Edges and strided sources go element by element."""
+        """A converting tile (``J_MODE`` says which widening): :func:`_widen_block` over the
+        block grid, whole lines streamed where the destination allows; the rows beside the grid
+        keep part of each widened row; a ragged right edge is one more block column ending at
+        ``r1`` (same bits twice). Strided sources go element by element."""
         job = _job(jobs, row)
         like_src = _like(element)
         like_dst = np.empty(0, np.uint32)
         width, dst_width = like_src.itemsize, like_dst.itemsize
         side = LINE // width
         step = vector // width
-        mode = job[jt.J_MODE]
         r0, r1, c0, c1, c_grid, streaming, fits = _band_grid(job, tile, tile_rows, width, dst_width)
         if not fits:
             _move_elements(job, r0, r1, c0, c1, like_src, like_dst)
             return
         scratch = np.empty(side * step, like_src.dtype)
         wide = np.empty(side, like_dst.dtype)
-        block, wide_row = scratch.ctypes.data, wide.ctypes.data
-        src_row, dst_row = job[jt.J_SRC_ROW], job[jt.J_DST_ROW]
         c_end = c_grid + (c1 - c_grid) // side * side
-        r_end = r0 + (r1 - r0) // step * step
-        _move_elements(job, r0, r1, c0, c_grid, like_src, like_dst)
-        bands, columns = (c_end - c_grid) // side, (r_end - r0) // step
+        bands, columns = (c_end - c_grid) // side, (r1 - r0 + step - 1) // step
         for k in range(bands * columns):
             band, column = (k % bands, k // bands) if columns_first else (k // columns, k % columns)
-            c, r = c_grid + band * side, r0 + column * step
-            transpose_block(job[jt.J_SRC] + c * src_row + r * width, src_row, block, LINE, False, like_src, vector)
-            for i in range(step):
-                for j in range(side):
-                    wide[j] = _convert(scratch[i * side + j], mode, like_dst)
-                dst = job[jt.J_DST] + (r + i) * dst_row + c * dst_width
-                if streaming:
-                    stream_lines(dst, wide_row, side * dst_width // LINE)
-                else:
-                    copy_bytes(dst, wide_row, side * dst_width)
-        _move_elements(job, r0, r1, c_end, c1, like_src, like_dst)
-        _move_elements(job, r_end, r1, c_grid, c_end, like_src, like_dst)
+            r = min(r0 + column * step, r1 - step)
+            _widen_block(job, c_grid + band * side, r, 0, side, streaming, scratch, wide, like_dst, vector)
+        for column in range(columns if c0 < c_grid or c_end < c1 else 0):
+            r = min(r0 + column * step, r1 - step)
+            if c0 < c_grid:
+                _widen_block(job, c0, r, 0, c_grid - c0, False, scratch, wide, like_dst, vector)
+            if c_end < c1:
+                _widen_block(job, c1 - side, r, c_end - (c1 - side), side, False, scratch, wide, like_dst, vector)
         if streaming:
             store_fence()
 
