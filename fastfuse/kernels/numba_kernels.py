@@ -22,8 +22,9 @@ the one code path, chosen per CPU by measurement (``block_shape``). Walking a ba
 right reads ``B`` sequential streams (the prefetcher's best case) and writes every destination
 line exactly once, whole, so the stores are non-temporal: no read-for-ownership, no cache
 pollution. The block grid is shifted per part so those stores are 64-byte aligned; the few rows
-and columns outside the grid and strided sources go element by element; widening f16/bf16 to
-f32 transposes blocks into a scratch block, converts its rows and streams them out.
+beside the grid go through a scratch block (part of each of its rows kept), strided sources
+element by element; widening f16/bf16 to f32 transposes blocks into a scratch block, converts
+its rows and streams them out.
 
 Importing this module imports numba (about 0.2 s); ``fastfuse`` imports it only when a kernel
 is needed. With ``NUMBA_DISABLE_JIT=1`` the intrinsics are replaced by slow pure-Python
