@@ -78,8 +78,10 @@ def _key() -> dict[str, Any]:
     return {"target": list(target()), "numba": numba.__version__, "kernels": sources.hexdigest()}
 
 
+@functools.cache
 def choice_file() -> str | None:
-    """The choice file for this target (None: numba caches nothing, so nothing is kept)."""
+    """The choice file for this target (None: numba caches nothing, so nothing is kept). Fixed
+    for the process, like numba's cache folder (looked up once: every kernel launch asks)."""
     folder = kernel_cache.location()
     if folder is None:
         return None

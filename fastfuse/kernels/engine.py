@@ -207,13 +207,34 @@ def _check_host(copy: Copy) -> None:
         )
 
 
-def _transposition(copy: Copy) -> tuple[Block, Block]:
-    """``(source, destination)`` as the kernels take them: ``destination[c, r] = source[r, c]``
-    with the destination's rows adjacent."""
+def _job_row(copy: Copy, mode: int, tile_rows: int, tiles_before: int) -> list[int]:
+    """The job table row (``job_table.J_*``) of ``copy``, its tiles numbered after
+    ``tiles_before`` others. A job writes ``D[c, r] = S[r, c]`` with the elements of each ``D``
+    row adjacent: ``D`` is the destination and ``S`` the source seen transposed when the
+    destination's elements are adjacent along its rows, else ``D`` is the destination seen
+    transposed and ``S`` the source. No blocks are built for it (this runs for every part of
+    every call)."""
     source, destination = copy.source, copy.destination
     if destination.col_stride == destination.itemsize:
-        return source.T, destination
-    return source, destination.T
+        src_row, src_col, rows, cols = source.col_stride, source.row_stride, source.cols, source.rows
+        dst_row = destination.row_stride
+    else:
+        src_row, src_col, rows, cols = source.row_stride, source.col_stride, source.rows, source.cols
+        dst_row = destination.col_stride
+    tiling = job_table.tiling(src_row, src_col, source.itemsize, mode)
+    tiles = job_table.tile_count(rows, cols, tiling, tile_rows)
+    return [
+        source.address,
+        src_row,
+        src_col,
+        rows,
+        cols,
+        destination.address,
+        dst_row,
+        tiling,
+        mode,
+        tiles_before + tiles,
+    ]
 
 
 def _run_kernels(work: Sequence[Copy]) -> None:
@@ -222,31 +243,18 @@ def _run_kernels(work: Sequence[Copy]) -> None:
     from fastfuse.kernels import block_shape
 
     shapes: dict[Spec, Any] = {}
-    tables: dict[Spec, list[list[int]]] = {}
+    tables: dict[Spec, list[int]] = {}  # flat rows, the last column a running tile count
     for copy in work:
         mode = _mode(copy)
         spec = _spec(copy)
         if spec not in shapes:
             shapes[spec] = block_shape.chosen(spec)
-        source, destination = _transposition(copy)
-        tiling = job_table.tiling(source.row_stride, source.col_stride, source.itemsize, mode)
-        tables.setdefault(spec, []).append(
-            [
-                source.address,
-                source.row_stride,
-                source.col_stride,
-                source.rows,
-                source.cols,
-                destination.address,
-                destination.row_stride,
-                tiling,
-                mode,
-                job_table.tile_count(source.rows, source.cols, tiling, shapes[spec].tile_rows),
-            ]
-        )
-    for spec, rows in tables.items():
-        jobs = np.array(rows, dtype=np.int64).reshape(-1, job_table.JOB_COLUMNS)
-        np.cumsum(jobs[:, job_table.J_TILE_END], out=jobs[:, job_table.J_TILE_END])
+            tables[spec] = []
+        table = tables[spec]
+        tiles_before = table[job_table.J_TILE_END - job_table.JOB_COLUMNS] if table else 0
+        table += _job_row(copy, mode, shapes[spec].tile_rows, tiles_before)
+    for spec, flat in tables.items():
+        jobs = np.array(flat, dtype=np.int64).reshape(-1, job_table.JOB_COLUMNS)
         worker = kernels.worker(*spec, shapes[spec])
         with _launch_lock:
             kernels.run_tiles(jobs, worker)
