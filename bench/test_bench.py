@@ -127,3 +127,23 @@ def test_haswell_children_compile_into_their_own_cache() -> None:
     assert env["NUMBA_CPU_FEATURES"] == ""  # else numba keeps the host's features (AVX-512)
     assert env["NUMBA_CACHE_DIR"] != os.environ.get("NUMBA_CACHE_DIR")
     assert codegen_cases.environment("host") == {}
+
+
+@pytest.mark.parametrize("dtype", cases.DTYPES)
+def test_the_stores_half_walks_every_destination_line(dtype: str) -> None:
+    import access_floor
+
+    qkv = cases.qkv_arrays(cases.TINY, dtype)
+    groups, _, d, _ = qkv.shape
+    width = qkv.dtype.itemsize
+    out = cases.aligned_zeros((groups, d, 3 * d), f"u{width}")
+    destinations = np.array([out[g].ctypes.data + j * d * width for g in range(groups) for j in range(3)], np.int64)
+    access_floor._half_walk(destinations, destinations, d, d, 3 * d * width, access_floor.STORES, out[:0, 0, 0])
+    assert out.all()  # every element written (the scratch block holds no zero), as the kernel writes it
+
+
+def test_access_floor_prints_a_row_per_thread_count() -> None:
+    import access_floor
+
+    table = access_floor.main("float16", [1, 1], cases.TINY, rounds=1)
+    assert len([line for line in table.splitlines() if line.startswith("| 1 |")]) == 2

@@ -1,0 +1,114 @@
+"""The band walk's two halves against memcpy: ``python bench/access_floor.py [--dtype float16]``.
+
+For whisper large-v3's QKV (the ``scaling`` case: 64 groups of three 1280 x 1280 parts fused
+into ``[1280, 3840]``), at each thread count: libc memcpy of the same bytes split over numba's
+threads (the scaling baseline), the fastfuse kernel, and each half of the kernel's band walk
+alone, over the same tiles in the same order:
+
+- *reads*: every block loaded and transposed into a scratch block in L1, nothing written out;
+- *stores*: every destination line of the walk written (non-temporal, as the kernel does) from a
+  scratch block in L1, nothing read from memory. The block holds varied nonzero bits: on the
+  2-core EPYC VM, lines of zeros were written twice as fast as any other.
+
+Ratios are to the memcpy of the same thread count. When one half alone takes about as long as
+memcpy (read and write), the walk's access pattern, not its arithmetic, is the floor; the kernel
+then sits between the larger half and the sum of both. ``docs/design.md`` quotes the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from typing import Any
+
+import cases
+import numba
+import numpy as np
+
+from fastfuse.kernels import job_table
+from fastfuse.kernels.intrinsics import LINE, store_fence, transpose_block
+
+VECTOR = job_table.DEFAULT_SHAPE.vector
+TILE_ROWS = job_table.DEFAULT_SHAPE.tile_rows
+READS, STORES = 1, 2
+
+
+@numba.njit(parallel=True, nogil=True)
+def _half_walk(sources, destinations, rows, cols, dst_row, half, like):  # type: ignore[no-untyped-def]
+    """Half ``half`` (READS or STORES) of the default shape's band walk over parts
+    ``sources[p]`` (C-contiguous ``rows x cols``) into ``destinations[p]`` (rows ``dst_row``
+    bytes apart, line-aligned): tiles of ``TILE_ROWS`` source rows in one ``prange``, each walked
+    band by band, left to right."""
+    width = like.itemsize
+    side = LINE // width
+    step = VECTOR // width
+    tiles = (rows + TILE_ROWS - 1) // TILE_ROWS
+    for t in numba.prange(sources.size * tiles):
+        scratch = np.empty(side * step, like.dtype)
+        for k in range(scratch.size):  # nonzero and varied: lines of zeros are written faster
+            scratch[k] = (k + 1) * 2654435761
+        block = scratch.ctypes.data
+        src, dst = sources[t // tiles], destinations[t // tiles]
+        c0 = (t % tiles) * TILE_ROWS
+        for c in range(c0, min(rows, c0 + TILE_ROWS) - side + 1, side):
+            for r in range(0, cols - step + 1, step):
+                if half == READS:
+                    transpose_block(src + (c * cols + r) * width, cols * width, block, LINE, False, like, VECTOR)
+                else:
+                    transpose_block(block, 0, dst + r * dst_row + c * width, dst_row, True, like, VECTOR)
+        store_fence()
+
+
+def _best(fn: Callable[[], Any], rounds: int) -> float:
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main(dtype: str, threads: list[int], size: str, rounds: int) -> str:
+    qkv = cases.qkv_arrays(size, dtype)  # [groups, 3, d, d]
+    out, fuse = cases._fastfuse(qkv, qkv.dtype)  # line-aligned [groups][d, 3d]
+    groups, _, d, _ = qkv.shape
+    like = np.empty(0, f"u{qkv.dtype.itemsize}")
+    width = qkv.dtype.itemsize
+    sources = np.array([qkv[g, j].ctypes.data for g in range(groups) for j in range(3)], np.int64)
+    destinations = np.array([out[g].ctypes.data + j * d * width for g in range(groups) for j in range(3)], np.int64)
+    lines = [
+        f"{size} QKV, {dtype}, {qkv.nbytes / 1e6:.0f} MB; min of {rounds}; ratios to memcpy of the same thread count",
+        "",
+        "| threads | memcpy | kernel | reads alone | stores alone |",
+        "|---|---|---|---|---|",
+    ]
+    for n in threads:
+        numba.set_num_threads(n)
+        times = {
+            "memcpy": cases._copy(out, qkv, parallel=True),
+            "kernel": fuse,
+            "reads": lambda: _half_walk(sources, destinations, d, d, 3 * d * width, READS, like),
+            "stores": lambda: _half_walk(sources, destinations, d, d, 3 * d * width, STORES, like),
+        }
+        for fn in times.values():  # warm: compiled, pages touched
+            fn()
+        seconds = {name: _best(fn, rounds) for name, fn in times.items()}
+        m = seconds["memcpy"]
+        lines.append(
+            f"| {n} | {m * 1e3:.1f} ms | "
+            + " | ".join(f"{seconds[k] / m:.2f}x" for k in ("kernel", "reads", "stores"))
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="float16", choices=cases.DTYPES)
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (at most the host's CPUs)")
+    parser.add_argument("--size", default="large-v3")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    counts = [n for n in map(int, args.threads.split(",")) if n <= numba.config.NUMBA_NUM_THREADS]
+    print(main(args.dtype, counts, args.size, args.rounds))
