@@ -187,7 +187,9 @@ def fuzz(name: str, inputs: int, seed: int = 0, time_limit: float = TIME_LIMIT) 
     return inputs + len(pool), findings
 
 
-def _atheris(name: str, argv: list[str]) -> None:
+def _atheris(name: str, argv: list[str], time_limit: float = TIME_LIMIT) -> None:
+    """libFuzzer over target ``name`` (``argv``: its options); an input slower than
+    ``time_limit`` seconds is a finding, unless it is 0 (libFuzzer's ``-timeout`` too)."""
     import atheris
 
     target, pool = TARGETS[name], seeds(name)
@@ -197,12 +199,12 @@ def _atheris(name: str, argv: list[str]) -> None:
         (corpus / f"seed-{i}").write_bytes(data)
 
     def one(data: bytes) -> None:
-        problem = run_one(target, data)
+        problem = run_one(target, data, time_limit)
         if problem is not None:
             raise AssertionError(problem)
 
     atheris.instrument_all()  # coverage of every loaded function, fastfuse's readers included
-    atheris.Setup([sys.argv[0], *argv, str(corpus), f"-timeout={int(TIME_LIMIT)}", "-rss_limit_mb=2048"], one)
+    atheris.Setup([sys.argv[0], *argv, str(corpus), f"-timeout={int(time_limit)}", "-rss_limit_mb=2048"], one)
     atheris.Fuzz()
 
 
@@ -217,7 +219,7 @@ def main() -> int:
     )
     args, rest = parser.parse_known_args()
     if args.atheris:
-        _atheris(args.target, [a for a in rest if a != "--"])
+        _atheris(args.target, [a for a in rest if a != "--"], args.time_limit)
         return 0
     start = time.monotonic()
     ran, findings = fuzz(args.target, args.inputs, args.seed, args.time_limit)

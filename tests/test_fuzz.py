@@ -9,6 +9,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,5 +38,21 @@ def test_mutation_fuzz(target: str) -> None:
 @pytest.mark.skipif(not os.environ.get("FASTFUSE_FUZZ_ATHERIS"), reason="set FASTFUSE_FUZZ_ATHERIS=1 to run")
 @pytest.mark.parametrize("target", sorted(BUDGET))
 def test_coverage_guided_fuzz(target: str) -> None:
-    result = fuzz(target, "--atheris", "--", "-runs=3000", "-seed=1")
+    result = fuzz(target, "--atheris", "--time-limit", "0", "--", "-runs=3000", "-seed=1")
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_the_time_limit_reaches_both_drivers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--time-limit 0`` (what the tests pass: they assert no wall time) turns the per-input
+    limit off in the coverage-guided driver too, libFuzzer's ``-timeout`` included."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import fuzz_readers
+
+    seen: list[tuple[str, list[str], float]] = []
+    monkeypatch.setattr(fuzz_readers, "_atheris", lambda *args: seen.append(args))
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "pickle", "--atheris", "--time-limit", "0", "--", "-runs=1"])
+    assert fuzz_readers.main() == 0
+    assert seen == [("pickle", ["-runs=1"], 0.0)]
+    slow = fuzz_readers.run_one(lambda data: time.sleep(0.02), b"", time_limit=0.01)
+    assert slow is not None and slow.startswith("took")  # a limit, when given, still reports
+    assert fuzz_readers.run_one(lambda data: time.sleep(0.02), b"", time_limit=0) is None
