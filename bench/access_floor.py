@@ -60,6 +60,17 @@ def _half_walk(sources, destinations, rows, cols, dst_row, half, like):  # type:
         store_fence()
 
 
+def part_addresses(qkv: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The addresses of every part of ``qkv`` (``[groups, 3, d, d]``) and of where it goes in
+    ``out`` (``[groups, d, 3d]``: part ``j`` at column ``j * d``), for :func:`_half_walk`."""
+    groups, parts, d, _ = qkv.shape
+    pairs = [
+        (qkv[g, j].ctypes.data, out[g].ctypes.data + j * d * out.itemsize) for g in range(groups) for j in range(parts)
+    ]
+    sources, destinations = np.array(pairs, np.int64).T.copy()
+    return sources, destinations
+
+
 def _best(fn: Callable[[], Any], rounds: int) -> float:
     best = float("inf")
     for _ in range(rounds):
@@ -72,11 +83,10 @@ def _best(fn: Callable[[], Any], rounds: int) -> float:
 def main(dtype: str, threads: list[int], size: str, rounds: int) -> str:
     qkv = cases.qkv_arrays(size, dtype)  # [groups, 3, d, d]
     out, fuse = cases._fastfuse(qkv, qkv.dtype)  # line-aligned [groups][d, 3d]
-    groups, _, d, _ = qkv.shape
+    d = qkv.shape[2]
     like = np.empty(0, f"u{qkv.dtype.itemsize}")
     width = qkv.dtype.itemsize
-    sources = np.array([qkv[g, j].ctypes.data for g in range(groups) for j in range(3)], np.int64)
-    destinations = np.array([out[g].ctypes.data + j * d * width for g in range(groups) for j in range(3)], np.int64)
+    sources, destinations = part_addresses(qkv, out)
     lines = [
         f"{size} QKV, {dtype}, {qkv.nbytes / 1e6:.0f} MB; min of {rounds}; ratios to memcpy of the same thread count",
         "",

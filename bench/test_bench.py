@@ -137,7 +137,7 @@ def test_the_stores_half_walks_every_destination_line(dtype: str) -> None:
     groups, _, d, _ = qkv.shape
     width = qkv.dtype.itemsize
     out = cases.aligned_zeros((groups, d, 3 * d), f"u{width}")
-    destinations = np.array([out[g].ctypes.data + j * d * width for g in range(groups) for j in range(3)], np.int64)
+    _, destinations = access_floor.part_addresses(qkv, out)
     access_floor._half_walk(destinations, destinations, d, d, 3 * d * width, access_floor.STORES, out[:0, 0, 0])
     assert out.all()  # every element written (the scratch block holds no zero), as the kernel writes it
 
