@@ -12,6 +12,8 @@ import harness
 import numpy as np
 import pytest
 
+from fastfuse.kernels import block_shape, job_table
+
 
 @pytest.mark.parametrize(("group", "param", "name"), cases.CASES, ids=["-".join(case) for case in cases.CASES])
 def test_bench(benchmark: Any, size: str, group: str, param: str, name: str) -> None:
@@ -129,8 +131,12 @@ def test_haswell_children_compile_into_their_own_cache() -> None:
     assert codegen_cases.environment("host") == {}
 
 
+WALKS = [job_table.DEFAULT_SHAPE, job_table.Shape(64, 128, True, 2)]  # the band walk, a prefetched column-first one
+
+
+@pytest.mark.parametrize("shape", WALKS, ids=job_table.Shape.name)
 @pytest.mark.parametrize("dtype", cases.DTYPES)
-def test_the_stores_half_walks_every_destination_line(dtype: str) -> None:
+def test_the_stores_half_walks_every_destination_line(dtype: str, shape: job_table.Shape) -> None:
     import access_floor
 
     qkv = cases.qkv_arrays(cases.TINY, dtype)
@@ -138,12 +144,19 @@ def test_the_stores_half_walks_every_destination_line(dtype: str) -> None:
     width = qkv.dtype.itemsize
     out = cases.aligned_zeros((groups, d, 3 * d), f"u{width}")
     _, destinations = access_floor.part_addresses(qkv, out)
-    access_floor._half_walk(destinations, destinations, d, d, 3 * d * width, access_floor.STORES, out[:0, 0, 0])
+    walk = access_floor.half_walk(shape)
+    walk(destinations, destinations, d, d, 3 * d * width, access_floor.STORES, out[:0, 0, 0])
     assert out.all()  # every element written (the scratch block holds no zero), as the kernel writes it
 
 
 def test_access_floor_prints_a_row_per_thread_count() -> None:
     import access_floor
 
-    table = access_floor.main("float16", [1, 1], cases.TINY, rounds=1)
-    assert len([line for line in table.splitlines() if line.startswith("| 1 |")]) == 2
+    forced = os.environ.get(block_shape.FORCE_VARIABLE)
+    for shape in WALKS:
+        table = access_floor.main("float16", [1, 1], cases.TINY, rounds=1, shape=shape)
+        assert len([line for line in table.splitlines() if line.startswith("| 1 |")]) == 2
+        assert f"kernel {shape.name()}, halves {shape.name()};" in table
+        assert os.environ.get(block_shape.FORCE_VARIABLE) == forced  # the kernel's shape forced only meanwhile
+    table = access_floor.main("float16", [1], cases.TINY, rounds=1, shape=WALKS[1], prefetch=0)
+    assert "kernel v64-t128-c-p2, halves v64-t128-c;" in table

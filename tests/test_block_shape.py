@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import ml_dtypes
+import numba
 import numpy as np
 import pytest
 from naive import fused_reference, same_bits
@@ -22,7 +23,7 @@ from fastfuse import FuseError, transpose_concat
 from fastfuse.kernels import block_shape, numba_kernels
 from fastfuse.kernels.job_table import DEFAULT_SHAPE, SHAPES, Shape
 
-V64 = Shape(64, 64)  # the candidate beside the default (32-byte vectors)
+V64 = block_shape.CANDIDATES[(0, 2)][1]  # a candidate beside the default (64-byte vectors)
 AVX2 = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": ""}  # features empty: haswell's own
 
 
@@ -97,6 +98,20 @@ def test_codegen_is_what_was_asked() -> None:
         assert cpu == os.environ.get("NUMBA_CPU_NAME", cpu)
 
 
+def test_a_prefetching_shape_prefetches_and_the_others_do_not() -> None:
+    """``Shape.prefetch`` changes no bit (the tests above), so what it does is seen in the code:
+    the prefetching worker holds prefetch instructions, the default's none."""
+    prefetching = next(shape for shape in SHAPES if shape.prefetch)
+    signature = numba.types.void(
+        numba.types.intp, numba.types.intp, numba.types.intp, numba.types.CPointer(numba.types.uint32)
+    )
+    for shape, expected in ((prefetching, True), (DEFAULT_SHAPE, False)):
+        compiled = numba.cfunc(signature, error_model="numpy")(
+            numba_kernels._copy_worker(shape)
+        )  # not cached: its code
+        assert ("prefetcht0" in compiled._library.get_asm_str()) is expected, shape.name()
+
+
 @pytest.fixture
 def choices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private choice file (nothing read yet), measurements faked by ``fake_seconds``."""
@@ -126,8 +141,11 @@ def test_calibration_keeps_the_fastest_and_a_tie_keeps_the_default(
     got = block_shape.calibrate({(0, 2), (0, 1)})
     assert got == {(0, 2): V64, (0, 1): DEFAULT_SHAPE} and measured == [(0, 2)]  # 1 byte: not measured
     document = json.loads(choices.read_text())
-    assert document["choices"] == [[0, 2, "v64-t64"]]
-    assert document["seconds"]["copy-2"] == {"v32-t64": 2.0, "v64-t64": 1.0, "v32-t128-c": 9.0}
+    assert document["choices"] == [[0, 2, V64.name()]]
+    assert document["seconds"]["copy-2"] == {shape.name(): 9.0 for shape in block_shape.CANDIDATES[(0, 2)]} | {
+        "v32-t64": 2.0,
+        V64.name(): 1.0,
+    }
     monkeypatch.setattr(block_shape, "_choices", {})  # a new process: read back, nothing measured
     assert block_shape.calibrate({(0, 2)}) == {(0, 2): V64} and block_shape.chosen((0, 2)) == V64
     assert len(measured) == 1
@@ -164,7 +182,7 @@ def test_a_stale_or_corrupt_choice_is_ignored_and_measured_again(
     assert block_shape.chosen((0, 2)) == DEFAULT_SHAPE  # ignored: the default until measured
     monkeypatch.setattr(block_shape, "_choices", {})
     assert block_shape.calibrate({(0, 2)}) == {(0, 2): V64} and len(measured) == 2
-    assert json.loads(choices.read_text())["choices"] == [[0, 2, "v64-t64"]]
+    assert json.loads(choices.read_text())["choices"] == [[0, 2, V64.name()]]
 
 
 def test_a_forced_shape_wins_and_a_wrong_one_is_a_clear_error(choices: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -207,6 +225,18 @@ def test_the_measurement_times_every_candidate() -> None:
     seconds = block_shape._measure((1, 2), shapes, rounds=1)
     assert set(seconds) == set(shapes)
     assert all(0 < s < float("inf") for s in seconds.values())
+
+
+@pytest.mark.parametrize("spec", sorted(block_shape.CALIBRATED))
+def test_the_calibration_problem_is_a_fusion_of_varied_bits(spec: tuple[int, int]) -> None:
+    """What the calibration times is a real fusion (every output element written, from its
+    part) of parts of both sides, whose bits vary (uniform lines are written faster)."""
+    jobs, sources, outs = block_shape._problem(spec)
+    numba_kernels.run_tiles(block_shape._tiled(jobs, DEFAULT_SHAPE), numba_kernels.worker(*spec))
+    assert sorted(source.shape[1] for source in sources) == sorted(block_shape.SIDES)
+    for source, out in zip(sources, outs, strict=True):
+        assert same_bits(out, np.concatenate(list(source.transpose(0, 2, 1)), axis=1))
+        assert len(np.unique(source[0, :2])) > source.shape[1]
 
 
 def test_every_candidate_is_a_shape_the_tests_run_and_the_default_comes_first() -> None:

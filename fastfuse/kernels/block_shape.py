@@ -44,8 +44,8 @@ Spec = tuple[int, int]  # (0 copy or 1 widen, source element width)
 # from CPU to CPU and code generation to code generation. Each candidate costs a compile at the
 # first warm-up (about a second), so the widening and the rarer widths keep the default.
 CANDIDATES: dict[Spec, tuple[Shape, ...]] = {
-    (0, 2): (DEFAULT_SHAPE, Shape(64, 64), Shape(32, 128, True)),
-    (0, 4): (DEFAULT_SHAPE, Shape(64, 256, True)),
+    (0, 2): (DEFAULT_SHAPE, Shape(64, 128, True, 2), Shape(32, 128, True, 2)),
+    (0, 4): (DEFAULT_SHAPE, Shape(64, 64, True, 2), Shape(32, 64, True, 2)),
 }
 CALIBRATED: frozenset[Spec] = frozenset(CANDIDATES)
 FORCE_VARIABLE = "FASTFUSE_BLOCK_SHAPE"
@@ -142,43 +142,57 @@ def chosen(spec: Spec) -> Shape:
         return _choices[path].get(spec, DEFAULT_SHAPE)
 
 
-def _problem(spec: Spec) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]]:
-    """A job table for ``SOURCE_BYTES`` of square parts fused side by side (like QKV), and the
-    arrays it points into (kept alive by the caller)."""
+# The calibration parts' sides: a power of two and not (whisper large's 1280), because strides
+# of a power of two map rows onto few cache sets and the shapes' order can differ between them.
+SIDES = (1024, 1280)
+
+
+def _problem(spec: Spec) -> tuple[np.ndarray[Any, Any], list[np.ndarray[Any, Any]], list[np.ndarray[Any, Any]]]:
+    """A job table for ``SOURCE_BYTES`` of square parts fused side by side (like QKV), half of
+    them of each of :data:`SIDES`, and the arrays it points into (kept alive by the caller). The
+    sources hold varied bits: on one EPYC, lines of one repeated value were written faster than
+    any other, which favours the shapes whose stores are the slower half."""
     widen, width = spec
-    side = 1024
-    count = max(1, SOURCE_BYTES // (side * side * width))
-    source = np.ones((count, side, side), np.dtype(f"u{width}"))
-    out = np.zeros((side, count * side), np.uint32 if widen else source.dtype)
     mode = job_table.MODE_F16_TO_F32 if widen else job_table.MODE_COPY
-    rows = [
-        [
-            part.ctypes.data,
-            side * width,
-            width,
-            side,
-            side,
-            out.ctypes.data + j * side * out.itemsize,
-            out.strides[0],
-            job_table.TILING_BLOCKS,
-            mode,
-            0,
+    rows, sources, outs = [], [], []
+    for side in SIDES:
+        count = max(1, SOURCE_BYTES // len(SIDES) // (side * side * width))
+        bits = np.arange(count * side * side, dtype=np.uint32) * np.uint32(2654435761)
+        source = (bits >> np.uint32(11)).astype(f"u{width}").reshape(count, side, side)
+        out = np.zeros((side, count * side), np.uint32 if widen else source.dtype)
+        rows += [
+            [
+                part.ctypes.data,
+                side * width,
+                width,
+                side,
+                side,
+                out.ctypes.data + j * side * out.itemsize,
+                out.strides[0],
+                job_table.TILING_BLOCKS,
+                mode,
+                0,
+            ]
+            for j, part in enumerate(source)
         ]
-        for j, part in enumerate(source)
-    ]
-    return np.array(rows, np.int64), source, out
+        sources.append(source)
+        outs.append(out)
+    return np.array(rows, np.int64), sources, outs
+
+
+def _tiled(jobs: np.ndarray[Any, Any], shape: Shape) -> np.ndarray[Any, Any]:
+    """A copy of ``jobs`` whose ``J_TILE_END`` counts the tiles of a worker of ``shape``."""
+    table = jobs.copy()
+    table[:, job_table.J_TILE_END] = np.cumsum(
+        [job_table.tile_count(int(r[3]), int(r[4]), int(r[7]), shape.tile_rows) for r in jobs]
+    )
+    return table
 
 
 def _measure(spec: Spec, shapes: tuple[Shape, ...], rounds: int) -> dict[Shape, float]:
     """Min-of-``rounds`` seconds of each shape's worker on one problem, taking turns."""
     jobs, source, out = _problem(spec)
-    tables = {}
-    for shape in shapes:
-        table = jobs.copy()
-        table[:, job_table.J_TILE_END] = np.cumsum(
-            [job_table.tile_count(int(r[3]), int(r[4]), int(r[7]), shape.tile_rows) for r in jobs]
-        )
-        tables[shape] = (table, numba_kernels.worker(spec[0], spec[1], shape))
+    tables = {shape: (_tiled(jobs, shape), numba_kernels.worker(spec[0], spec[1], shape)) for shape in shapes}
     best = dict.fromkeys(shapes, float("inf"))
     numba_kernels.run_tiles(*tables[shapes[0]])  # first touch of the output
     for turn in range(rounds):

@@ -26,11 +26,11 @@ __all__ = [
     "f32_bits",
     "job_pointer",
     "load_at",
+    "prefetch",
     "store_at",
     "store_fence",
     "stream_lines",
     "transpose_block",
-    "typed_pointer",
 ]
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
@@ -168,12 +168,18 @@ def stream_lines(typingctx, dst, src, count):  # type: ignore[no-untyped-def]
 
 
 @intrinsic
-def typed_pointer(typingctx, address, like):  # type: ignore[no-untyped-def]
-    """A typed pointer to ``like``'s element type at a byte address (for ``numba.carray``)."""
-    sig = types.CPointer(like.dtype)(types.intp, like)
+def prefetch(typingctx, address):  # type: ignore[no-untyped-def]
+    """Ask for the line holding a byte address to be brought into L1 (``prefetcht0``): a hint,
+    never a fault, whatever the address; it changes no bits, only when a load finds its line."""
+    sig = types.void(types.intp)
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return builder.inttoptr(args[0], context.get_value_type(like.dtype).as_pointer())
+        byte_ptr, word = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn_type = ir.FunctionType(ir.VoidType(), [byte_ptr, word, word, word])
+        function = builder.module.declare_intrinsic("llvm.prefetch", fnty=fn_type)
+        read, keep_in_l1, data = (ir.Constant(word, v) for v in (0, 3, 1))
+        builder.call(function, [builder.inttoptr(args[0], byte_ptr), read, keep_in_l1, data])
+        return context.get_dummy_value()
 
     return sig, codegen
 
@@ -269,6 +275,9 @@ if numba.config.DISABLE_JIT:  # pragma: no cover - exercised by the NUMBA_DISABL
             view(dst + i * dst_stride, like.dtype, side)[:] = [row[i] for row in block]
 
     def store_fence():  # type: ignore[no-redef,no-untyped-def]
+        pass
+
+    def prefetch(address):  # type: ignore[no-redef,no-untyped-def]
         pass
 
     def stream_lines(dst, src, count):  # type: ignore[no-redef,no-untyped-def]

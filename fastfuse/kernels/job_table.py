@@ -40,20 +40,33 @@ class Shape(NamedTuple):
     ``columns_first``, the order a tile's blocks are walked: band by band (each band left to
     right: ``B`` sequential read streams), or block column by block column (each column top to
     bottom: every destination row of the column gets ``tile_rows`` elements, whole consecutive
-    lines, back to back). Every shape writes the same bits; which is fastest depends on the CPU
-    and the element width (``block_shape``)."""
+    lines, back to back); ``prefetch``, how many block columns ahead each source row of the
+    blocks being walked is prefetched (0: none; a column-first walk reads ``tile_rows`` rows a
+    vector at a time, a pattern the hardware prefetchers do not follow). Every shape writes the
+    same bits; which is fastest depends on the CPU and the element width (``block_shape``)."""
 
     vector: int = 32
     tile_rows: int = 64
     columns_first: bool = False
+    prefetch: int = 0
 
     def name(self) -> str:
-        return f"v{self.vector}-t{self.tile_rows}{'-c' if self.columns_first else ''}"
+        order = "-c" if self.columns_first else ""
+        ahead = f"-p{self.prefetch}" if self.prefetch else ""
+        return f"v{self.vector}-t{self.tile_rows}{order}{ahead}"
 
 
 DEFAULT_SHAPE = Shape()
 # Every shape the tests run (and the candidates ``block_shape`` measures are among them).
-SHAPES = (DEFAULT_SHAPE, Shape(64, 64), Shape(16, 64), Shape(32, 128), Shape(32, 128, True), Shape(64, 256, True))
+SHAPES = (
+    DEFAULT_SHAPE,
+    Shape(64, 64),
+    Shape(16, 64),
+    Shape(32, 128, True, 2),
+    Shape(64, 128, True, 2),
+    Shape(32, 64, True, 2),
+    Shape(64, 64, True, 2),
+)
 
 
 def tiling(src_row: int, src_col: int, width: int, mode: int) -> int:

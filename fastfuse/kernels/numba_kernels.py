@@ -6,25 +6,21 @@ a kernel runs; a kernel trusts its job table.
 
 The job table (one row per part) and the block shapes are described in :mod:`~fastfuse.kernels.job_table`.
 
-Compilation is the cost that matters on a first run: numba compiles every jitted function into
-its own library and compiles each callee again inside every caller, and the block transpose is
-hundreds of vector shuffles. So the parallel driver is one small function for every width,
-calling the tile *worker* of the job's width through a C function pointer: a worker is a
-``cfunc`` whose helpers are inlined (``inline="always"``), compiled only when a job of its
-width first runs (a few tenths of a second each), and cached on disk like the driver.
+The parallel driver (:func:`run_tiles`) is one small function for every width; it calls the
+tile *worker* of the job's width and block shape through a C function pointer: a ``cfunc``
+whose helpers are inlined, compiled when a job of its kind first runs and cached on disk like
+the driver (why: compile time, ``docs/design.md``).
 
-How a tile moves (the measurements behind it: ``docs/design.md``): a tile is a band of
-``Shape.tile_rows`` source rows, normally whole rows wide, cut into blocks of ``B`` source rows
-(``B * itemsize == 64`` bytes) by ``S`` columns (``S * itemsize == Shape.vector``): ``B``
-vectors are loaded, transposed in registers (``log2(S)`` rounds of two-input shuffles per
-``S x S`` square) and written as ``S`` whole destination lines. The shape is a parameter of
-the one code path, chosen per CPU by measurement (``block_shape``). Walking a band left to
-right reads ``B`` sequential streams (the prefetcher's best case) and writes every destination
-line exactly once, whole, so the stores are non-temporal: no read-for-ownership, no cache
-pollution. The block grid is shifted per part so those stores are 64-byte aligned; the few rows
-beside the grid go through a scratch block (part of each of its rows kept), strided sources
-element by element; widening f16/bf16 to f32 transposes blocks into a scratch block, converts
-its rows and streams them out.
+How a tile moves: a tile is ``Shape.tile_rows`` source rows, cut into bands of ``B`` rows
+(``B * itemsize == 64``) and blocks of ``B`` rows by ``S`` columns (``S * itemsize ==
+Shape.vector``); a block's ``B`` vectors are transposed in registers and written as ``S``
+whole destination lines, non-temporally (every line written once, whole). Bands are walked
+left to right (``B`` sequential read streams) or, ``Shape.columns_first``, block column by
+block column (runs of lines per destination row), optionally prefetching each row's lines
+``Shape.prefetch`` columns ahead. The block grid is shifted per part so those stores are
+aligned; the rows beside it go through a scratch block, strided sources element by element;
+widening transposes into a scratch block and converts its rows. The measurements behind each
+choice: ``docs/design.md``.
 
 Importing this module imports numba (about 0.2 s); ``fastfuse`` imports it only when a kernel
 is needed. With ``NUMBA_DISABLE_JIT=1`` the intrinsics are replaced by slow pure-Python
@@ -50,11 +46,11 @@ from fastfuse.kernels.intrinsics import (
     f32_bits,
     job_pointer,
     load_at,
+    prefetch,
     store_at,
     store_fence,
     stream_lines,
     transpose_block,
-    typed_pointer,
 )
 from fastfuse.kernels.job_table import DEFAULT_SHAPE, Shape
 
@@ -73,12 +69,6 @@ def _job(jobs: int, row: int):  # type: ignore[no-untyped-def]
 
 
 @_inline
-def _row(address, count, like):  # type: ignore[no-untyped-def]
-    """``count`` elements of ``like``'s type at a byte address, as an array (vectorizable loops)."""
-    return numba.carray(typed_pointer(address, like), count)
-
-
-@_inline
 def _like(element):  # type: ignore[no-untyped-def]
     """An empty array of the element type a worker's pointer argument declares."""
     return numba.carray(element, 0)
@@ -89,9 +79,6 @@ if numba.config.DISABLE_JIT:  # pragma: no cover - exercised by the NUMBA_DISABL
 
     def _job(jobs, row):  # type: ignore[no-redef,no-untyped-def]
         return view(jobs + row * jt.JOB_COLUMNS * 8, np.dtype(np.int64), jt.JOB_COLUMNS)
-
-    def _row(address, count, like):  # type: ignore[no-redef,no-untyped-def]
-        return view(address, like.dtype, count)
 
     def _like(element):  # type: ignore[no-redef,no-untyped-def]
         return element
@@ -190,19 +177,27 @@ def _move_band_rows(job, c, keep_lo, keep_hi, r0, r1, scratch, like, vector):  #
 
 
 @_inline
-def _move_blocks(job, c_lo, c_hi, r0, r1, streaming, like, vector):  # type: ignore[no-untyped-def]
+def _move_blocks(job, c_lo, c_hi, r0, r1, streaming, like, vector, ahead):  # type: ignore[no-untyped-def]
     """The blocks of bands ``c_lo..c_hi`` (whole bands of ``B`` source rows) and columns
     ``r0..r1`` (``r1 - r0 >= S``), block column by block column: each column's ``S``
     destination rows get ``c_hi - c_lo`` elements in a row, as whole lines. Over one band this
     walks it left to right: ``B`` sequential read streams. A ragged right edge is one more
-    block column ending at ``r1``, overlapping its neighbour (same bits twice)."""
+    block column ending at ``r1``, overlapping its neighbour (same bits twice). With ``ahead``
+    (``Shape.prefetch``), each column first prefetches, on every source row, the line where the
+    column ``ahead`` columns on ends, when no column before it reaches that line (judged on the
+    first row: exact when rows are whole lines apart): one prefetch per new line, inside the tile."""
     width = like.itemsize
     side = LINE // width
     step = vector // width
     src_row, dst_row = job[jt.J_SRC_ROW], job[jt.J_DST_ROW]
     for b in range((r1 - r0 + step - 1) // step):
         r = min(r0 + b * step, r1 - step)
+        last = (r0 + (b + ahead + 1) * step) * width - 1  # byte offset in the row, ahead's end
+        fetch = ahead > 0 and last < r1 * width and (job[jt.J_SRC] + last) % LINE < vector
         for c in range(c_lo, c_hi, side):
+            if fetch:
+                for i in range(side):
+                    prefetch(job[jt.J_SRC] + (c + i) * src_row + last)
             src = job[jt.J_SRC] + c * src_row + r * width
             dst = job[jt.J_DST] + r * dst_row + c * width
             transpose_block(src, src_row, dst, dst_row, streaming, like, vector)
@@ -262,7 +257,7 @@ def _band_grid(job, tile, tile_rows, width, dst_width):  # type: ignore[no-untyp
 
 def _copy_worker(shape: Shape) -> Callable[..., None]:
     """The copy worker of ``shape``: its parameters are constants of the compiled code."""
-    vector, tile_rows, columns_first = shape
+    vector, tile_rows, columns_first, ahead = shape
 
     def copy_tile(jobs, row, tile, element):  # type: ignore[no-untyped-def]
         """Tile ``tile`` of job ``row``: bands of line blocks, row copies, or elements if too small."""
@@ -290,12 +285,12 @@ def _copy_worker(shape: Shape) -> Callable[..., None]:
             if streaming and c_end < c1:
                 _move_band_rows(job, c1 - side, c_end - (c1 - side), side, r0, r1, scratch, like, vector)
         if columns_first:
-            _move_blocks(job, c_grid, c_end, r0, r1, streaming, like, vector)
+            _move_blocks(job, c_grid, c_end, r0, r1, streaming, like, vector, ahead)
         else:
             for c in range(c_grid, c_end, side):
-                _move_blocks(job, c, c + side, r0, r1, streaming, like, vector)
+                _move_blocks(job, c, c + side, r0, r1, streaming, like, vector, ahead)
         if c_end < c1 and not streaming:
-            _move_blocks(job, c1 - side, c1, r0, r1, False, like, vector)
+            _move_blocks(job, c1 - side, c1, r0, r1, False, like, vector, 0)
         if streaming:
             store_fence()
 
@@ -304,7 +299,7 @@ def _copy_worker(shape: Shape) -> Callable[..., None]:
 
 def _widen_worker(shape: Shape) -> Callable[..., None]:
     """The widening worker of ``shape`` (2-byte source, 4-byte destination)."""
-    vector, tile_rows, columns_first = shape
+    vector, tile_rows, columns_first, _ = shape  # (prefetching is the copies')
 
     def widen_tile(jobs, row, tile, element):  # type: ignore[no-untyped-def]
         """A converting tile (``J_MODE`` says which widening): :func:`_widen_block` over the
