@@ -183,7 +183,7 @@ def _move_blocks(job, c_lo, c_hi, r0, r1, streaming, like, vector, ahead):  # ty
     destination rows get ``c_hi - c_lo`` elements in a row, as whole lines. Over one band this
     walks it left to right: ``B`` sequential read streams. A ragged right edge is one more
     block column ending at ``r1``, overlapping its neighbour (same bits twice). With ``ahead``
-    (``Shape.prefetch``), each column first prefetches, on every source row, the line where the
+    (``Shape.prefetch``), before each block every row of its band prefetches the line where the
     column ``ahead`` columns on ends, when no column before it reaches that line (judged on the
     first row: exact when rows are whole lines apart): one prefetch per new line, inside the tile."""
     width = like.itemsize
