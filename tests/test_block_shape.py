@@ -21,7 +21,7 @@ from naive import fused_reference, same_bits
 import fastfuse
 from fastfuse import FuseError, transpose_concat
 from fastfuse.kernels import block_shape, numba_kernels
-from fastfuse.kernels.job_table import DEFAULT_SHAPE, SHAPES, Shape
+from fastfuse.kernels.job_table import ALIASING_STRIDE, DEFAULT_SHAPE, SHAPES, Shape
 
 V64 = block_shape.CANDIDATES[(0, 2)][1]  # a candidate beside the default (64-byte vectors)
 AVX2 = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": ""}  # features empty: haswell's own
@@ -44,12 +44,13 @@ def off_grid(rows: int, cols: int, dtype: Any, skip: int = 3) -> np.ndarray:
 )
 def test_each_shape_gives_the_reference_bits(shape: Shape, dtype: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Odd sizes (edges of the block and tile grids), an output off the line grid, strided and
-    Fortran-ordered sources, GQA-like unequal parts; and the widenings, for 2-byte types."""
+    Fortran-ordered sources, GQA-like unequal parts, rows ``ALIASING_STRIDE`` bytes apart (walked
+    band by band in every shape); and the widenings, for 2-byte types."""
     monkeypatch.setenv("FASTFUSE_ENGINE", "numba")
     monkeypatch.setenv(block_shape.FORCE_VARIABLE, shape.name())
     rng = np.random.default_rng(7)
-    for rows in [(257, 255, 1), (130, 33, 64), (64, 64, 64)]:
-        cols = 131 if rows[0] != 64 else 128
+    aliasing = ALIASING_STRIDE // np.dtype(dtype).itemsize
+    for rows, cols in [((257, 255, 1), 131), ((130, 33, 64), 131), ((64, 64, 64), 128), ((130, 33, 64), aliasing)]:
         parts = [random_bits((r, cols), dtype, rng) for r in rows]
         expected = fused_reference(parts)
         assert same_bits(transpose_concat(parts), expected)

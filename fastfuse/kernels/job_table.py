@@ -40,7 +40,8 @@ class Shape(NamedTuple):
     ``columns_first``, the order a tile's blocks are walked: band by band (each band left to
     right: ``B`` sequential read streams), or block column by block column (each column top to
     bottom: every destination row of the column gets ``tile_rows`` elements, whole consecutive
-    lines, back to back); ``prefetch``, how many block columns ahead each source row of the
+    lines, back to back; sources whose rows are :data:`ALIASING_STRIDE` apart or a multiple of it
+    are walked band by band whatever the shape); ``prefetch``, how many block columns ahead each source row of the
     blocks being walked is prefetched (0: none; a column-first walk reads ``tile_rows`` rows a
     vector at a time, a pattern the hardware prefetchers do not follow). Every shape writes the
     same bits; which is fastest depends on the CPU and the element width (``block_shape``)."""
@@ -55,6 +56,11 @@ class Shape(NamedTuple):
         ahead = f"-p{self.prefetch}" if self.prefetch else ""
         return f"v{self.vector}-t{self.tile_rows}{order}{ahead}"
 
+
+# A column-first walk reads ``tile_rows`` rows at once; rows a multiple of this many bytes apart
+# share cache sets, and there it lost to the band walk (f16 parts 2048 and 4096 wide: 10-39%
+# slower on the EPYC of docs/design.md), so those sources are walked band by band.
+ALIASING_STRIDE = 4096
 
 DEFAULT_SHAPE = Shape()
 # Every shape the tests run (and the candidates ``block_shape`` measures are among them).

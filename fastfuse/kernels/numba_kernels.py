@@ -284,11 +284,11 @@ def _copy_worker(shape: Shape) -> Callable[..., None]:
                 _move_band_rows(job, c0, 0, c_grid - c0, r0, r1, scratch, like, vector)
             if streaming and c_end < c1:
                 _move_band_rows(job, c1 - side, c_end - (c1 - side), side, r0, r1, scratch, like, vector)
-        if columns_first:
+        if columns_first and job[jt.J_SRC_ROW] % jt.ALIASING_STRIDE != 0:
             _move_blocks(job, c_grid, c_end, r0, r1, streaming, like, vector, ahead)
-        else:
+        else:  # the band walk (the hardware prefetches it)
             for c in range(c_grid, c_end, side):
-                _move_blocks(job, c, c + side, r0, r1, streaming, like, vector, ahead)
+                _move_blocks(job, c, c + side, r0, r1, streaming, like, vector, 0)
         if c_end < c1 and not streaming:
             _move_blocks(job, c1 - side, c1, r0, r1, False, like, vector, 0)
         if streaming:
