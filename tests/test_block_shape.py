@@ -107,9 +107,8 @@ def test_a_prefetching_shape_prefetches_and_the_others_do_not() -> None:
         numba.types.intp, numba.types.intp, numba.types.intp, numba.types.CPointer(numba.types.uint32)
     )
     for shape, expected in ((prefetching, True), (DEFAULT_SHAPE, False)):
-        compiled = numba.cfunc(signature, error_model="numpy")(
-            numba_kernels._copy_worker(shape)
-        )  # not cached: its code
+        # compiled here, not loaded from numba's cache: a cached library keeps no assembly
+        compiled = numba.cfunc(signature, error_model="numpy")(numba_kernels._copy_worker(shape))
         assert ("prefetcht0" in compiled._library.get_asm_str()) is expected, shape.name()
 
 

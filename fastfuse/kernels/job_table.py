@@ -40,11 +40,12 @@ class Shape(NamedTuple):
     ``columns_first``, the order a tile's blocks are walked: band by band (each band left to
     right: ``B`` sequential read streams), or block column by block column (each column top to
     bottom: every destination row of the column gets ``tile_rows`` elements, whole consecutive
-    lines, back to back; sources whose rows are :data:`ALIASING_STRIDE` apart or a multiple of it
-    are walked band by band whatever the shape); ``prefetch``, how many block columns ahead each source row of the
-    blocks being walked is prefetched (0: none; a column-first walk reads ``tile_rows`` rows a
-    vector at a time, a pattern the hardware prefetchers do not follow). Every shape writes the
-    same bits; which is fastest depends on the CPU and the element width (``block_shape``)."""
+    lines, back to back; the copy worker walks sources whose rows are a multiple of
+    :data:`ALIASING_STRIDE` apart band by band whatever the shape); ``prefetch``, how many block
+    columns ahead each source row of the blocks being walked is prefetched by the copy worker
+    (0: none; a column-first walk reads ``tile_rows`` rows a vector at a time, a pattern the
+    hardware prefetchers do not follow). Every shape writes the same bits; which is fastest
+    depends on the CPU and the element width (``block_shape``)."""
 
     vector: int = 32
     tile_rows: int = 64
